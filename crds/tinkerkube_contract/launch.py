@@ -1,0 +1,73 @@
+"""How a trainer process group is started: the torchrun command and the environment.
+
+One implementation for both launchers: the gateway's local backend runs it as a subprocess and the
+operator puts it into the Pod's container. Pure: no process is started here.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from tinkerkube_contract import env
+from tinkerkube_contract.resource import RENDEZVOUS_PORT, TRAINER_PORT, TrainingSessionSpec
+
+TRAINER_MODULE = "tinkerkube_trainer.main"
+
+
+def torchrun_argv(
+    *,
+    nnodes: int,
+    nproc_per_node: int,
+    node_rank: int | str,
+    master_addr: str,
+    master_port: int = RENDEZVOUS_PORT,
+    python: str | None = None,
+) -> list[str]:
+    """`python -m torch.distributed.run` rather than the `torchrun` script: it works in any venv
+    without PATH games, and the pod image and the local backend run the same argv."""
+    return [
+        python or sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nnodes={nnodes}",
+        f"--nproc_per_node={nproc_per_node}",
+        f"--node_rank={node_rank}",
+        f"--master_addr={master_addr}",
+        f"--master_port={master_port}",
+        "-m",
+        TRAINER_MODULE,
+    ]
+
+
+def trainer_env(
+    spec: TrainingSessionSpec,
+    *,
+    checkpoint_dir: str,
+    port: int = TRAINER_PORT,
+    host: str = "0.0.0.0",
+    auth_token: str | None = None,
+    model_cache_dir: str | None = None,
+    model_aliases: dict[str, str] | None = None,
+    device: str = "auto",
+) -> dict[str, str]:
+    values = {
+        env.MODEL_ID: spec.model_id,
+        env.BASE_MODEL: spec.base_model,
+        env.MODE: spec.mode.value,
+        env.LORA: spec.lora.model_dump_json(),
+        env.RESTORE_OPTIMIZER: "true" if spec.restore_optimizer else "false",
+        env.CHECKPOINT_DIR: checkpoint_dir,
+        env.HOST: host,
+        env.PORT: str(port),
+        env.DEVICE: device,
+    }
+    if spec.restore_from:
+        values[env.RESTORE_FROM] = spec.restore_from
+    if auth_token:
+        values[env.AUTH_TOKEN] = auth_token
+    if model_cache_dir:
+        values[env.MODEL_CACHE_DIR] = model_cache_dir
+    if model_aliases:
+        values[env.MODEL_ALIASES] = json.dumps(model_aliases, sort_keys=True)
+    return values

@@ -1,0 +1,175 @@
+"""The gateway↔trainer internal HTTP API, version 1: paths, headers and the JSON op/result shapes.
+
+Why our own API instead of proxying Tinker: the trainer must stay ignorant of sessions, tenants and
+futures. It only knows one model and a strictly ordered queue of ops keyed by `(model_id, seq_id)`.
+
+Wire rules
+- `PUT  op_path(model_id, seq_id)` submits an op; the header `X-Tinkerkube-Op` names its `OpKind`.
+  forward_backward bodies are the SDK's own protobuf `tinker_public.ForwardBackwardRequest` bytes
+  (`application/x-protobuf`): tensors never travel as JSON float lists. Every other op body is the
+  JSON of its model below. Re-submitting the same op for the same key is a no-op (200, same state);
+  a different op under a used key is a 400 `seq_id_reused`. Ops run strictly in seq order, waiting
+  for gaps to fill, and whatever order they arrive in.
+- `GET op_path(model_id, seq_id)?wait=<seconds>` long-polls the result. The header
+  `X-Tinkerkube-Op-State` says `pending` (202, `OpPending` JSON), `complete` (200, the result:
+  protobuf `ForwardBackwardOutput` for forward_backward, JSON for the rest) or `failed` (200,
+  `OpFailure` JSON). Results are never popped on read; they stay re-readable for `RESULT_TTL_SECONDS`.
+- `PUT/GET sample_path(request_id)`: the same for samples (`SampleOp` JSON in, protobuf
+  `tinker_public.SampleResponse` out). Samples are not seq-ordered against each other; they run
+  between training ops, from the snapshot they name.
+- Every request carries `X-Tinkerkube-Token` when the trainer has a token configured; otherwise 401.
+- Errors are JSON `ErrorBody` with a 4xx/5xx status, never an empty body.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any, Literal
+from urllib.parse import quote
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tinkerkube_contract.resource import LoraSpec, SessionMode
+
+API_VERSION = "v1"
+HEALTH_PATH = "/v1/healthz"  # liveness: the HTTP server answers
+READY_PATH = "/v1/readyz"  # readiness: model loaded and every rank joined
+INFO_PATH = "/v1/info"  # GET → TrainerInfo
+METRICS_PATH = "/metrics"
+
+HEADER_OP = "X-Tinkerkube-Op"
+HEADER_OP_STATE = "X-Tinkerkube-Op-State"
+HEADER_TOKEN = "X-Tinkerkube-Token"
+
+CONTENT_PROTOBUF = "application/x-protobuf"
+CONTENT_JSON = "application/json"
+
+RESULT_TTL_SECONDS = 3600
+MAX_WAIT_SECONDS = 30.0
+
+
+def op_path(model_id: str, seq_id: int) -> str:
+    return f"/v1/models/{quote(model_id, safe='')}/ops/{int(seq_id)}"
+
+
+def sample_path(request_id: str) -> str:
+    return f"/v1/samples/{quote(request_id, safe='')}"
+
+
+class OpKind(StrEnum):
+    FORWARD_BACKWARD = "forward_backward"  # protobuf body; forward_only inside it
+    OPTIM_STEP = "optim_step"
+    SAVE_STATE = "save_state"
+    SAVE_SAMPLER_WEIGHTS = "save_sampler_weights"
+    LOAD_STATE = "load_state"
+    SAMPLE = "sample"  # only on sample_path
+
+
+class OpState(StrEnum):
+    PENDING = "pending"
+    COMPLETE = "complete"
+    FAILED = "failed"
+
+
+class ErrorCategory(StrEnum):
+    """Mirrors the SDK's RequestErrorCategory so failed futures keep their category end to end."""
+
+    USER = "user"
+    SERVER = "server"
+    UNKNOWN = "unknown"
+
+
+class _Wire(BaseModel):
+    # Lenient on input: a newer gateway may send fields an older trainer does not know.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class AdamParams(_Wire):
+    learning_rate: float = Field(1e-4, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-12, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip_norm: float = Field(0.0, ge=0, description="0 disables clipping")
+
+
+class OptimStepOp(_Wire):
+    adam_params: AdamParams = Field(default_factory=AdamParams)
+
+
+class SaveStateOp(_Wire):
+    """Adapter + optimizer state → `tinker://<model_id>/weights/<name>` (PEFT format on disk)."""
+
+    name: str
+
+
+class SaveSamplerWeightsOp(_Wire):
+    """Adapter only. A `name` writes `.../sampler_weights/<name>` to disk; a `snapshot_id` keeps an
+    in-memory copy of the weights as of this seq_id that samples can name (the ephemeral form that RL
+    loops use every step). A named save also registers its tinker path as a snapshot id."""
+
+    name: str | None = None
+    snapshot_id: str | None = None
+
+
+class LoadStateOp(_Wire):
+    path: str = Field(description="a tinker:// path of kind weights or sampler_weights")
+    with_optimizer: bool = False
+
+
+class SampleOp(_Wire):
+    """`request` is the SDK's SampleRequest JSON as received (prompt, sampling_params, flags)."""
+
+    request: dict[str, Any]
+    snapshot_id: str | None = Field(None, description="None: the weights the trainer serves now")
+
+
+class OptimStepResult(_Wire):
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class CheckpointWritten(_Wire):
+    tinker_path: str
+    kind: Literal["weights", "sampler_weights"]
+    size_bytes: int
+
+
+class SaveResult(_Wire):
+    checkpoint: CheckpointWritten | None = None
+    snapshot_id: str | None = None
+
+
+class LoadResult(_Wire):
+    path: str
+
+
+class OpPending(_Wire):
+    state: Literal["pending"] = "pending"
+    queue_position: int | None = None
+
+
+class OpFailure(_Wire):
+    """The shape of a failed future in the SDK too: `{"error", "category"}`."""
+
+    error: str
+    category: ErrorCategory = ErrorCategory.SERVER
+
+
+class ErrorBody(_Wire):
+    detail: str
+    code: str
+    category: ErrorCategory = ErrorCategory.USER
+
+
+class TrainerInfo(_Wire):
+    model_id: str
+    base_model: str
+    mode: SessionMode
+    lora: LoraSpec
+    world_size: int
+    ready: bool
+    boot_id: str = Field(description="changes on every start: a new value means state was lost")
+    tokenizer_dir: str | None = None
+    vocab_size: int | None = None
+    last_completed_seq_id: int | None = None
+    restored_from: str | None = None
