@@ -48,7 +48,7 @@ run: models ## start the gateway on 127.0.0.1:8000 in local mode (SmolLM2-135M-I
 
 test: venv system-deps ## install, then run the whole suite (all tiers; kind e2e skips without docker/kind)
 	$(PY) -m ruff check .
-	$(PY) -m importlinter.cli lint-imports --no-cache 2>/dev/null || $(VENV)/bin/lint-imports
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: venv ## unit tier only
@@ -56,7 +56,7 @@ test-fast: venv ## unit tier only
 
 lint: venv ## ruff + import boundaries
 	$(PY) -m ruff check .
-	$(VENV)/bin/lint-imports
+	$(VENV)/bin/lint-imports --no-cache
 
 bench: models ## run every benchmark (each prints a ratio against a baseline measured in the same run)
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
