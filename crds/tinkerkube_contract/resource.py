@@ -140,6 +140,7 @@ class TrainingSessionStatus(_CamelModel):
     phase: str | None = None
     conditions: list[Condition] = Field(default_factory=list)
     observed_generation: int | None = None
+    world_size: int | None = None  # replicas x procsPerPod, for the Ranks printer column
     endpoint: Endpoint | None = None
     restarts: int = 0
     last_checkpoint: str | None = None
