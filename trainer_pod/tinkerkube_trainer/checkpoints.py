@@ -1,0 +1,127 @@
+"""Checkpoints on disk (PEFT format + optimizer + metadata) and adapter snapshots in memory.
+
+Why PEFT's own layout: a user who downloads a sampler checkpoint must be able to run
+`PeftModel.from_pretrained(base, dir)` with nothing of ours installed. Our extras sit beside it:
+`optimizer.pt` (save_state only) and `tinkerkube.json` (seq_id, base model, LoRA spec), which is how
+a restarted trainer knows where it left off. Every checkpoint is written into a temporary sibling
+directory and renamed into place, so a crash never leaves a half-written checkpoint under its name.
+
+Snapshots are detached copies of the adapter tensors: RL loops sample from "the weights as of seq_id
+k" while training continues, and copying a LoRA adapter is cheap compared with a forward pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from tinkerkube_contract.paths import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, METADATA_FILE, OPTIMIZER_FILE
+from tinkerkube_trainer.engine_api import OpError
+
+Snapshot = dict[str, torch.Tensor]  # adapter parameter name → detached copy
+
+
+def _dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def write_checkpoint(
+    directory: Path,
+    model: PeftModel,
+    *,
+    metadata: Mapping[str, Any],
+    optimizer_state: Mapping[str, Any] | None = None,
+) -> int:
+    """Write adapter (+ optimizer) + metadata atomically; replaces an older checkpoint of that name.
+    Returns the checkpoint's size in bytes."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        # save_embedding_layers=False: with lm_head adapted, "auto" would also copy the base lm_head.
+        model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
+        if optimizer_state is not None:
+            torch.save(dict(optimizer_state), tmp / OPTIMIZER_FILE)
+        meta = {**metadata, "has_optimizer": optimizer_state is not None, "created_at": time.time()}
+        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        tmp.chmod(0o755)
+        if directory.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+            os.rename(directory, old / "ckpt")
+            os.rename(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, directory)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return _dir_size(directory)
+
+
+def read_metadata(directory: Path) -> dict[str, Any]:
+    meta_file = directory / METADATA_FILE
+    if not (directory / ADAPTER_WEIGHTS_FILE).is_file() or not (directory / ADAPTER_CONFIG_FILE).is_file():
+        raise OpError(f"no checkpoint at {directory.name!r}: it was never saved or has been deleted",
+                      code="checkpoint_not_found")
+    if not meta_file.is_file():
+        return {}
+    return json.loads(meta_file.read_text())
+
+
+def load_adapter(model: PeftModel, directory: Path) -> None:
+    """Copy the checkpoint's adapter weights into `model` in place; the key sets and shapes must match."""
+    tensors = load_file(str(directory / ADAPTER_WEIGHTS_FILE), device=str(next(model.parameters()).device))
+    expected = get_peft_model_state_dict(model, save_embedding_layers=False)
+    problem = None
+    if set(tensors) != set(expected):
+        problem = f"keys differ: {sorted(set(tensors) ^ set(expected))[:3]}"
+    else:
+        bad = [k for k in tensors if tensors[k].shape != expected[k].shape]
+        problem = f"shapes differ for {bad[:3]}" if bad else None
+    if problem:
+        raise OpError(f"checkpoint {directory.name!r} does not fit this model's adapter ({problem})",
+                      code="checkpoint_mismatch")
+    set_peft_model_state_dict(model, tensors)
+
+
+def load_optimizer_state(directory: Path) -> dict[str, Any]:
+    path = directory / OPTIMIZER_FILE
+    if not path.is_file():
+        raise OpError(f"checkpoint {directory.name!r} holds no optimizer state (sampler weights?): "
+                      "load it without the optimizer", code="no_optimizer_state")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def take_snapshot(model: torch.nn.Module) -> Snapshot:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@contextmanager
+def swapped_weights(model: torch.nn.Module, snapshot: Snapshot | None) -> Iterator[None]:
+    """Temporarily run `model` with `snapshot`'s adapter weights; the training weights come back
+    bit-for-bit afterwards, and gradients are never touched. None: leave the weights as they are."""
+    if snapshot is None:
+        yield
+        return
+    params = dict(model.named_parameters())
+    saved = {n: params[n].detach().clone() for n in snapshot}
+    try:
+        with torch.no_grad():
+            for n, t in snapshot.items():
+                params[n].copy_(t)
+        yield
+    finally:
+        with torch.no_grad():
+            for n, t in saved.items():
+                params[n].copy_(t)

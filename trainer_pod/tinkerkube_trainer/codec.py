@@ -1,0 +1,313 @@
+"""Wire ↔ engine types: the SDK's protobuf and JSON in, typed numpy payloads out, and back.
+
+Why here and not in the engine: decoding is pure and must fail with a user error on anything
+malformed before any model state is touched (rank 0 `prepare`). We reuse the SDK's own generated
+module `tinker.proto.tinker_public_pb2` and `tinker.types` so the schema is never written twice.
+Payloads are plain dataclasses of numpy arrays: picklable, so rank 0 can broadcast them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from google.protobuf.message import DecodeError
+from pydantic import ValidationError
+from tinker.proto import tinker_public_pb2 as pb
+from tinker.types import SampleRequest
+
+from tinkerkube_trainer.engine_api import OpError
+
+DEFAULT_MAX_TOKENS = 128
+TOPK_PAD_TOKEN = 0
+TOPK_PAD_LOGPROB = -99999.0
+_NUMPY_DTYPES = {pb.DTYPE_FLOAT32: np.float32, pb.DTYPE_INT64: np.int64, pb.DTYPE_INT32: np.int32}
+
+
+@dataclass(frozen=True, slots=True)
+class DatumData:
+    tokens: np.ndarray  # int64 (N,)
+    inputs: dict[str, np.ndarray]  # loss_fn_inputs by name, first dimension N
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardBackwardPayload:
+    model_id: str
+    seq_id: int
+    loss_fn: str  # as requested; the engine canonicalises it
+    config: dict[str, float | str]  # loss_fn_config_v2 (numbers and text)
+    legacy_config: dict[str, float]  # loss_fn_config (numbers only)
+    forward_only: bool
+    datums: tuple[DatumData, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SampleParams:
+    """Decoded SampleRequest. `stop_strings`/`stop_tokens` both None → stop at EOS; both empty → never."""
+
+    prompt: tuple[int, ...]
+    num_samples: int = 1
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_strings: tuple[str, ...] | None = None
+    stop_tokens: tuple[int, ...] | None = None
+    prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = 0
+    prompt_logprobs_last_n: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SampledSeq:
+    tokens: list[int]
+    logprobs: list[float]
+    stopped: bool  # True: a stop token/string or EOS ended it; False: max_tokens
+
+
+@dataclass(slots=True)
+class SampleResult:
+    sequences: list[SampledSeq]
+    prompt_logprobs: np.ndarray | None = None  # float32 (len(prompt),), NaN where not scored
+    topk_ids: np.ndarray | None = None  # int32 (len(prompt), k)
+    topk_logprobs: np.ndarray | None = None  # float32 (len(prompt), k)
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- forward_backward request
+
+
+def decode_tensor(msg: pb.Tensor, name: str) -> np.ndarray:
+    """Dense or sparse-CSR `Tensor` → numpy; a missing shape means 1-D; sparse gaps are 0."""
+    dtype = _NUMPY_DTYPES.get(msg.dtype)
+    if dtype is None:
+        raise OpError(f"loss_fn_inputs[{name!r}]: unsupported dtype {msg.dtype}", code="invalid_tensor")
+    shape = [int(s) for s in msg.shape]
+    try:
+        if msg.HasField("sparse_csr"):
+            csr = msg.sparse_csr
+            values = np.frombuffer(csr.values, dtype=dtype)
+            crow = np.frombuffer(csr.crow_indices, dtype=np.int64)
+            col = np.frombuffer(csr.col_indices, dtype=np.int64)
+            if len(shape) != 2 or len(crow) != shape[0] + 1 or len(col) != len(values) or crow[-1] != len(values):
+                raise ValueError("sparse CSR needs a 2-D shape, rows+1 crow indices and one column per value")
+            if np.any(np.diff(crow) < 0) or (len(col) and (col.min() < 0 or col.max() >= shape[1])):
+                raise ValueError("sparse CSR indices out of range")
+            dense = np.zeros(shape, dtype=dtype)
+            rows = np.repeat(np.arange(shape[0]), np.diff(crow))
+            dense[rows, col] = values
+            return dense
+        flat = np.frombuffer(msg.dense, dtype=dtype)
+    except ValueError as exc:
+        raise OpError(f"loss_fn_inputs[{name!r}]: {exc}", code="invalid_tensor") from None
+    if not shape:
+        return flat.copy()
+    if any(s < 0 for s in shape) or int(np.prod(shape)) != flat.size:
+        raise OpError(f"loss_fn_inputs[{name!r}]: shape {shape} does not match {flat.size} values", code="bad_shape")
+    return flat.reshape(shape).copy()
+
+
+def _chunk_tokens(chunk: pb.Chunk, where: str) -> np.ndarray:
+    kind = chunk.WhichOneof("chunk")
+    if kind != "encoded_text":
+        raise OpError(f"{where}: only text chunks are supported, got {kind or 'an empty chunk'}",
+                      code="unsupported_chunk")
+    raw = chunk.encoded_text.tokens
+    if len(raw) % 4:
+        raise OpError(f"{where}: token bytes are not a whole number of int32", code="invalid_tokens")
+    return np.frombuffer(raw, dtype="<i4").astype(np.int64)
+
+
+def decode_forward_backward(body: bytes) -> ForwardBackwardPayload:
+    """`ForwardBackwardRequest` protobuf bytes → payload. Shapes are checked later, per loss."""
+    msg = pb.ForwardBackwardRequest()
+    try:
+        msg.ParseFromString(body)
+    except DecodeError as exc:
+        raise OpError(f"malformed ForwardBackwardRequest protobuf: {exc}", code="malformed_protobuf") from None
+    datums = []
+    for i, d in enumerate(msg.data):
+        parts = [_chunk_tokens(c, f"datum {i} chunk {j}") for j, c in enumerate(d.model_input)]
+        tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        inputs = {name: decode_tensor(t, name) for name, t in d.loss_fn_inputs.items()}
+        datums.append(DatumData(tokens=tokens, inputs=inputs))
+    config: dict[str, float | str] = {}
+    for key, value in msg.loss_fn_config_v2.items():
+        which = value.WhichOneof("value")
+        if which is not None:
+            config[key] = value.text if which == "text" else float(value.number)
+    return ForwardBackwardPayload(
+        model_id=msg.model_id,
+        seq_id=int(msg.seq_id),
+        loss_fn=msg.loss_fn,
+        config=config,
+        legacy_config={k: float(v) for k, v in msg.loss_fn_config.items()},
+        forward_only=bool(msg.forward_only),
+        datums=tuple(datums),
+    )
+
+
+# ---------------------------------------------------------------- forward_backward output
+
+
+def _batched(arrays: Sequence[np.ndarray], dtype: np.dtype, pb_dtype: int) -> pb.BatchedTensor:
+    parts = [np.ascontiguousarray(a, dtype=dtype).reshape(-1) for a in arrays]
+    sizes = np.array([0] + [p.nbytes for p in parts], dtype=np.int64)
+    return pb.BatchedTensor(
+        data=b"".join(p.tobytes() for p in parts),
+        offsets=np.cumsum(sizes).astype("<i8").tobytes(),
+        dtype=pb_dtype,
+    )
+
+
+def encode_forward_backward_output(
+    outputs: Sequence[Mapping[str, np.ndarray]], metrics: Mapping[str, float]
+) -> bytes:
+    """Per-datum float32 `(N,)` fields (in request order) + `name:reduction` metrics → protobuf bytes."""
+    for key in metrics:
+        if key.count(":") != 1:
+            raise ValueError(f"metric key {key!r} must be name:reduction")
+    if "loss:sum" not in metrics:
+        raise ValueError("metrics must contain loss:sum")
+    record = pb.ArrayRecord(type_tag="ArrayRecord", num_datums=len(outputs))
+    names = sorted({name for out in outputs for name in out})
+    for name in names:
+        record.fields[name].CopyFrom(_batched([out[name] for out in outputs], np.dtype("<f4"), pb.DTYPE_FLOAT32))
+    msg = pb.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord")
+    msg.loss_fn_outputs.append(record)
+    for key, value in metrics.items():
+        msg.metrics[key] = float(value)
+    return msg.SerializeToString()
+
+
+# ---------------------------------------------------------------- sample request / response
+
+
+def decode_sample_request(request: Mapping[str, object]) -> SampleParams:
+    """The SDK's SampleRequest JSON (inside pod_api.SampleOp) → SampleParams, validated."""
+    try:
+        req = SampleRequest.model_validate(dict(request))
+    except ValidationError as exc:
+        raise OpError(f"invalid sample request: {exc.errors()[:3]}", code="invalid_sample_request") from None
+    tokens: list[int] = []
+    for i, chunk in enumerate(req.prompt.chunks):
+        if getattr(chunk, "type", None) != "encoded_text":
+            raise OpError(f"prompt chunk {i}: only text chunks are supported", code="unsupported_chunk")
+        tokens.extend(int(t) for t in chunk.tokens)  # type: ignore[union-attr]
+    sp = req.sampling_params
+    stop_strings: tuple[str, ...] | None = None
+    stop_tokens: tuple[int, ...] | None = None
+    if isinstance(sp.stop, str):
+        stop_strings = (sp.stop,)
+    elif sp.stop is not None:
+        stops = list(sp.stop)
+        if all(isinstance(s, str) for s in stops):
+            stop_strings = tuple(stops)  # type: ignore[arg-type]
+        if not stops:
+            stop_tokens = ()
+        elif all(isinstance(s, int) and not isinstance(s, bool) for s in stops):
+            stop_tokens, stop_strings = tuple(stops), None  # type: ignore[arg-type]
+        elif stop_strings is None:
+            raise OpError("sampling_params.stop mixes strings and token ids", code="invalid_sample_request")
+    params = SampleParams(
+        prompt=tuple(tokens),
+        num_samples=int(req.num_samples),
+        max_tokens=DEFAULT_MAX_TOKENS if sp.max_tokens is None else int(sp.max_tokens),
+        temperature=float(sp.temperature),
+        top_k=int(sp.top_k),
+        top_p=float(sp.top_p),
+        seed=sp.seed,
+        stop_strings=stop_strings,
+        stop_tokens=stop_tokens,
+        prompt_logprobs=bool(req.prompt_logprobs),
+        topk_prompt_logprobs=int(req.topk_prompt_logprobs or 0),
+        prompt_logprobs_last_n=req.prompt_logprobs_last_n,
+    )
+    _validate_sample(params)
+    return params
+
+
+def _validate_sample(p: SampleParams) -> None:
+    def bad(msg: str) -> OpError:
+        return OpError(msg, code="invalid_sample_request")
+
+    if not p.prompt:
+        raise bad("the prompt is empty")
+    if p.num_samples < 1:
+        raise bad("num_samples must be at least 1")
+    if p.max_tokens < 0:
+        raise bad("max_tokens must not be negative")
+    if p.temperature < 0:
+        raise bad("temperature must not be negative")
+    if p.top_k == 0 or p.top_k < -1:
+        raise bad("top_k must be -1 (off) or positive")
+    if not 0 < p.top_p <= 1:
+        raise bad("top_p must be in (0, 1]")
+    if p.topk_prompt_logprobs < 0:
+        raise bad("topk_prompt_logprobs must not be negative")
+    if p.prompt_logprobs_last_n is not None and not 1 <= p.prompt_logprobs_last_n <= len(p.prompt) - 1:
+        raise bad("prompt_logprobs_last_n must be between 1 and len(prompt) - 1")
+
+
+def encode_sample_response(result: SampleResult) -> bytes:
+    """SampleResult → `tinker_public.SampleResponse` bytes (§4.6); logprobs always present."""
+    msg = pb.SampleResponse(prompt_cache_hit_tokens=0)
+    for seq in result.sequences:
+        msg.sequences.add(
+            stop_reason=pb.STOP_REASON_STOP if seq.stopped else pb.STOP_REASON_LENGTH,
+            tokens=np.asarray(seq.tokens, dtype="<i4").tobytes(),
+            logprobs=np.asarray(seq.logprobs, dtype="<f4").tobytes(),
+        )
+    if result.prompt_logprobs is not None:
+        msg.prompt_logprobs = np.asarray(result.prompt_logprobs, dtype="<f4").tobytes()
+    if result.topk_ids is not None and result.topk_logprobs is not None:
+        n, k = result.topk_ids.shape
+        msg.topk_prompt_logprobs.CopyFrom(
+            pb.TopkLogprobs(
+                token_ids=np.asarray(result.topk_ids, dtype="<i4").tobytes(),
+                logprobs=np.asarray(result.topk_logprobs, dtype="<f4").tobytes(),
+                k=k,
+                length=n,
+            )
+        )
+    return msg.SerializeToString()
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate_forward_backward(payload: ForwardBackwardPayload, required: Sequence[str], vocab_size: int) -> None:
+    """Shapes, ids and required inputs, checked before anything runs (one bad datum fails the call)."""
+    if not payload.datums:
+        raise OpError("forward_backward needs at least one datum", code="empty_data")
+    present: dict[str, int] = {}
+    for i, d in enumerate(payload.datums):
+        n = int(d.tokens.shape[0])
+        if n == 0:
+            raise OpError(f"datum {i}: model_input is empty", code="empty_data")
+        if d.tokens.min() < 0 or d.tokens.max() >= vocab_size:
+            raise OpError(f"datum {i}: model_input has token ids outside [0, {vocab_size})", code="token_out_of_range")
+        for name in required:
+            if name not in d.inputs:
+                raise OpError(f"datum {i}: loss {payload.loss_fn!r} needs loss_fn_inputs[{name!r}]",
+                              code="missing_loss_input")
+        for name, arr in d.inputs.items():
+            present[name] = present.get(name, 0) + 1
+            if arr.ndim != 1:
+                raise OpError(f"datum {i}: loss_fn_inputs[{name!r}] has shape {list(arr.shape)}; only 1-D (N,) "
+                              "inputs are supported", code="bad_shape")
+            if arr.shape[0] != n:
+                raise OpError(f"datum {i}: loss_fn_inputs[{name!r}] has length {arr.shape[0]} but model_input has "
+                              f"{n} tokens (position i predicts target i)", code="bad_shape")
+            if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+                raise OpError(f"datum {i}: loss_fn_inputs[{name!r}] contains NaN or infinity", code="bad_value")
+        targets = d.inputs.get("target_tokens")
+        if targets is not None and (not np.issubdtype(targets.dtype, np.integer) or targets.min() < 0
+                                    or targets.max() >= vocab_size):
+            raise OpError(f"datum {i}: target_tokens must be integer ids in [0, {vocab_size})",
+                          code="token_out_of_range")
+    partial = sorted(k for k, count in present.items() if count != len(payload.datums))
+    if partial:
+        raise OpError(f"loss_fn_inputs {partial} must be given for every datum or for none", code="bad_shape")

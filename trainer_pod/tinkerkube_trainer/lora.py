@@ -1,0 +1,81 @@
+"""LoraSpec → peft LoraConfig, and the adapter attached to a base model.
+
+Why a fixed default seed: every data-parallel rank builds its own adapter, and Tinker's LoRA B starts
+at zero but A is random; ranks must start from identical weights, so an unset seed means seed 0, not
+"whatever the RNG holds". The RNG state around `get_peft_model` is forked so building an adapter
+never shifts the caller's random stream.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from tinkerkube_contract.resource import LoraSpec
+
+DEFAULT_SEED = 0
+ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+UNEMBED_MODULES = ("lm_head",)
+# Name fragments for architectures without Llama-style names (GPT-2, Falcon, MPT, ...).
+_ATTN_HINTS = ("attn", "attention", "query", "key", "value", "qkv", "c_proj", "out_proj", "dense")
+_MLP_HINTS = ("mlp", "fc", "ffn", "feed_forward", "c_fc", "w1", "w2", "w3", "dense_h_to_4h", "dense_4h_to_h")
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+
+
+def target_modules(model: nn.Module, spec: LoraSpec) -> list[str]:
+    """Leaf module names to adapt. Llama/Qwen-family names first; otherwise every Linear layer whose
+    path matches attention or MLP hints. Raises ValueError when the spec selects nothing."""
+    linear = _linear_names(model)
+    leaves = {name.rsplit(".", 1)[-1] for name in linear}
+    chosen: list[str] = []
+    if leaves & set(ATTN_MODULES + MLP_MODULES):
+        if spec.train_attn:
+            chosen += [m for m in ATTN_MODULES if m in leaves]
+        if spec.train_mlp:
+            chosen += [m for m in MLP_MODULES if m in leaves]
+    else:
+        for name in linear:
+            leaf, lower = name.rsplit(".", 1)[-1], name.lower()
+            if leaf in UNEMBED_MODULES or leaf in chosen:
+                continue
+            is_mlp = any(h in lower for h in _MLP_HINTS)
+            is_attn = not is_mlp and any(h in lower for h in _ATTN_HINTS)
+            if (spec.train_mlp and is_mlp) or (spec.train_attn and is_attn):
+                chosen.append(leaf)
+    if spec.train_unembed:
+        chosen += [m for m in UNEMBED_MODULES if m in leaves]
+    if not chosen:
+        raise ValueError("the LoRA spec selects no module of this model: enable trainAttn, trainMlp or trainUnembed")
+    return chosen
+
+
+def lora_config(model: nn.Module, spec: LoraSpec) -> LoraConfig:
+    return LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=target_modules(model, spec),
+        task_type="CAUSAL_LM",
+    )
+
+
+def attach_adapter(model: nn.Module, spec: LoraSpec) -> PeftModel:
+    """Wrap `model` with a freshly initialised, deterministic LoRA adapter (base weights frozen)."""
+    config = lora_config(model, spec)
+    seed = DEFAULT_SEED if spec.seed is None else spec.seed
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, config)
+    return peft_model
+
+
+def lora_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The trainable adapter parameters in a stable order (the same on every rank)."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]

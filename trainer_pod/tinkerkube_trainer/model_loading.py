@@ -1,0 +1,70 @@
+"""Resolve a base-model name to a directory and load it for training or sampling.
+
+Why fp32 on CPU and bf16 on CUDA: CPU kernels for bf16 are slow and lose precision the invariance
+tests rely on; on GPUs bf16 halves memory at no cost in speed. No hub is reachable from trainer pods,
+so a hub id only works if it is already in the local HF cache; otherwise the error says how to fix it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from tinkerkube_contract.models import SourceKind, resolve_model
+from tinkerkube_trainer import model_store
+from tinkerkube_trainer.engine_api import OpError
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    model_dir: str  # a local dir or hub id: what the tokenizer is loaded from
+    device: torch.device
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def dtype_for(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def model_location(name: str, *, aliases: dict[str, str] | None, cache_dir: Path) -> str:
+    """A local directory for built-ins and local paths (building built-ins on first use), else the hub id."""
+    source = resolve_model(name, aliases=aliases, cache_dir=cache_dir)
+    if source.kind is SourceKind.BUILTIN:
+        return str(model_store.prepare((aliases or {}).get(name, name), cache_dir))
+    return source.location
+
+
+def load_base_model(
+    name: str, *, aliases: dict[str, str] | None = None, cache_dir: Path, device: str = "auto"
+) -> LoadedModel:
+    """Load the tokenizer and the causal LM in eval mode (no dropout: training must be deterministic)."""
+    dev = resolve_device(device)
+    location = model_location(name, aliases=aliases, cache_dir=cache_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype_for(dev))
+    except OSError as exc:
+        if Path(location).is_dir():
+            raise
+        raise OpError(
+            f"cannot load base model {name!r}: it is neither a built-in ({', '.join(model_store.BUILTIN_MODELS)}) "
+            f"nor a local directory, and no model hub is reachable from the trainer ({exc.__class__.__name__}). "
+            "Put the model in a directory visible to the trainer and pass that path (or an alias) as base_model.",
+            code="model_unavailable",
+        ) from None
+    model.to(dev)
+    model.eval()
+    model.requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tokenizer, model_dir=location, device=dev)
