@@ -1,0 +1,215 @@
+"""Ranks: process groups, the collectives the engine uses, and rank 0's control channel to the others.
+
+Two groups. Tensors go over the default group (gloo on CPU, nccl on GPU) with a bounded timeout:
+ranks inside one op arrive within seconds of each other. Control messages (the next PreparedOp, or
+stop) go over a separate gloo group with a very long timeout, because ranks ≠ 0 wait there for as
+long as the model sits idle, and an idle model must never trip a watchdog.
+
+Failure rule: a rank that cannot go on exits non-zero at once (`fatal`), so its peers' next
+collective fails, they exit too, and torchrun tears the group down. Nothing waits forever. The one
+failure ranks survive is an `OpError` raised on every rank alike (a deterministic refusal): the op
+fails with its category and the ranks stay in step. Ranks disagreeing (some raised, some not) is a
+divergence and fatal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from tinkerkube_contract.pod_api import ErrorCategory, OpKind
+from tinkerkube_trainer.engine_api import Collective, Engine, LocalCollective, OpError, OpOutput, PreparedOp
+from tinkerkube_trainer.settings import DistEnv
+
+log = logging.getLogger(__name__)
+
+CONTROL_TIMEOUT = timedelta(days=365)  # idle ranks wait here; gloo needs a finite value
+_STOP = "stop"
+_OP = "op"
+
+
+def fatal(message: str, *, code: int = 1, **fields: Any) -> None:
+    """Log and leave now, without unwinding: threads blocked in collectives must not keep us alive."""
+    log.critical(message, extra=fields)
+    for handler in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def resolve_device(setting: str, local_rank: int) -> torch.device:
+    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+    return torch.device("cpu")
+
+
+class TorchCollective:
+    """engine_api.Collective over torch.distributed: tensors on the default group, objects on gloo."""
+
+    def __init__(self, rank: int, world_size: int, control_group: Any) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self._control = control_group
+
+    def all_reduce_sum_(self, tensors: list[Any]) -> None:
+        """In place. Tensors of one dtype and device are flattened into one buffer: one collective
+        per bucket instead of one per LoRA matrix."""
+        buckets: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+        for tensor in tensors:
+            buckets.setdefault((tensor.dtype, tensor.device), []).append(tensor)
+        for group in buckets.values():
+            if len(group) == 1 and group[0].is_contiguous():
+                dist.all_reduce(group[0], op=dist.ReduceOp.SUM)
+                continue
+            flat = torch.cat([t.reshape(-1) for t in group])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            offset = 0
+            for tensor in group:
+                n = tensor.numel()
+                tensor.copy_(flat[offset:offset + n].view_as(tensor))
+                offset += n
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self._control)
+        return out
+
+
+@dataclass
+class DistContext:
+    rank: int
+    world_size: int
+    device: torch.device
+    collective: Collective
+    control_group: Any = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(dist_env: DistEnv, *, device: str, collective_timeout_s: float) -> DistContext:
+    """Join the group (blocks until every rank has joined). One rank: no process group at all."""
+    dev = resolve_device(device, dist_env.local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if dist_env.world_size == 1:
+        return DistContext(0, 1, dev, LocalCollective())
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    dist.init_process_group(
+        backend=backend,
+        init_method="env://",
+        rank=dist_env.rank,
+        world_size=dist_env.world_size,
+        timeout=timedelta(seconds=collective_timeout_s),
+    )
+    control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    collective = TorchCollective(dist_env.rank, dist_env.world_size, control)
+    return DistContext(dist_env.rank, dist_env.world_size, dev, collective, control)
+
+
+def join(ctx: DistContext, engine: Engine) -> dict[int, Any]:
+    """Every rank has built its engine: returns {rank: pid} (rank 0 marks itself ready after this)."""
+    if not ctx.distributed:
+        return {0: os.getpid()}
+    gathered = ctx.collective.all_gather_object((ctx.rank, os.getpid()))
+    return dict(gathered)
+
+
+def shutdown(ctx: DistContext) -> None:
+    if ctx.distributed and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # peers may already be gone; we are leaving anyway
+            log.warning("destroy_process_group failed", exc_info=True)
+
+
+# ---- rank 0 → everyone ---------------------------------------------------------------------------
+
+
+def _broadcast(ctx: DistContext, message: tuple[str, Any]) -> tuple[str, Any]:
+    box = [message]
+    dist.broadcast_object_list(box, src=0, group=ctx.control_group)
+    return box[0]
+
+
+def execute_everywhere(ctx: DistContext, engine: Engine, op: PreparedOp) -> OpOutput:
+    """Rank 0, on the executor thread: hand `op` to every rank and run it here too."""
+    if ctx.distributed:
+        try:
+            _broadcast(ctx, (_OP, op))
+        except Exception as exc:
+            fatal("broadcast to ranks failed; a rank is gone", error=repr(exc), op=str(op.kind))
+    return execute_in_step(ctx, engine, op)
+
+
+def execute_local(engine: Engine, op: PreparedOp) -> OpOutput:
+    """Rank 0 alone (samples): no collective involved, so any failure is just this op's failure."""
+    return engine.execute(op)
+
+
+def stop_workers(ctx: DistContext) -> None:
+    """Rank 0, on the executor thread (after the last op): release the worker loops."""
+    if ctx.distributed:
+        try:
+            _broadcast(ctx, (_STOP, None))
+        except Exception:
+            log.warning("stop broadcast failed; ranks are already gone", exc_info=True)
+
+
+def execute_in_step(ctx: DistContext, engine: Engine, op: PreparedOp) -> OpOutput:
+    """Run on this rank, then agree with the others on the outcome (see the module's failure rule)."""
+    output: OpOutput | None = None
+    error: tuple[str, str, str] | None = None
+    try:
+        output = engine.execute(op)
+    except OpError as exc:
+        error = (exc.message, exc.code, str(exc.category))
+    except Exception as exc:
+        if not ctx.distributed:
+            raise
+        log.exception("op raised on this rank", extra={"op": str(op.kind), "rank": ctx.rank})
+        fatal("a rank failed inside an op; failing the whole group", op=str(op.kind), rank=ctx.rank,
+              error=repr(exc))
+    if ctx.distributed:
+        try:
+            outcomes = ctx.collective.all_gather_object(error)
+        except Exception as exc:
+            fatal("ranks could not agree on an op's outcome; a rank is gone", error=repr(exc), op=str(op.kind))
+        failed = [o for o in outcomes if o is not None]
+        if failed and len(failed) != len(outcomes):
+            fatal("ranks diverged: the op failed on some ranks only", op=str(op.kind), outcomes=repr(outcomes))
+        if failed:
+            error = failed[0]
+    if error is not None:
+        message, code, category = error
+        raise OpError(message, code=code, category=ErrorCategory(category))
+    assert output is not None
+    return output
+
+
+def worker_loop(ctx: DistContext, engine: Engine) -> None:
+    """Ranks ≠ 0: run what rank 0 broadcasts until it says stop. Any failure ends the process."""
+    while True:
+        try:
+            kind, payload = _broadcast(ctx, (_STOP, None))
+        except Exception as exc:
+            fatal("lost rank 0; leaving", error=repr(exc), rank=ctx.rank)
+        if kind == _STOP:
+            log.info("stop received", extra={"rank": ctx.rank})
+            return
+        op: PreparedOp = payload
+        if op.kind is OpKind.SAMPLE:  # never broadcast, but stay in step if it ever were
+            continue
+        with contextlib.suppress(OpError):  # every rank failed alike; rank 0 reports it
+            execute_in_step(ctx, engine, op)

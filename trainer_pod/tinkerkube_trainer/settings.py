@@ -1,0 +1,130 @@
+"""The trainer's configuration: `TrainerSettings` (our variables) and `DistEnv` (torchrun's).
+
+The only module that reads the process environment. `main.py` reads both once and passes them down;
+nothing else looks at `os.environ`. Variable names are those of `tinkerkube_contract.env`, which the
+launchers write through `tinkerkube_contract.launch.trainer_env`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tinkerkube_contract import env
+from tinkerkube_contract.models import default_cache_dir
+from tinkerkube_contract.pod_api import MAX_WAIT_SECONDS, RESULT_TTL_SECONDS
+from tinkerkube_contract.resource import TRAINER_PORT, LoraSpec, SessionMode
+from tinkerkube_trainer.engine_api import EngineConfig
+
+
+class TrainerSettings(BaseSettings):
+    """`TINKERKUBE_TRAINER_*`. Complex values (LORA, MODEL_ALIASES) are JSON."""
+
+    model_config = SettingsConfigDict(env_prefix=env.PREFIX, extra="forbid", case_sensitive=False)
+
+    model_id: str = Field(description="the Tinker model id this trainer serves")
+    base_model: str = Field(description="a built-in name, an alias, a local directory or a hub id")
+    mode: SessionMode = Field(SessionMode.TRAIN, description="train (LoRA training) or sample (sampler only)")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="JSON of tinkerkube_contract LoraSpec")
+    restore_from: str | None = Field(None, description="tinker:// path restored at start")
+    restore_optimizer: bool = Field(False, description="also restore the optimizer state")
+    checkpoint_dir: Path = Field(Path("var/checkpoints"), description="root of the checkpoint store")
+    model_cache_dir: Path = Field(default_factory=default_cache_dir, description="built-in models live here")
+    model_aliases: dict[str, str] = Field(default_factory=dict, description="JSON {name: name-or-dir}")
+    host: str = Field("0.0.0.0", description="rank 0's HTTP bind address")
+    port: int = Field(TRAINER_PORT, ge=0, le=65535, description="rank 0's HTTP port; 0 picks a free one")
+    auth_token: SecretStr | None = Field(None, description="required in X-Tinkerkube-Token when set")
+    device: str = Field("auto", pattern="^(auto|cpu|cuda)$", description="auto | cpu | cuda")
+    log_level: str = Field("INFO", description="logging level name")
+    # Runtime knobs beyond the contract (defaults suit every launcher; no launcher needs to set them).
+    max_body_bytes: int = Field(64 * 1024 * 1024, gt=0, description="larger request bodies get a 413")
+    result_ttl_seconds: float = Field(RESULT_TTL_SECONDS, gt=0, description="how long results stay re-readable")
+    max_retained_results: int = Field(100_000, gt=0, description="cap on finished entries kept in memory")
+    max_wait_seconds: float = Field(MAX_WAIT_SECONDS, gt=0, description="longest long-poll a GET may ask for")
+    collective_timeout_seconds: float = Field(
+        600.0, gt=0, description="tensor-collective timeout: ranks arrive within this of each other or fail")
+    engine_factory: str = Field("tinkerkube_trainer.engine:build_engine",
+                                description="module:callable(config, collective) -> Engine (tests swap in fakes)")
+    port_file: Path | None = Field(None, description="if set, rank 0 writes its bound port here (tests, port 0)")
+
+    @field_validator("log_level")
+    @classmethod
+    def _upper(cls, value: str) -> str:
+        return value.upper()
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            model_id=self.model_id,
+            base_model=self.base_model,
+            mode=self.mode,
+            lora=self.lora,
+            checkpoint_dir=self.checkpoint_dir,
+            model_cache_dir=self.model_cache_dir,
+            model_aliases=dict(self.model_aliases),
+            restore_from=self.restore_from,
+            restore_optimizer=self.restore_optimizer,
+            device=self.device,
+        )
+
+    @property
+    def token(self) -> str | None:
+        return self.auth_token.get_secret_value() if self.auth_token else None
+
+    def to_env(self) -> dict[str, str]:
+        """The inverse of reading: every set field as `TINKERKUBE_TRAINER_*` strings."""
+        out: dict[str, str] = {}
+        for name, value in self.model_dump(mode="json").items():
+            if value is None:
+                continue
+            if name == "auth_token":
+                value = self.token
+            elif name == "lora":
+                value = self.lora.model_dump_json()
+            elif isinstance(value, dict | list):
+                value = json.dumps(value, sort_keys=True)
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            out[env.PREFIX + name.upper()] = str(value)
+        return out
+
+
+class DistEnv(BaseSettings):
+    """What torchrun tells each worker. Without torchrun: one rank, world size one."""
+
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", case_sensitive=True)
+
+    RANK: int = Field(0, ge=0)
+    LOCAL_RANK: int = Field(0, ge=0)
+    WORLD_SIZE: int = Field(1, ge=1)
+    LOCAL_WORLD_SIZE: int = Field(1, ge=1)
+    GROUP_RANK: int = Field(0, ge=0, description="the node rank")
+    MASTER_ADDR: str = "127.0.0.1"
+    MASTER_PORT: int = Field(29500, ge=0, le=65535)
+    TORCHELASTIC_RUN_ID: str | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.RANK
+
+    @property
+    def local_rank(self) -> int:
+        return self.LOCAL_RANK
+
+    @property
+    def world_size(self) -> int:
+        return self.WORLD_SIZE
+
+    @property
+    def node_rank(self) -> int:
+        return self.GROUP_RANK
+
+    @property
+    def is_leader(self) -> bool:
+        return self.RANK == 0
+
+    @property
+    def under_torchrun(self) -> bool:
+        return self.TORCHELASTIC_RUN_ID is not None
