@@ -1,0 +1,236 @@
+"""Pure rendering: a TrainingSession spec → its Pods (one per replica) and its headless Service.
+
+Imports neither kopf nor kubernetes (like KubeRay's common/pod.go). Every pod runs the one torchrun
+command of `tinkerkube_contract.launch`; the env comes from `launch.trainer_env`, never a second copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from tinkerkube_contract import env, launch, pod_api
+from tinkerkube_contract.resource import (
+    LABEL_GENERATION,
+    LABEL_NODE_RANK,
+    LABEL_ROLE,
+    LABEL_SESSION,
+    LABEL_TENANT,
+    LABEL_TINKER_SESSION,
+    RENDEZVOUS_PORT,
+    TRAINER_PORT,
+    TrainingSessionSpec,
+)
+from tinkerkube_operator.settings import OperatorSettings
+
+ROLE_TRAINER = "trainer"
+CONTAINER = "trainer"
+CHECKPOINT_VOLUME = "checkpoints"
+MODEL_CACHE_VOLUME = "model-cache"
+GPU_RESOURCE = "nvidia.com/gpu"
+_LABEL_VALUE_BAD = re.compile(r"[^A-Za-z0-9._-]")
+
+
+@dataclass(frozen=True, slots=True)
+class PodConfig:
+    """Operator-wide pod defaults (from OperatorSettings)."""
+
+    image: str
+    python: str = "python"
+    image_pull_policy: str = "IfNotPresent"
+    service_account: str | None = None
+    token_secret: str | None = None
+    token_secret_key: str = "token"
+    checkpoint_pvc: str | None = None
+    checkpoint_host_path: str | None = None
+    model_cache_dir: str | None = None
+    model_cache_pvc: str | None = None
+    cluster_domain: str = "cluster.local"
+
+    @classmethod
+    def from_settings(cls, s: OperatorSettings) -> PodConfig:
+        return cls(image=s.trainer_image, python=s.trainer_python, image_pull_policy=s.image_pull_policy,
+                   service_account=s.service_account, token_secret=s.auth_token_secret,
+                   token_secret_key=s.auth_token_secret_key, checkpoint_pvc=s.checkpoint_pvc,
+                   checkpoint_host_path=s.checkpoint_host_path, model_cache_dir=s.model_cache_dir,
+                   model_cache_pvc=s.model_cache_pvc, cluster_domain=s.cluster_domain)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRef:
+    """Which TrainingSession the objects belong to, and which pod-set generation they are."""
+
+    name: str
+    namespace: str
+    generation: int = 0  # == status.restarts: bumps each time the pod set is recreated
+
+
+def label_value(value: str) -> str:
+    """A valid label value (≤63, alphanumeric ends); long or odd values keep a hash suffix to stay unique."""
+    clean = _LABEL_VALUE_BAD.sub("-", value).strip("-._")
+    if clean == value and len(clean) <= 63:
+        return clean
+    digest = hashlib.sha256(value.encode()).hexdigest()[:8]
+    return f"{clean[:54].strip('-._')}-{digest}".strip("-")
+
+
+def service_name(ref: SessionRef) -> str:
+    return ref.name  # CEL keeps session names RFC 1035 labels of ≤63 characters
+
+
+def pod_name(ref: SessionRef, rank: int) -> str:
+    return f"{ref.name}-g{ref.generation}-{rank}"
+
+
+def pod_hostname(ref: SessionRef, rank: int) -> str:
+    return f"g{ref.generation}-r{rank}"
+
+
+def pod_dns(ref: SessionRef, rank: int, cluster_domain: str) -> str:
+    return f"{pod_hostname(ref, rank)}.{service_name(ref)}.{ref.namespace}.svc.{cluster_domain}"
+
+
+def selector_labels(ref: SessionRef) -> dict[str, str]:
+    return {LABEL_SESSION: ref.name, LABEL_ROLE: ROLE_TRAINER}
+
+
+def session_labels(ref: SessionRef, spec: TrainingSessionSpec) -> dict[str, str]:
+    labels = {**selector_labels(ref), LABEL_TENANT: label_value(spec.owner)}
+    if spec.tinker_session:
+        labels[LABEL_TINKER_SESSION] = label_value(spec.tinker_session)
+    return labels
+
+
+def headless_service(ref: SessionRef, spec: TrainingSessionSpec) -> dict[str, Any]:
+    """DNS names for every pod (the rendezvous address of rank 0), published before readiness because
+    the ranks must find each other before the trainer can become ready."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": service_name(ref), "namespace": ref.namespace, "labels": session_labels(ref, spec)},
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": selector_labels(ref),
+            "ports": [
+                {"name": "trainer", "port": TRAINER_PORT, "targetPort": TRAINER_PORT},
+                {"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT},
+            ],
+        },
+    }
+
+
+def pods(ref: SessionRef, spec: TrainingSessionSpec, cfg: PodConfig, *,
+         restore_from: str | None = None) -> list[dict[str, Any]]:
+    """One Pod per replica. `restore_from` overrides spec.restoreFrom when recreating after a failure."""
+    return [pod(ref, spec, cfg, rank, restore_from=restore_from) for rank in range(spec.replicas)]
+
+
+def pod(ref: SessionRef, spec: TrainingSessionSpec, cfg: PodConfig, rank: int, *,
+        restore_from: str | None = None) -> dict[str, Any]:
+    labels = {**session_labels(ref, spec), LABEL_NODE_RANK: str(rank), LABEL_GENERATION: str(ref.generation)}
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",  # any rank failing fails the set as a unit; the operator recreates it
+        "hostname": pod_hostname(ref, rank),
+        "subdomain": service_name(ref),
+        "containers": [_container(ref, spec, cfg, rank, restore_from)],
+        "volumes": _volumes(spec, cfg),
+        "terminationGracePeriodSeconds": 30,
+    }
+    if spec.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in spec.tolerations]
+    if spec.priority_class_name:
+        pod_spec["priorityClassName"] = spec.priority_class_name
+    if cfg.service_account:
+        pod_spec["serviceAccountName"] = cfg.service_account
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": pod_name(ref, rank), "namespace": ref.namespace, "labels": labels},
+        "spec": pod_spec,
+    }
+
+
+def _container(ref: SessionRef, spec: TrainingSessionSpec, cfg: PodConfig, rank: int,
+               restore_from: str | None) -> dict[str, Any]:
+    argv = launch.torchrun_argv(
+        nnodes=spec.replicas, nproc_per_node=spec.procs_per_pod, node_rank=rank,
+        master_addr=pod_dns(ref, 0, cfg.cluster_domain), master_port=RENDEZVOUS_PORT, python=cfg.python,
+    )
+    return {
+        "name": CONTAINER,
+        "image": spec.image or cfg.image,
+        "imagePullPolicy": cfg.image_pull_policy,
+        "command": argv,
+        "env": _env(spec, cfg, restore_from),
+        "ports": [{"name": "trainer", "containerPort": TRAINER_PORT},
+                  {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}],
+        "resources": _resources(spec),
+        "volumeMounts": _mounts(spec, cfg),
+        "readinessProbe": _probe(pod_api.READY_PATH, period=5, failures=3),
+        "livenessProbe": _probe(pod_api.HEALTH_PATH, period=10, failures=6),
+        # Model loading may take minutes; liveness only counts once the server has answered.
+        "startupProbe": _probe(pod_api.HEALTH_PATH, period=5, failures=180),
+    }
+
+
+def _env(spec: TrainingSessionSpec, cfg: PodConfig, restore_from: str | None) -> list[dict[str, Any]]:
+    effective = spec.model_copy(update={"restore_from": restore_from}) if restore_from else spec
+    values = launch.trainer_env(
+        effective, checkpoint_dir=spec.checkpoint_store.mount_path, port=TRAINER_PORT,
+        model_cache_dir=cfg.model_cache_dir, device="cuda" if spec.resources.gpus > 0 else "auto",
+    )
+    out: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in sorted(values.items())]
+    if cfg.token_secret:
+        out.append({"name": env.AUTH_TOKEN, "valueFrom": {"secretKeyRef": {
+            "name": cfg.token_secret, "key": cfg.token_secret_key, "optional": False}}})
+    return out
+
+
+def _resources(spec: TrainingSessionSpec) -> dict[str, Any]:
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if spec.resources.cpu:
+        requests["cpu"] = spec.resources.cpu
+    if spec.resources.memory:
+        requests["memory"] = limits["memory"] = spec.resources.memory
+    if spec.resources.gpus > 0:
+        requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(spec.resources.gpus)
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _volumes(spec: TrainingSessionSpec, cfg: PodConfig) -> list[dict[str, Any]]:
+    store = spec.checkpoint_store
+    pvc = store.pvc_name or (None if store.host_path else cfg.checkpoint_pvc)
+    host = store.host_path or (None if store.pvc_name else cfg.checkpoint_host_path)
+    if pvc:
+        ckpt: dict[str, Any] = {"persistentVolumeClaim": {"claimName": pvc}}
+    elif host:
+        ckpt = {"hostPath": {"path": host, "type": "DirectoryOrCreate"}}
+    else:
+        ckpt = {"emptyDir": {}}  # checkpoints die with the pod: fine for throwaway runs only
+    volumes = [{"name": CHECKPOINT_VOLUME, **ckpt}]
+    if cfg.model_cache_pvc and cfg.model_cache_dir:
+        volumes.append({"name": MODEL_CACHE_VOLUME, "persistentVolumeClaim": {"claimName": cfg.model_cache_pvc}})
+    return volumes
+
+
+def _mounts(spec: TrainingSessionSpec, cfg: PodConfig) -> list[dict[str, Any]]:
+    mounts = [{"name": CHECKPOINT_VOLUME, "mountPath": spec.checkpoint_store.mount_path}]
+    if cfg.model_cache_pvc and cfg.model_cache_dir:
+        mounts.append({"name": MODEL_CACHE_VOLUME, "mountPath": cfg.model_cache_dir})
+    return mounts
+
+
+def _probe(path: str, *, period: int, failures: int) -> dict[str, Any]:
+    return {"httpGet": {"path": path, "port": TRAINER_PORT}, "periodSeconds": period,
+            "failureThreshold": failures, "timeoutSeconds": 5}
