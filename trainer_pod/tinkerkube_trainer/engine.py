@@ -157,6 +157,15 @@ class TrainingEngine:
             raise OpError(f"unknown op kind {op.kind!r}", code="unknown_op")
         return runner(op.payload)
 
+    def adapter_weights(self) -> dict[str, torch.Tensor]:
+        """Copies of the trainable adapter tensors by parameter name (diagnostics and tests)."""
+        return {n: p.detach().clone() for n, p in lora_parameters(self.model)}
+
+    def accumulated_grads(self) -> dict[str, torch.Tensor]:
+        """Copies of the gradients summed since the last optim_step (empty when there are none)."""
+        names = [n for n, _ in lora_parameters(self.model)]
+        return {} if self._acc is None else {n: g.clone() for n, g in zip(names, self._acc, strict=True)}
+
     # ------------------------------------------------------------------ prepare
 
     def _decode(self, kind: OpKind, body: bytes, seq_id: int | None) -> Any:

@@ -76,6 +76,10 @@ def prompt_scores(logp: torch.Tensor, prompt: torch.Tensor, params: SampleParams
     return out
 
 
+def _contains_any(text: str, needles: Sequence[str]) -> bool:
+    return any(s in text for s in needles)
+
+
 @torch.inference_mode()
 def sample(
     model: torch.nn.Module,
@@ -101,6 +105,7 @@ def sample(
     tokens: list[list[int]] = [[] for _ in range(n)]
     logprobs: list[list[float]] = [[] for _ in range(n)]
     done = [False] * n
+    stop_strings = tuple(s for s in params.stop_strings or () if s)  # "" would match before any token
     stopped = [False] * n
     for _ in range(params.max_tokens):
         logp = torch.log_softmax(last, dim=-1)
@@ -117,7 +122,7 @@ def sample(
                 continue
             tokens[i].append(nxt_list[i])
             logprobs[i].append(lp_list[i])
-            if hit_list[i] or (params.stop_strings and any(s in decode(tokens[i]) for s in params.stop_strings)):
+            if hit_list[i] or (stop_strings and _contains_any(decode(tokens[i]), stop_strings)):
                 done[i] = stopped[i] = True
         if all(done):
             break
