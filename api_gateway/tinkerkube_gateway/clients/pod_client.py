@@ -1,0 +1,115 @@
+"""httpx client for the internal trainer API (tinkerkube_contract.pod_api).
+
+Submits are PUTs of (model_id, seq_id) or a sample's request id; results are long-polled GETs. The
+trainer's 4xx `ErrorBody` becomes `OpRejected` (the user's fault, a failed future); connection trouble
+becomes `TrainerUnreachable` (the dispatcher then asks the backend whether the trainer is gone).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import httpx
+
+from tinkerkube_contract import pod_api
+from tinkerkube_contract.pod_api import ErrorCategory, OpState, TrainerInfo
+from tinkerkube_gateway.backends.base import TrainerHandle
+
+
+class TrainerUnreachable(Exception):
+    pass
+
+
+class OpRejected(Exception):
+    def __init__(self, status: int, detail: str, category: ErrorCategory):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.category = category
+
+
+@dataclass(frozen=True, slots=True)
+class OpResult:
+    state: OpState
+    content_type: str
+    body: bytes
+
+
+class PodClient:
+    def __init__(self, *, timeout: float = 60.0, long_poll: float = pod_api.MAX_WAIT_SECONDS):
+        self._long_poll = long_poll
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=5.0),
+                                       limits=httpx.Limits(max_connections=500, max_keepalive_connections=100))
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    def _headers(self, handle: TrainerHandle, **extra: str) -> dict[str, str]:
+        headers = dict(extra)
+        if handle.token:
+            headers[pod_api.HEADER_TOKEN] = handle.token
+        return headers
+
+    async def _request(self, method: str, url: str, **kwargs: object) -> httpx.Response:
+        try:
+            response = await self._http.request(method, url, **kwargs)  # type: ignore[arg-type]
+        except httpx.HTTPError as exc:
+            raise TrainerUnreachable(f"{method} {url}: {type(exc).__name__}: {exc}") from exc
+        if response.status_code >= 500:
+            raise TrainerUnreachable(f"{method} {url}: HTTP {response.status_code}: {response.text[:300]}")
+        if response.status_code >= 400:
+            raise _rejected(response)
+        return response
+
+    async def submit_op(self, handle: TrainerHandle, model_id: str, seq_id: int, kind: str, body: bytes,
+                        content_type: str) -> None:
+        headers = self._headers(handle, **{pod_api.HEADER_OP: kind, "Content-Type": content_type})
+        await self._request("PUT", handle.url + pod_api.op_path(model_id, seq_id), content=body, headers=headers)
+
+    async def poll_op(self, handle: TrainerHandle, model_id: str, seq_id: int) -> OpResult:
+        url = handle.url + pod_api.op_path(model_id, seq_id)
+        return await self._poll(handle, url)
+
+    async def submit_sample(self, handle: TrainerHandle, request_id: str, op: pod_api.SampleOp) -> None:
+        headers = self._headers(handle, **{pod_api.HEADER_OP: pod_api.OpKind.SAMPLE,
+                                           "Content-Type": pod_api.CONTENT_JSON})
+        await self._request("PUT", handle.url + pod_api.sample_path(request_id), content=op.model_dump_json(),
+                            headers=headers)
+
+    async def poll_sample(self, handle: TrainerHandle, request_id: str) -> OpResult:
+        return await self._poll(handle, handle.url + pod_api.sample_path(request_id))
+
+    async def _poll(self, handle: TrainerHandle, url: str) -> OpResult:
+        response = await self._request("GET", url, params={"wait": self._long_poll}, headers=self._headers(handle),
+                                       timeout=self._long_poll + 15)
+        state = OpState(response.headers.get(pod_api.HEADER_OP_STATE, _state_from_status(response.status_code)))
+        return OpResult(state, response.headers.get("content-type", pod_api.CONTENT_JSON), response.content)
+
+    async def info(self, handle: TrainerHandle) -> TrainerInfo:
+        response = await self._request("GET", handle.url + pod_api.INFO_PATH, headers=self._headers(handle))
+        return TrainerInfo.model_validate_json(response.content)
+
+    async def ready(self, url: str, token: str | None) -> bool:
+        try:
+            response = await self._http.get(url + pod_api.READY_PATH, timeout=2.0,
+                                            headers=self._headers(TrainerHandle(url, token)))
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+
+def _state_from_status(status: int) -> str:
+    return OpState.PENDING.value if status == 202 else OpState.COMPLETE.value
+
+
+def _rejected(response: httpx.Response) -> OpRejected:
+    try:
+        data = response.json()
+        detail = str(data.get("detail") or data.get("error") or response.text)
+        category = ErrorCategory(data.get("category", ErrorCategory.USER))
+    except (ValueError, json.JSONDecodeError, AttributeError):
+        detail, category = response.text or f"HTTP {response.status_code}", ErrorCategory.USER
+    if response.status_code in (401, 403):
+        category = ErrorCategory.SERVER
+    return OpRejected(response.status_code, detail, category)

@@ -1,0 +1,110 @@
+"""Typed gateway errors and the ONLY exception→HTTP map (`install_error_handlers`).
+
+Status-code traps of the SDK (tinker-protocol.md §0.10, §1.7): never 402 or 409 (paused / retried),
+never a 400 with an empty body (read as a proxy glitch), never a 5xx for a user's mistake (retried for
+minutes). Every body is `{detail, category}`; `x-should-retry` tells the SDK whether to retry.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tinkerkube_contract.paths import InvalidTinkerPath
+from tinkerkube_contract.pod_api import ErrorCategory
+
+log = logging.getLogger(__name__)
+
+
+class GatewayError(Exception):
+    status: int = 500
+    category: ErrorCategory = ErrorCategory.SERVER
+    retryable: bool = True
+
+    def __init__(self, detail: str):
+        super().__init__(detail)
+        self.detail = detail
+
+
+class InvalidRequest(GatewayError):
+    status, category, retryable = 400, ErrorCategory.USER, False
+
+
+class SeqIdReused(InvalidRequest):
+    """The same (model_id, seq_id) submitted again with a different op: 400, not 409 (the SDK retries 409)."""
+
+
+class PayloadTooLarge(GatewayError):
+    status, category, retryable = 413, ErrorCategory.USER, False
+
+
+class Unauthenticated(GatewayError):
+    status, category, retryable = 401, ErrorCategory.USER, False
+
+
+class NotFound(GatewayError):
+    status, category, retryable = 404, ErrorCategory.USER, False
+
+
+class UnknownSession(NotFound):
+    pass
+
+
+class UnknownModel(NotFound):
+    pass
+
+
+class UnknownFuture(NotFound):
+    pass
+
+
+class UnknownCheckpoint(NotFound):
+    pass
+
+
+class SessionGone(GatewayError):
+    """Heartbeat on a finished/reaped session: 410 stops the SDK's heartbeat loop."""
+
+    status, category, retryable = 410, ErrorCategory.USER, False
+
+
+class TrainerUnavailable(GatewayError):
+    status, category, retryable = 503, ErrorCategory.SERVER, True
+
+
+def error_body(detail: str, category: ErrorCategory) -> dict[str, str]:
+    return {"detail": detail, "category": category.value}
+
+
+def _respond(status: int, detail: str, category: ErrorCategory, retryable: bool) -> JSONResponse:
+    return JSONResponse(error_body(detail, category), status_code=status,
+                        headers={"x-should-retry": "true" if retryable else "false"})
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(GatewayError)
+    async def _gateway(_: Request, exc: GatewayError) -> JSONResponse:
+        return _respond(exc.status, exc.detail, exc.category, exc.retryable)
+
+    @app.exception_handler(InvalidTinkerPath)
+    async def _path(_: Request, exc: InvalidTinkerPath) -> JSONResponse:
+        return _respond(400, str(exc), ErrorCategory.USER, False)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()[:5]]
+        return _respond(400, "invalid request: " + "; ".join(parts), ErrorCategory.USER, False)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        status = 400 if exc.status_code in (402, 409) else exc.status_code
+        return _respond(status, str(exc.detail) or "error", ErrorCategory.USER, status >= 500)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return _respond(500, f"internal error: {type(exc).__name__}", ErrorCategory.SERVER, True)

@@ -1,0 +1,117 @@
+"""Composition root: settings → store, backend, dispatcher, services → create_app → uvicorn.
+
+`python -m tinkerkube_gateway.main` (or `tinkerkube-gateway`) starts a local-mode gateway on
+127.0.0.1:8000 by default and prints how to point the tinker SDK at it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from tinkerkube_contract.models import BUILTIN_MODELS
+from tinkerkube_gateway.app import create_app
+from tinkerkube_gateway.backends.base import SessionBackend
+from tinkerkube_gateway.backends.local import LocalBackend, LocalBackendConfig
+from tinkerkube_gateway.clients.pod_client import PodClient
+from tinkerkube_gateway.deps import Services
+from tinkerkube_gateway.dispatcher import Dispatcher
+from tinkerkube_gateway.metrics import Metrics
+from tinkerkube_gateway.services.futures import FuturesService
+from tinkerkube_gateway.services.models import ModelsService
+from tinkerkube_gateway.services.ops import OpsService
+from tinkerkube_gateway.services.registry import RegistryService
+from tinkerkube_gateway.services.sampling import SamplingService
+from tinkerkube_gateway.services.sessions import SessionsService
+from tinkerkube_gateway.settings import BackendKind, GatewaySettings, inherited_environment
+from tinkerkube_gateway.store.repo import AsyncRepo, Repo
+
+log = logging.getLogger("tinkerkube_gateway")
+
+
+def make_backend(settings: GatewaySettings, pods: PodClient) -> SessionBackend:
+    if settings.backend is BackendKind.KUBERNETES:
+        module: Any = importlib.import_module("tinkerkube_gateway.backends.kubernetes")
+        return module.KubernetesBackend.from_settings(settings)  # type: ignore[no-any-return]
+    config = LocalBackendConfig(
+        checkpoint_dir=settings.effective_checkpoint_dir, logs_dir=settings.logs_dir,
+        model_cache_dir=settings.model_cache_dir.resolve(), token=secrets.token_urlsafe(24),
+        base_env=inherited_environment(), nproc_per_node=settings.trainer_nproc_per_node,
+        device=settings.trainer_device, model_aliases=settings.model_aliases, command=settings.trainer_command)
+    return LocalBackend(config, pods)
+
+
+def capabilities(settings: GatewaySettings) -> list[str]:
+    if settings.models:
+        return list(settings.models)
+    names = [settings.default_base_model, *BUILTIN_MODELS, *settings.model_aliases]
+    return list(dict.fromkeys(names))
+
+
+@asynccontextmanager
+async def compose(settings: GatewaySettings) -> AsyncIterator[Services]:
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    metrics = Metrics()
+    repo = AsyncRepo(Repo(settings.effective_database_url))
+    pods = PodClient(timeout=settings.trainer_request_timeout_seconds)
+    backend = make_backend(settings, pods)
+    dispatcher = Dispatcher(repo=repo, backend=backend, pods=pods,
+                            start_timeout=settings.trainer_start_timeout_seconds)
+    futures = FuturesService(repo, metrics, long_poll_seconds=settings.long_poll_seconds)
+    sessions = SessionsService(repo, metrics, idle_timeout=settings.session_idle_timeout_seconds,
+                               reap_interval=settings.reaper_interval_seconds)
+    models = ModelsService(repo=repo, futures=futures, sessions=sessions, dispatcher=dispatcher, backend=backend,
+                           model_cache_dir=settings.model_cache_dir.resolve(), model_aliases=settings.model_aliases,
+                           idle_timeout=settings.session_idle_timeout_seconds)
+    registry = RegistryService(repo, settings.effective_checkpoint_dir)
+    ops = OpsService(futures=futures, models=models, registry=registry, dispatcher=dispatcher)
+    sampling = SamplingService(futures=futures, sessions=sessions, models=models, registry=registry,
+                               dispatcher=dispatcher)
+    sessions.stop_runs = models.stop_session_runs
+    sessions.periodic.append(registry.sweep_expired)
+    metrics.queue_depth.set(await repo.count_pending())
+    await sessions.refresh_gauge()
+    await models.recover()
+    sessions.start()
+    try:
+        yield Services(sessions=sessions, futures=futures, models=models, ops=ops, sampling=sampling,
+                       registry=registry, metrics=metrics, tenant_keys=settings.tenant_keys(),
+                       max_body_bytes=settings.max_body_bytes, capabilities=capabilities(settings))
+    finally:
+        await sessions.close()
+        await dispatcher.close()
+        await backend.close()
+        await pods.close()
+        repo.close()
+
+
+def build_app(settings: GatewaySettings) -> FastAPI:
+    return create_app(lambda: compose(settings))
+
+
+def banner(settings: GatewaySettings) -> str:
+    url = f"http://{settings.host}:{settings.port}"
+    keys = settings.tenant_keys()
+    key = next(iter(keys)) if len(keys) == 1 else "tml-<your key>"
+    return (f"tinkerkube gateway ({settings.backend.value} backend) on {url}; docs at {url}/docs\n"
+            f"connect the tinker SDK / cookbook with:\n"
+            f"  export TINKER_BASE_URL={url} TINKER_API_KEY={key}\n"
+            f"default base model: {settings.default_base_model}; state in {settings.state_dir.resolve()}")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = GatewaySettings()
+    print(banner(settings), flush=True)
+    uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""Prometheus collectors of one gateway, on a registry of its own (several apps can share a process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests_total = Counter("tinkerkube_gateway_requests_total", "HTTP requests by endpoint and status",
+                                      ["endpoint", "status"], registry=r)
+        self.request_seconds = Histogram("tinkerkube_gateway_request_seconds", "HTTP request latency",
+                                         ["endpoint"], buckets=_BUCKETS, registry=r)
+        self.future_seconds = Histogram("tinkerkube_gateway_future_seconds", "future latency, submit to complete",
+                                        ["op"], buckets=_BUCKETS, registry=r)
+        self.queue_depth = Gauge("tinkerkube_gateway_queue_depth", "pending futures", registry=r)
+        self.active_sessions = Gauge("tinkerkube_gateway_active_sessions", "sessions not finished or reaped",
+                                     registry=r)
+        self.futures_total = Counter("tinkerkube_gateway_futures_total", "finished futures by op and outcome",
+                                     ["op", "outcome"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,32 @@
+"""Sampling sessions and asample (tinker-protocol.md §3.4)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter
+
+from tinkerkube_gateway.deps import Body, Svc, Tenant
+from tinkerkube_gateway.routers.common import parse, submitted
+from tinkerkube_gateway.schemas import CreateSamplingSessionRequest, SampleRequest
+
+router = APIRouter(prefix="/api/v1", tags=["sampling"])
+
+
+@router.post("/create_sampling_session", summary="A sampler for a base model or a tinker:// sampler path")
+async def create_sampling_session(svc: Svc, tenant: Tenant, body: Body) -> dict[str, Any]:
+    sampler_id = await svc.sampling.create_session(tenant, parse(body, CreateSamplingSessionRequest))
+    return {"sampling_session_id": sampler_id, "type": "create_sampling_session"}
+
+
+@router.get("/samplers/{sampler_id}", summary="What a sampler serves")
+async def get_sampler(svc: Svc, tenant: Tenant, sampler_id: str) -> dict[str, Any]:
+    return await svc.sampling.describe(tenant, sampler_id)
+
+
+@router.post("/asample", summary="Sample completions (future → protobuf SampleResponse)")
+async def asample(svc: Svc, tenant: Tenant, body: Body) -> dict[str, Any]:
+    req = parse(body, SampleRequest)
+    fut, sequence_ids = await svc.sampling.sample(tenant, req, json.loads(body))
+    return submitted(fut, sample_sequence_ids=sequence_ids)

@@ -1,0 +1,62 @@
+"""Client setup, sessions, telemetry, health and capabilities (tinker-protocol.md §3.1, §3.2)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from tinkerkube_gateway.deps import Body, Svc, Tenant
+from tinkerkube_gateway.routers.common import parse
+from tinkerkube_gateway.schemas import CreateSessionRequest, FinishSessionRequest, SessionIdRequest
+
+router = APIRouter(prefix="/api/v1", tags=["service"])
+
+CLIENT_CONFIG = {"pjwt_auth_enabled": False, "proto_compress_fwdbwd": False, "parallel_fwdbwd_chunks": True,
+                 "sample_use_retrieve_futures": False, "custom_loss_server_side": False,
+                 "sample_join_sampling_session": False}
+
+
+@router.post("/client/config", summary="Client configuration (first call of every SDK client)")
+async def client_config(_: Tenant) -> dict[str, Any]:
+    return CLIENT_CONFIG
+
+
+@router.post("/client/dynamic_config", summary="Dynamic client configuration (defaults)")
+async def dynamic_config(_: Tenant) -> dict[str, Any]:
+    return {}
+
+
+@router.post("/create_session", summary="Start a Tinker session")
+async def create_session(svc: Svc, tenant: Tenant, body: Body) -> dict[str, Any]:
+    session_id = await svc.sessions.create(tenant, parse(body, CreateSessionRequest))
+    return {"session_id": session_id, "type": "create_session"}
+
+
+@router.post("/session_heartbeat", summary="Keep a session alive (410 once it has ended)")
+async def heartbeat(svc: Svc, tenant: Tenant, body: Body) -> dict[str, Any]:
+    await svc.sessions.heartbeat(tenant, parse(body, SessionIdRequest).session_id)
+    return {"type": "session_heartbeat"}
+
+
+@router.post("/sessions/{session_id}/finish", summary="End a session and every run it started")
+async def finish(svc: Svc, tenant: Tenant, session_id: str, body: Body) -> dict[str, Any]:
+    req = parse(body, FinishSessionRequest)
+    await svc.sessions.finish(tenant, session_id, str((req.reason or {}).get("type", "unspecified")))
+    return {}
+
+
+@router.post("/telemetry", summary="Accept (and drop) client telemetry")
+async def telemetry(_: Tenant) -> dict[str, Any]:
+    return {"status": "accepted"}
+
+
+@router.get("/healthz", summary="Liveness")
+async def healthz() -> dict[str, Any]:
+    return {"status": "ok"}
+
+
+@router.get("/get_server_capabilities", summary="The configured base models")
+async def capabilities(svc: Svc, _: Tenant) -> dict[str, Any]:
+    return {"supported_models": [{"model_name": m, "trainable": True, "sampleable": True}
+                                 for m in svc.capabilities]}

@@ -1,0 +1,65 @@
+"""Training runs and their ops: create_model, get_info, forward_backward, optim_step, saves, loads."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from tinkerkube_gateway import wire
+from tinkerkube_gateway.deps import Body, Svc, Tenant
+from tinkerkube_gateway.routers.common import parse, submitted
+from tinkerkube_gateway.schemas import (
+    CreateModelRequest,
+    LoadWeightsRequest,
+    ModelIdRequest,
+    OptimStepRequest,
+    SaveWeightsForSamplerRequest,
+    SaveWeightsRequest,
+)
+
+router = APIRouter(prefix="/api/v1", tags=["training"])
+
+
+@router.post("/create_model", summary="Create a LoRA training run (future → model_id)")
+async def create_model(svc: Svc, tenant: Tenant, body: Body) -> dict[str, Any]:
+    return submitted(await svc.models.create_model(tenant, parse(body, CreateModelRequest)))
+
+
+@router.post("/get_info", summary="Model information (base model, tokenizer)")
+async def get_info(svc: Svc, tenant: Tenant, body: Body) -> dict[str, Any]:
+    return await svc.models.get_info(tenant, parse(body, ModelIdRequest).model_id)
+
+
+def _decode_fwdbwd(raw: bytes, encoding: str | None, limit: int) -> tuple[str, int]:
+    msg = wire.parse_forward_backward(wire.decompress(raw, encoding, max_bytes=limit))
+    return msg.model_id, msg.seq_id
+
+
+@router.post("/forward_backward", summary="Forward(+backward) on a batch (protobuf body; future → protobuf)")
+async def forward_backward(svc: Svc, tenant: Tenant, body: Body, request: Request) -> dict[str, Any]:
+    encoding = request.headers.get("content-encoding")
+    plain = await asyncio.to_thread(wire.decompress, body, encoding, max_bytes=svc.max_body_bytes)
+    model_id, seq_id = await asyncio.to_thread(_decode_fwdbwd, plain, None, svc.max_body_bytes)
+    return submitted(await svc.ops.forward_backward(tenant, model_id, seq_id, plain))
+
+
+@router.post("/optim_step", summary="AdamW step on the accumulated gradients (future)")
+async def optim_step(svc: Svc, tenant: Tenant, body: Body) -> dict[str, Any]:
+    return submitted(await svc.ops.optim_step(tenant, parse(body, OptimStepRequest)))
+
+
+@router.post("/save_weights", summary="Save adapter + optimizer state (future → tinker path)")
+async def save_weights(svc: Svc, tenant: Tenant, body: Body) -> dict[str, Any]:
+    return submitted(await svc.ops.save_weights(tenant, parse(body, SaveWeightsRequest)))
+
+
+@router.post("/save_weights_for_sampler", summary="Save sampler weights, named or as an ephemeral snapshot")
+async def save_for_sampler(svc: Svc, tenant: Tenant, body: Body) -> dict[str, Any]:
+    return submitted(await svc.ops.save_for_sampler(tenant, parse(body, SaveWeightsForSamplerRequest)))
+
+
+@router.post("/load_weights", summary="Load a checkpoint: into a new run (resume) or an existing one")
+async def load_weights(svc: Svc, tenant: Tenant, body: Body) -> dict[str, Any]:
+    return submitted(await svc.ops.load_weights(tenant, parse(body, LoadWeightsRequest)))

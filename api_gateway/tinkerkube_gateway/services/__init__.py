@@ -1,0 +1,1 @@
+"""Services: sessions, op submission, futures (the protocol core, behind the routers)."""

@@ -1,0 +1,167 @@
+"""Training runs (models): create_model, create-via-load_weights, get_info, stopping, restart recovery.
+
+Model ids are `{session_id}:train:{model_seq_id}` (the SDK derives them itself, §0.8). Each run gets
+its own trainer process group through the SessionBackend; its create future completes when the
+trainer is ready. The create submit is keyed `(model_id, 0)`, so a retried create returns its future.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from tinkerkube_contract import paths
+from tinkerkube_contract.models import resolve_model
+from tinkerkube_contract.pod_api import ErrorCategory
+from tinkerkube_contract.resource import LoraSpec, SessionMode, TrainingSessionSpec
+from tinkerkube_gateway.backends.base import SessionBackend, TrainerHandle
+from tinkerkube_gateway.dispatcher import Dispatcher
+from tinkerkube_gateway.errors import InvalidRequest, UnknownCheckpoint, UnknownModel
+from tinkerkube_gateway.scheduling import first_expected_seq
+from tinkerkube_gateway.schemas import CreateModelRequest, LoadWeightsRequest
+from tinkerkube_gateway.services.futures import FuturesService
+from tinkerkube_gateway.services.sessions import SessionsService
+from tinkerkube_gateway.store.records import FutureRecord, FutureState, ModelRecord, ModelStatus
+from tinkerkube_gateway.store.repo import AsyncRepo
+
+log = logging.getLogger(__name__)
+
+CREATE_OPS = ("create_model", "load_weights_create", "start_sampler")
+
+
+class ModelsService:
+    def __init__(self, *, repo: AsyncRepo, futures: FuturesService, sessions: SessionsService,
+                 dispatcher: Dispatcher, backend: SessionBackend, model_cache_dir: Path,
+                 model_aliases: dict[str, str], idle_timeout: float):
+        self.repo = repo
+        self.futures = futures
+        self.sessions = sessions
+        self.dispatcher = dispatcher
+        self.backend = backend
+        self.model_cache_dir = model_cache_dir
+        self.model_aliases = model_aliases
+        self.idle_timeout = idle_timeout
+
+    async def get_owned(self, tenant: str, model_id: str, *, kind: str = "train") -> ModelRecord:
+        record = await self.repo.get_model(model_id)
+        if record is None or record.tenant != tenant or record.kind != kind:
+            raise UnknownModel(f"unknown model_id {model_id!r}")
+        return record
+
+    def spec_for(self, *, model_id: str, tenant: str, session_id: str, base_model: str, lora: LoraSpec,
+                 mode: SessionMode = SessionMode.TRAIN, restore_from: str | None = None,
+                 restore_optimizer: bool = False) -> TrainingSessionSpec:
+        return TrainingSessionSpec(
+            base_model=base_model, lora=lora, mode=mode, model_id=model_id, restore_from=restore_from,
+            restore_optimizer=restore_optimizer, owner=tenant, tinker_session=session_id,
+            idle_timeout_seconds=int(self.idle_timeout))
+
+    async def create_model(self, tenant: str, req: CreateModelRequest) -> FutureRecord:
+        await self.sessions.get_active(tenant, req.session_id)
+        model_id = paths.model_id_for(req.session_id, req.model_seq_id)
+        lora_cfg = req.lora_config or _default_lora()
+        lora = LoraSpec(rank=lora_cfg.rank, alpha=float(lora_cfg.rank), train_mlp=lora_cfg.train_mlp,
+                        train_attn=lora_cfg.train_attn, train_unembed=lora_cfg.train_unembed, seed=lora_cfg.seed)
+        spec = self.spec_for(model_id=model_id, tenant=tenant, session_id=req.session_id,
+                             base_model=req.base_model, lora=lora)
+        return await self._launch(tenant, spec, "create_model", req.user_metadata, req.optimizer_config)
+
+    async def create_from_checkpoint(self, tenant: str, req: LoadWeightsRequest, resolve: Any) -> FutureRecord:
+        """Create-via-load: the new run takes base model and LoRA config from the checkpoint's run."""
+        if req.session_id is None or req.model_seq_id is None:
+            raise InvalidRequest("load_weights needs either model_id + seq_id or session_id + model_seq_id")
+        await self.sessions.get_active(tenant, req.session_id)
+        checkpoint = await resolve(tenant, req.path)
+        source = await self.repo.get_model(checkpoint.run_id)
+        if source is None:
+            raise UnknownCheckpoint(f"the training run of {req.path} is unknown")
+        model_id = paths.model_id_for(req.session_id, req.model_seq_id)
+        spec = self.spec_for(model_id=model_id, tenant=tenant, session_id=req.session_id,
+                             base_model=source.base_model, lora=LoraSpec.model_validate(source.lora or {}),
+                             restore_from=checkpoint.tinker_path, restore_optimizer=req.optimizer)
+        metadata = req.user_metadata if req.user_metadata is not None else source.user_metadata
+        return await self._launch(tenant, spec, "load_weights_create", metadata, source.optimizer_config)
+
+    async def _launch(self, tenant: str, spec: TrainingSessionSpec, op: str, user_metadata: dict[str, Any] | None,
+                      optimizer_config: dict[str, Any] | None, weights_key: str | None = None) -> FutureRecord:
+        fut, created = await self.futures.create(tenant=tenant, session_id=spec.tinker_session,
+                                                 target_id=spec.model_id, seq_id=0, op=op,
+                                                 meta={"path": spec.restore_from})
+        if not created:
+            return fut
+        now = time.time()
+        await self.repo.insert_model(
+            model_id=spec.model_id, session_id=spec.tinker_session, tenant=tenant, kind=spec.mode.value,
+            base_model=spec.base_model, lora=spec.lora.model_dump(), user_metadata=user_metadata,
+            optimizer_config=optimizer_config, restore_from=spec.restore_from, weights_key=weights_key,
+            status=ModelStatus.STARTING, error=None, created_at=now, last_request_time=now)
+        await self.backend.start(spec)
+        self.dispatcher.launch(spec.model_id, [fut])
+        return fut
+
+    def model_data(self, record: ModelRecord) -> dict[str, Any]:
+        source = resolve_model(record.base_model, aliases=self.model_aliases, cache_dir=self.model_cache_dir)
+        tokenizer = str(source.local_dir) if source.local_dir is not None else record.base_model
+        return {"model_name": record.base_model, "tokenizer_id": tokenizer, "arch": "lora"}
+
+    async def get_info(self, tenant: str, model_id: str) -> dict[str, Any]:
+        record = await self.get_owned(tenant, model_id)
+        lora = record.lora or {}
+        return {"model_id": model_id, "model_data": self.model_data(record), "is_lora": True,
+                "lora_rank": lora.get("rank"), "model_name": record.base_model, "type": "get_info",
+                **({"optimizer_config": record.optimizer_config} if record.optimizer_config else {})}
+
+    async def touch(self, model_id: str) -> None:
+        await self.repo.update_model(model_id, last_request_time=time.time())
+
+    # --- ResultSink hooks ------------------------------------------------------------------------
+    async def on_ready(self, model_id: str, handle: TrainerHandle) -> None:
+        await self.repo.update_model(model_id, status=ModelStatus.READY)
+
+    async def on_dead(self, model_id: str, reason: str) -> None:
+        await self.repo.update_model(model_id, status=ModelStatus.FAILED, error=reason[:4000])
+        await self.backend.stop(model_id)
+
+    async def stop_session_runs(self, session_id: str, reason: str) -> None:
+        for record in await self.repo.list_models(session_id=session_id, live_only=True):
+            await self.repo.update_model(record.model_id, status=ModelStatus.STOPPED, error=reason)
+            await self.dispatcher.stop_model(record.model_id, reason)
+
+    async def recover(self) -> None:
+        """Gateway start: every pending future is re-dispatched (its trainer still runs: Kubernetes) or
+        failed with a clear retryable error (its trainer died with the previous gateway: local)."""
+        pending = await self.repo.pending_futures()
+        targets: dict[str, list[FutureRecord]] = {}
+        for fut in pending:
+            targets.setdefault(fut.target_id, []).append(fut)
+        for record in await self.repo.list_models(live_only=True):
+            targets.setdefault(record.model_id, [])
+        for target_id, futs in targets.items():
+            await self._recover_target(target_id, futs)
+
+    async def _recover_target(self, target_id: str, futs: list[FutureRecord]) -> None:
+        record = await self.repo.get_model(target_id)
+        alive = record is not None and await self.backend.handle(target_id) is not None
+        if record is None or not alive:
+            reason = (f"the gateway restarted and the trainer for {target_id} is no longer running; "
+                      "retry (recreate the client from your last checkpoint)")
+            for fut in futs:
+                await self.futures.fail(fut, reason, ErrorCategory.SERVER)
+            if record is not None and record.status in (ModelStatus.STARTING, ModelStatus.READY):
+                await self.repo.update_model(target_id, status=ModelStatus.STOPPED, error=reason)
+            return
+        done = [f.seq_id for f in await self.repo.futures_for_target(target_id)
+                if f.seq_id is not None and f.state != FutureState.PENDING]
+        ops = [f for f in futs if f.seq_id is not None and f.op not in CREATE_OPS]
+        creates = [f for f in futs if f.op in CREATE_OPS]
+        worker = self.dispatcher.launch(target_id, creates, first_expected_seq(done, [f.seq_id for f in ops]))
+        for fut in ops:
+            worker.enqueue(fut)
+
+
+def _default_lora() -> Any:
+    from tinkerkube_gateway.schemas import LoraConfig
+
+    return LoraConfig()

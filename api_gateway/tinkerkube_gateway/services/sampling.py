@@ -1,0 +1,108 @@
+"""Sampling sessions and asample, routed per DESIGN.md "What runs where".
+
+- Ephemeral snapshots (`save_weights_and_get_sampling_client`) and named sampler weights of a LIVE
+  run are served by that run's own trainer (`SampleOp.snapshot_id` = sampler id or tinker path).
+- Base-model sampling, or a checkpoint whose trainer is gone, starts a sampler process group
+  (spec mode=sample, restore_from=path), shared by the tenant's sampling clients of the same weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tinkerkube_contract import paths, pod_api
+from tinkerkube_contract.resource import LoraSpec, SessionMode
+from tinkerkube_gateway.dispatcher import Dispatcher
+from tinkerkube_gateway.errors import InvalidRequest, UnknownModel
+from tinkerkube_gateway.schemas import CreateSamplingSessionRequest, SampleRequest
+from tinkerkube_gateway.services.futures import FuturesService
+from tinkerkube_gateway.services.models import ModelsService
+from tinkerkube_gateway.services.registry import RegistryService
+from tinkerkube_gateway.services.sessions import SessionsService
+from tinkerkube_gateway.store.records import FutureRecord, ModelRecord, SamplerRecord
+from tinkerkube_gateway.wire import json_bytes
+
+
+class SamplingService:
+    def __init__(self, *, futures: FuturesService, sessions: SessionsService, models: ModelsService,
+                 registry: RegistryService, dispatcher: Dispatcher):
+        self.futures = futures
+        self.sessions = sessions
+        self.models = models
+        self.registry = registry
+        self.dispatcher = dispatcher
+
+    async def create_session(self, tenant: str, req: CreateSamplingSessionRequest) -> str:
+        session = await self.sessions.get_active(tenant, req.session_id)
+        sampler_id = paths.sampler_id_for(session.session_id, req.sampling_session_seq_id)
+        existing = await self.models.repo.get_sampler(sampler_id)
+        if existing is not None:
+            return sampler_id
+        if req.model_path:
+            await self._from_path(tenant, sampler_id, req.model_path)
+        elif req.base_model:
+            await self._from_base(tenant, session.session_id, sampler_id, req.base_model)
+        else:
+            raise InvalidRequest("create_sampling_session needs base_model or model_path")
+        return sampler_id
+
+    async def _from_path(self, tenant: str, sampler_id: str, model_path: str) -> None:
+        checkpoint = await self.registry.resolve_readable(tenant, model_path)
+        run = await self.models.repo.get_model(checkpoint.run_id)
+        if run is None:
+            raise UnknownModel(f"the training run of {model_path} is unknown")
+        session_id = sampler_id.rsplit(":sample:", 1)[0]
+        live = run.status in ("starting", "ready") and run.model_id in self.dispatcher.workers
+        if live and checkpoint.kind == paths.CheckpointKind.SAMPLER_WEIGHTS and run.tenant == tenant:
+            await self._add(run, sampler_id, session_id, snapshot_id=checkpoint.tinker_path, model_path=model_path)
+            return
+        backing = await self._sampler_process(tenant, session_id, sampler_id, run.base_model,
+                                              LoraSpec.model_validate(run.lora or {}), restore_from=model_path)
+        await self._add(backing, sampler_id, session_id, snapshot_id=None, model_path=model_path)
+
+    async def _from_base(self, tenant: str, session_id: str, sampler_id: str, base_model: str) -> None:
+        backing = await self._sampler_process(tenant, session_id, sampler_id, base_model, LoraSpec(),
+                                              restore_from=None)
+        await self._add(backing, sampler_id, session_id, snapshot_id=None, model_path=None)
+
+    async def _add(self, backing: ModelRecord, sampler_id: str, session_id: str, *, snapshot_id: str | None,
+                   model_path: str | None) -> None:
+        await self.models.repo.insert_sampler(
+            sampler_id=sampler_id, session_id=session_id, tenant=backing.tenant, base_model=backing.base_model,
+            model_path=model_path, backing_model_id=backing.model_id, snapshot_id=snapshot_id,
+            created_at=backing.created_at)
+
+    async def _sampler_process(self, tenant: str, session_id: str, sampler_id: str, base_model: str,
+                               lora: LoraSpec, restore_from: str | None) -> ModelRecord:
+        key = restore_from or f"base:{base_model}"
+        found = await self.models.repo.find_sampler_process(tenant, key)
+        if found is not None and found.model_id in self.dispatcher.workers:
+            return found
+        spec = self.models.spec_for(model_id=sampler_id, tenant=tenant, session_id=session_id, base_model=base_model,
+                                    lora=lora, mode=SessionMode.SAMPLE, restore_from=restore_from)
+        await self.models._launch(tenant, spec, "start_sampler", None, None, weights_key=key)
+        record = await self.models.repo.get_model(sampler_id)
+        assert record is not None
+        return record
+
+    async def get_owned(self, tenant: str, sampler_id: str) -> SamplerRecord:
+        record = await self.models.repo.get_sampler(sampler_id)
+        if record is None or record.tenant != tenant:
+            raise UnknownModel(f"unknown sampler {sampler_id!r}")
+        return record
+
+    async def describe(self, tenant: str, sampler_id: str) -> dict[str, Any]:
+        record = await self.get_owned(tenant, sampler_id)
+        return {"sampler_id": record.sampler_id, "base_model": record.base_model, "model_path": record.model_path}
+
+    async def sample(self, tenant: str, req: SampleRequest, raw: dict[str, Any]) -> tuple[FutureRecord, list[str]]:
+        if not req.sampling_session_id:
+            raise InvalidRequest("asample needs sampling_session_id (create a sampling session first)")
+        sampler = await self.get_owned(tenant, req.sampling_session_id)
+        fut, created = await self.futures.create(tenant=tenant, session_id=sampler.session_id,
+                                                 target_id=sampler.sampler_id, seq_id=req.seq_id, op="sample",
+                                                 body=json_bytes(raw), body_type=pod_api.CONTENT_JSON)
+        if created:
+            op = pod_api.SampleOp(request=raw, snapshot_id=sampler.snapshot_id)
+            self.dispatcher.submit_sample(fut, sampler.backing_model_id, op)
+        return fut, [f"{fut.request_id}:{i}" for i in range(req.num_samples)]

@@ -1,0 +1,89 @@
+"""The gateway's configuration: `GatewaySettings` (`TINKERKUBE_GATEWAY_*`).
+
+The only module that reads the process environment. `main.py` reads it once and passes it down.
+Complex values (API_KEYS, MODEL_ALIASES, TRAINER_COMMAND) are JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tinkerkube_contract.models import DEFAULT_MODEL
+
+ENV_PREFIX = "TINKERKUBE_GATEWAY_"
+LOCAL_DEV_KEY = "tml-local"
+LOCAL_DEV_TENANT = "local"
+
+
+class BackendKind(StrEnum):
+    LOCAL = "local"
+    KUBERNETES = "kubernetes"
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", case_sensitive=False)
+
+    host: str = Field("127.0.0.1", description="HTTP bind address")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port (0 picks a free one)")
+    state_dir: Path = Field(Path("var"), description="local state: SQLite DB, checkpoints, trainer logs")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default sqlite:///<state_dir>/gateway.db (postgresql+psycopg://... for HA)")
+    checkpoint_dir: Path | None = Field(None, description="checkpoint store root; default <state_dir>/checkpoints")
+    backend: BackendKind = Field(BackendKind.LOCAL, description="where trainers run: local | kubernetes")
+    api_keys: dict[str, str] = Field(default_factory=dict, description="JSON {api_key: tenant}; keys start 'tml-'")
+    api_keys_file: Path | None = Field(None, description="JSON file {api_key: tenant}, merged with api_keys")
+    default_base_model: str = Field(DEFAULT_MODEL, description="base model offered first by capabilities")
+    models: list[str] = Field(default_factory=list, description="JSON list of servable base models (capabilities); "
+                              "empty: the built-ins plus aliases")
+    model_cache_dir: Path = Field(Path(".cache/models"), description="where built-in models are materialised")
+    model_aliases: dict[str, str] = Field(default_factory=dict, description="JSON {name: built-in name or dir}")
+    session_idle_timeout_seconds: float = Field(
+        300.0, gt=0, description="a session without heartbeats this long is reaped (trainers stopped)")
+    reaper_interval_seconds: float = Field(5.0, gt=0, description="how often idle sessions and TTLs are checked")
+    long_poll_seconds: float = Field(30.0, gt=0, le=40, description="retrieve_future holds this long, then try_again")
+    max_body_bytes: int = Field(64 * 1024 * 1024, gt=0, description="larger request bodies get a 413 JSON error")
+    trainer_nproc_per_node: int = Field(1, ge=1, le=8, description="torchrun ranks per local trainer")
+    trainer_device: str = Field("auto", pattern="^(auto|cpu|cuda)$", description="device for local trainers")
+    trainer_start_timeout_seconds: float = Field(300.0, gt=0, description="longest wait for a trainer's readiness")
+    trainer_command: list[str] | None = Field(
+        None, description="JSON argv replacing torchrun for local trainers (tests use a fake trainer)")
+    trainer_request_timeout_seconds: float = Field(60.0, gt=0, description="HTTP timeout for gateway→trainer calls")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_have_prefix(cls, value: dict[str, str]) -> dict[str, str]:
+        bad = [k for k in value if not k.startswith("tml-")]
+        if bad:
+            raise ValueError(f"API keys must start with 'tml-' (the SDK refuses others): {len(bad)} do not")
+        return value
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.state_dir / 'gateway.db').resolve()}"
+
+    @property
+    def effective_checkpoint_dir(self) -> Path:
+        return (self.checkpoint_dir or self.state_dir / "checkpoints").resolve()
+
+    @property
+    def logs_dir(self) -> Path:
+        return (self.state_dir / "logs").resolve()
+
+    def tenant_keys(self) -> dict[str, str]:
+        """Key → tenant. With no keys configured anywhere, the local dev key `tml-local` → `local`."""
+        keys = dict(self.api_keys)
+        if self.api_keys_file is not None:
+            keys.update(self._keys_have_prefix(json.loads(self.api_keys_file.read_text())))
+        return keys or {LOCAL_DEV_KEY: LOCAL_DEV_TENANT}
+
+
+def inherited_environment() -> dict[str, str]:
+    """The gateway's own environment, for child trainer processes (PATH, HOME, venv, ...)."""
+    import os
+
+    return dict(os.environ)

@@ -1,0 +1,1 @@
+"""Persistence: futures, op log and the registry (sessions, runs, samplers, checkpoints)."""

@@ -1,0 +1,249 @@
+"""Queries over the tables: one implementation for SQLite and PostgreSQL (SQLAlchemy 2 Core).
+
+`Repo` is synchronous; `AsyncRepo` runs each call in a worker thread so the event loop never blocks on
+the database. The `(target_id, seq_id)` unique constraint makes a retried submit safe: the second insert
+fails and the original future is returned (`insert_future` → `(record, created=False)`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, delete, event, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from tinkerkube_gateway.store import tables as t
+from tinkerkube_gateway.store.records import (
+    CheckpointRecord,
+    FutureRecord,
+    FutureState,
+    ModelRecord,
+    SamplerRecord,
+    SessionRecord,
+    SessionStatus,
+)
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://"):]
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+class Repo:
+    def __init__(self, url: str):
+        self.engine = make_engine(url)
+        t.metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def _one(self, stmt: Any, cls: Any) -> Any:
+        with self.engine.connect() as conn:
+            row = conn.execute(stmt).first()
+        return None if row is None else cls.from_row(row)
+
+    def _all(self, stmt: Any, cls: Any) -> list[Any]:
+        with self.engine.connect() as conn:
+            return [cls.from_row(r) for r in conn.execute(stmt)]
+
+    def _write(self, stmt: Any) -> int:
+        with self.engine.begin() as conn:
+            return conn.execute(stmt).rowcount
+
+    # --- sessions -------------------------------------------------------------------------------
+    def insert_session(self, **values: Any) -> None:
+        self._write(insert(t.sessions).values(**values))
+
+    def get_session(self, session_id: str) -> SessionRecord | None:
+        return self._one(select(t.sessions).where(t.sessions.c.session_id == session_id), SessionRecord)
+
+    def heartbeat(self, session_id: str, now: float) -> None:
+        self._write(update(t.sessions).where(t.sessions.c.session_id == session_id).values(last_heartbeat=now))
+
+    def end_session(self, session_id: str, status: SessionStatus, reason: str) -> bool:
+        stmt = (update(t.sessions).where(t.sessions.c.session_id == session_id)
+                .where(t.sessions.c.status == SessionStatus.ACTIVE).values(status=status, ended_reason=reason))
+        return self._write(stmt) > 0
+
+    def list_sessions(self, tenant: str, limit: int, offset: int) -> list[SessionRecord]:
+        stmt = (select(t.sessions).where(t.sessions.c.tenant == tenant)
+                .order_by(t.sessions.c.created_at.desc()).limit(limit).offset(offset))
+        return self._all(stmt, SessionRecord)
+
+    def idle_sessions(self, cutoff: float) -> list[SessionRecord]:
+        stmt = select(t.sessions).where(t.sessions.c.status == SessionStatus.ACTIVE,
+                                        t.sessions.c.last_heartbeat < cutoff)
+        return self._all(stmt, SessionRecord)
+
+    def count_active_sessions(self) -> int:
+        with self.engine.connect() as conn:
+            stmt = select(func.count()).select_from(t.sessions).where(t.sessions.c.status == SessionStatus.ACTIVE)
+            return int(conn.execute(stmt).scalar_one())
+
+    # --- models (trainer process groups) ---------------------------------------------------------
+    def insert_model(self, **values: Any) -> bool:
+        try:
+            self._write(insert(t.models).values(**values))
+            return True
+        except IntegrityError:
+            return False
+
+    def get_model(self, model_id: str) -> ModelRecord | None:
+        return self._one(select(t.models).where(t.models.c.model_id == model_id), ModelRecord)
+
+    def update_model(self, model_id: str, **values: Any) -> None:
+        self._write(update(t.models).where(t.models.c.model_id == model_id).values(**values))
+
+    def list_models(self, *, tenant: str | None = None, session_id: str | None = None, kind: str | None = None,
+                    live_only: bool = False, limit: int = 1000, offset: int = 0) -> list[ModelRecord]:
+        stmt = select(t.models)
+        if tenant is not None:
+            stmt = stmt.where(t.models.c.tenant == tenant)
+        if session_id is not None:
+            stmt = stmt.where(t.models.c.session_id == session_id)
+        if kind is not None:
+            stmt = stmt.where(t.models.c.kind == kind)
+        if live_only:
+            stmt = stmt.where(t.models.c.status.in_(("starting", "ready")))
+        stmt = stmt.order_by(t.models.c.created_at.desc()).limit(limit).offset(offset)
+        return self._all(stmt, ModelRecord)
+
+    def count_models(self, tenant: str, kind: str) -> int:
+        with self.engine.connect() as conn:
+            stmt = select(func.count()).select_from(t.models).where(t.models.c.tenant == tenant,
+                                                                    t.models.c.kind == kind)
+            return int(conn.execute(stmt).scalar_one())
+
+    def find_sampler_process(self, tenant: str, weights_key: str) -> ModelRecord | None:
+        stmt = select(t.models).where(t.models.c.tenant == tenant, t.models.c.kind == "sample",
+                                      t.models.c.weights_key == weights_key,
+                                      t.models.c.status.in_(("starting", "ready")))
+        return self._one(stmt, ModelRecord)
+
+    # --- samplers ---------------------------------------------------------------------------------
+    def insert_sampler(self, **values: Any) -> bool:
+        try:
+            self._write(insert(t.samplers).values(**values))
+            return True
+        except IntegrityError:
+            return False
+
+    def get_sampler(self, sampler_id: str) -> SamplerRecord | None:
+        return self._one(select(t.samplers).where(t.samplers.c.sampler_id == sampler_id), SamplerRecord)
+
+    def list_samplers(self, session_id: str) -> list[SamplerRecord]:
+        stmt = select(t.samplers).where(t.samplers.c.session_id == session_id).order_by(t.samplers.c.created_at)
+        return self._all(stmt, SamplerRecord)
+
+    # --- futures and the op log -------------------------------------------------------------------
+    def insert_future(self, record: FutureRecord) -> tuple[FutureRecord, bool]:
+        values = {f: getattr(record, f) for f in record.__slots__}
+        try:
+            self._write(insert(t.futures).values(**values))
+            return record, True
+        except IntegrityError:
+            existing = None
+            if record.seq_id is not None:
+                existing = self._one(select(t.futures).where(t.futures.c.target_id == record.target_id,
+                                                             t.futures.c.seq_id == record.seq_id), FutureRecord)
+            if existing is None:
+                raise
+            return existing, False
+
+    def get_future(self, request_id: str) -> FutureRecord | None:
+        return self._one(select(t.futures).where(t.futures.c.request_id == request_id), FutureRecord)
+
+    def finish_future(self, request_id: str, *, state: FutureState, now: float, result: bytes | None = None,
+                      result_type: str | None = None, error: str | None = None, category: str | None = None) -> bool:
+        """Only a pending future changes: a second completion (a replay, a race) is ignored."""
+        stmt = (update(t.futures).where(t.futures.c.request_id == request_id,
+                                        t.futures.c.state == FutureState.PENDING)
+                .values(state=state, result=result, result_type=result_type, error=error, category=category,
+                        completed_at=now))
+        return self._write(stmt) > 0
+
+    def futures_for_target(self, target_id: str, *, after_seq: int | None = None,
+                           pending_only: bool = False) -> list[FutureRecord]:
+        stmt = select(t.futures).where(t.futures.c.target_id == target_id)
+        if after_seq is not None:
+            stmt = stmt.where(t.futures.c.seq_id > after_seq)
+        if pending_only:
+            stmt = stmt.where(t.futures.c.state == FutureState.PENDING)
+        return self._all(stmt.order_by(t.futures.c.seq_id, t.futures.c.created_at), FutureRecord)
+
+    def pending_futures(self) -> list[FutureRecord]:
+        stmt = select(t.futures).where(t.futures.c.state == FutureState.PENDING).order_by(t.futures.c.created_at)
+        return self._all(stmt, FutureRecord)
+
+    def count_pending(self) -> int:
+        with self.engine.connect() as conn:
+            stmt = select(func.count()).select_from(t.futures).where(t.futures.c.state == FutureState.PENDING)
+            return int(conn.execute(stmt).scalar_one())
+
+    # --- checkpoints ------------------------------------------------------------------------------
+    def upsert_checkpoint(self, record: CheckpointRecord) -> None:
+        values = {f: getattr(record, f) for f in record.__slots__}
+        with self.engine.begin() as conn:
+            conn.execute(delete(t.checkpoints).where(t.checkpoints.c.tinker_path == record.tinker_path))
+            conn.execute(insert(t.checkpoints).values(**values))
+
+    def get_checkpoint(self, tinker_path: str) -> CheckpointRecord | None:
+        return self._one(select(t.checkpoints).where(t.checkpoints.c.tinker_path == tinker_path), CheckpointRecord)
+
+    def list_checkpoints(self, *, tenant: str, run_id: str | None = None, limit: int = 1000,
+                         offset: int = 0) -> list[CheckpointRecord]:
+        stmt = select(t.checkpoints).where(t.checkpoints.c.tenant == tenant)
+        if run_id is not None:
+            stmt = stmt.where(t.checkpoints.c.run_id == run_id)
+        stmt = stmt.order_by(t.checkpoints.c.created_at.desc()).limit(limit).offset(offset)
+        return self._all(stmt, CheckpointRecord)
+
+    def count_checkpoints(self, tenant: str) -> int:
+        with self.engine.connect() as conn:
+            stmt = select(func.count()).select_from(t.checkpoints).where(t.checkpoints.c.tenant == tenant)
+            return int(conn.execute(stmt).scalar_one())
+
+    def update_checkpoint(self, tinker_path: str, **values: Any) -> None:
+        self._write(update(t.checkpoints).where(t.checkpoints.c.tinker_path == tinker_path).values(**values))
+
+    def delete_checkpoint(self, tinker_path: str) -> bool:
+        return self._write(delete(t.checkpoints).where(t.checkpoints.c.tinker_path == tinker_path)) > 0
+
+    def expired_checkpoints(self, now: float) -> list[CheckpointRecord]:
+        stmt = select(t.checkpoints).where(t.checkpoints.c.expires_at.is_not(None), t.checkpoints.c.expires_at < now)
+        return self._all(stmt, CheckpointRecord)
+
+
+class AsyncRepo:
+    """The same methods as `Repo`, awaited; each runs in a worker thread."""
+
+    def __init__(self, repo: Repo):
+        self.sync = repo
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self.sync, name)
+
+        @functools.wraps(method)
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            return await asyncio.to_thread(method, *args, **kwargs)
+
+        return call
+
+    def close(self) -> None:
+        self.sync.close()

@@ -1,0 +1,245 @@
+"""A fake trainer speaking the internal pod API (tinkerkube_contract.pod_api), for gateway tests.
+
+Run as a process exactly like the real trainer (`python -m tests.support.fake_trainer`, configured by
+the same TINKERKUBE_TRAINER_* variables that `launch.trainer_env` writes), so the gateway's local
+backend starts, health-checks and kills it for real. No torch: outputs are deterministic numbers of
+the right shapes. Ops run strictly in seq order, waiting for gaps; a rejected op (bad body) still
+fills its seq slot with a failure so the queue moves on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import struct
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from tinker.proto import tinker_public_pb2 as pb
+
+from tinkerkube_contract import env, paths, pod_api
+from tinkerkube_contract.pod_api import OpKind
+
+E = os.environ
+MODEL_ID = E[env.MODEL_ID]
+TOKEN = E.get(env.AUTH_TOKEN)
+CKPT = Path(E.get(env.CHECKPOINT_DIR, "var/checkpoints"))
+BOOT_ID = uuid.uuid4().hex
+EXEC_DELAY = float(E.get("FAKE_TRAINER_OP_DELAY", "0"))
+
+@contextlib.asynccontextmanager
+async def _lifespan(_: FastAPI) -> Any:
+    await _start()
+    yield
+
+
+app = FastAPI(lifespan=_lifespan)
+ops: dict[int, tuple[str, bytes]] = {}
+results: dict[int, tuple[str, str, bytes]] = {}  # seq → (state, content_type, body)
+samples: dict[str, tuple[str, str, bytes]] = {}
+snapshots: set[str] = set()
+changed = asyncio.Event()
+state = {"next": 1, "step": 0}
+
+
+def _auth(request: Request) -> Response | None:
+    if TOKEN and request.headers.get(pod_api.HEADER_TOKEN) != TOKEN:
+        return JSONResponse({"detail": "bad token", "code": "unauthorized", "category": "server"}, 401)
+    return None
+
+
+@app.get(pod_api.HEALTH_PATH)
+@app.get(pod_api.READY_PATH)
+async def ready() -> dict[str, bool]:
+    return {"ok": True}
+
+
+@app.get(pod_api.INFO_PATH)
+async def info() -> dict[str, Any]:
+    return {"model_id": MODEL_ID, "base_model": E[env.BASE_MODEL], "mode": E.get(env.MODE, "train"),
+            "lora": json.loads(E.get(env.LORA, "{}")), "world_size": 1, "ready": True, "boot_id": BOOT_ID,
+            "last_completed_seq_id": state["next"] - 1}
+
+
+def _f32(values: list[float]) -> bytes:
+    return struct.pack(f"<{len(values)}f", *values)
+
+
+def _fwdbwd(body: bytes) -> bytes:
+    req = pb.ForwardBackwardRequest()
+    req.ParseFromString(body)
+    record = pb.ArrayRecord(type_tag="ArrayRecord", num_datums=len(req.data))
+    lp_data, loss_data, offsets = b"", b"", [0]
+    total = 0.0
+    for datum in req.data:
+        n = sum(len(c.encoded_text.tokens) // 4 for c in datum.model_input)
+        lps = [-1.0 - 0.01 * state["step"]] * n
+        total += -sum(lps)
+        lp_data += _f32(lps)
+        loss_data += _f32([-v for v in lps])
+        offsets.append(len(lp_data))
+    off = struct.pack(f"<{len(offsets)}q", *offsets)
+    record.fields["logprobs"].CopyFrom(pb.BatchedTensor(data=lp_data, offsets=off, dtype=pb.DTYPE_FLOAT32))
+    record.fields["elementwise_loss"].CopyFrom(pb.BatchedTensor(data=loss_data, offsets=off, dtype=pb.DTYPE_FLOAT32))
+    out = pb.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord")
+    out.loss_fn_outputs.append(record)
+    out.metrics["loss:sum"] = total
+    return out.SerializeToString()
+
+
+def _save(kind: paths.CheckpointKind, name: str) -> dict[str, Any]:
+    tp = paths.TinkerPath(MODEL_ID, kind, name)
+    directory = tp.directory(CKPT)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {"base_model": E[env.BASE_MODEL], "seq_id": state["next"], "lora": json.loads(E.get(env.LORA, "{}"))}
+    (directory / paths.METADATA_FILE).write_text(json.dumps(meta))
+    snapshots.add(str(tp))
+    return {"tinker_path": str(tp), "kind": kind.value, "size_bytes": 123}
+
+
+def _execute(kind: str, body: bytes) -> tuple[str, str, bytes]:
+    if kind == OpKind.FORWARD_BACKWARD:
+        return "complete", pod_api.CONTENT_PROTOBUF, _fwdbwd(body)
+    data = json.loads(body)
+    if kind == OpKind.OPTIM_STEP:
+        state["step"] += 1
+        return "complete", pod_api.CONTENT_JSON, json.dumps({"metrics": {"step:max": state["step"]}}).encode()
+    if kind == OpKind.SAVE_STATE:
+        result = {"checkpoint": _save(paths.CheckpointKind.WEIGHTS, data["name"])}
+    elif kind == OpKind.SAVE_SAMPLER_WEIGHTS:
+        if data.get("name"):
+            result = {"checkpoint": _save(paths.CheckpointKind.SAMPLER_WEIGHTS, data["name"])}
+        else:
+            snapshots.add(data["snapshot_id"])
+            result = {"snapshot_id": data["snapshot_id"]}
+    elif kind == OpKind.LOAD_STATE:
+        result = {"path": data["path"]}
+    else:
+        return "failed", pod_api.CONTENT_JSON, json.dumps({"error": f"unknown op {kind}", "category": "user"}).encode()
+    return "complete", pod_api.CONTENT_JSON, json.dumps(result).encode()
+
+
+async def _runner() -> None:
+    while True:
+        seq = state["next"]
+        if seq in ops:
+            kind, body = ops.pop(seq)
+            if EXEC_DELAY:
+                await asyncio.sleep(EXEC_DELAY)
+            if seq not in results:
+                results[seq] = _execute(kind, body)
+            state["next"] = seq + 1
+            changed.set()
+            continue
+        await changed.wait()
+        changed.clear()
+
+
+def _validate(kind: str, body: bytes) -> str | None:
+    if kind == OpKind.FORWARD_BACKWARD:
+        try:
+            pb.ForwardBackwardRequest().ParseFromString(body)
+        except Exception as exc:
+            return f"bad protobuf: {exc}"
+    return None
+
+
+@app.put("/v1/models/{model_id}/ops/{seq_id}")
+async def put_op(model_id: str, seq_id: int, request: Request) -> Response:
+    if (denied := _auth(request)) is not None:
+        return denied
+    kind = request.headers.get(pod_api.HEADER_OP, "")
+    body = await request.body()
+    if seq_id < state["next"] or seq_id in ops:
+        return JSONResponse({"state": "accepted"})
+    problem = _validate(kind, body)
+    if problem:
+        results[seq_id] = ("failed", pod_api.CONTENT_JSON, json.dumps({"error": problem, "category": "user"}).encode())
+        ops[seq_id] = ("noop", b"{}")
+        changed.set()
+        return JSONResponse({"detail": problem, "code": "invalid_request", "category": "user"}, 400)
+    ops[seq_id] = (kind, body)
+    changed.set()
+    return JSONResponse({"state": "accepted"})
+
+
+async def _wait_for(lookup: Any, wait: float) -> Any:
+    deadline = asyncio.get_running_loop().time() + wait
+    while (found := lookup()) is None:
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            return None
+        await asyncio.sleep(min(0.02, remaining))
+    return found
+
+
+def _answer(found: tuple[str, str, bytes] | None) -> Response:
+    if found is None:
+        return JSONResponse({"state": "pending"}, 202, headers={pod_api.HEADER_OP_STATE: "pending"})
+    st, ctype, body = found
+    return Response(body, 200, media_type=ctype, headers={pod_api.HEADER_OP_STATE: st})
+
+
+@app.get("/v1/models/{model_id}/ops/{seq_id}")
+async def get_op(model_id: str, seq_id: int, request: Request, wait: float = 0.0) -> Response:
+    if (denied := _auth(request)) is not None:
+        return denied
+    return _answer(await _wait_for(lambda: results.get(seq_id), min(wait, 30.0)))
+
+
+def _sample(op: dict[str, Any]) -> tuple[str, str, bytes]:
+    req = op["request"]
+    snapshot = op.get("snapshot_id")
+    if snapshot and snapshot not in snapshots:
+        return "failed", pod_api.CONTENT_JSON, json.dumps({"error": f"unknown snapshot {snapshot}",
+                                                           "category": "user"}).encode()
+    prompt = [t for c in req["prompt"]["chunks"] for t in c.get("tokens", [])]
+    max_tokens = int(req.get("sampling_params", {}).get("max_tokens") or 4)
+    out = pb.SampleResponse()
+    for _ in range(int(req.get("num_samples", 1))):
+        toks = [(i % 7) + 3 for i in range(max_tokens)]
+        out.sequences.append(pb.SampledSequence(stop_reason=pb.STOP_REASON_LENGTH,
+                                                tokens=struct.pack(f"<{len(toks)}i", *toks),
+                                                logprobs=_f32([-0.5] * len(toks))))
+    if req.get("prompt_logprobs"):
+        out.prompt_logprobs = _f32([math.nan] + [-2.0] * (len(prompt) - 1))
+    return "complete", pod_api.CONTENT_PROTOBUF, out.SerializeToString()
+
+
+@app.put("/v1/samples/{request_id}")
+async def put_sample(request_id: str, request: Request) -> Response:
+    if (denied := _auth(request)) is not None:
+        return denied
+    if request_id not in samples:
+        samples[request_id] = _sample(json.loads(await request.body()))
+    return JSONResponse({"state": "accepted"})
+
+
+@app.get("/v1/samples/{request_id}")
+async def get_sample(request_id: str, request: Request, wait: float = 0.0) -> Response:
+    if (denied := _auth(request)) is not None:
+        return denied
+    return _answer(await _wait_for(lambda: samples.get(request_id), min(wait, 30.0)))
+
+
+async def _start() -> None:
+    restore = E.get(env.RESTORE_FROM)
+    if restore:
+        directory = paths.parse_tinker_path(restore).directory(CKPT)
+        if not directory.is_dir():
+            print(f"cannot restore {restore}: {directory} missing", file=sys.stderr, flush=True)
+            os._exit(3)
+        snapshots.add(restore)
+    app.state.runner = asyncio.create_task(_runner())
+
+
+if __name__ == "__main__":
+    uvicorn.run(app, host=E.get(env.HOST, "127.0.0.1"), port=int(E[env.PORT]), log_level="warning")
