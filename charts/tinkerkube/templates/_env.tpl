@@ -17,94 +17,115 @@ persistentVolumeClaim:
 {{- end -}}
 {{- end -}}
 
+{{/* Where the checkpoint store is mounted: tinkerkube_contract.resource.CheckpointStore's default. */}}
+{{- define "tinkerkube.checkpointMountPath" -}}/checkpoints{{- end -}}
+
 {{- define "tinkerkube.gateway.env" -}}
 {{- $g := .Values.gateway -}}
+{{- $t := .Values.trainer -}}
 - name: TINKERKUBE_GATEWAY_HOST
   value: "0.0.0.0"
 - name: TINKERKUBE_GATEWAY_PORT
   value: {{ $g.port | quote }}
-- name: TINKERKUBE_GATEWAY_LOG_LEVEL
-  value: {{ $g.logLevel | quote }}
 - name: TINKERKUBE_GATEWAY_BACKEND
   value: kubernetes
-- name: TINKERKUBE_GATEWAY_NAMESPACE
-  valueFrom:
-    fieldRef:
-      fieldPath: metadata.namespace
-- name: TINKERKUBE_GATEWAY_TRAINER_START_TIMEOUT_SECONDS
-  value: {{ $g.trainerStartTimeoutSeconds | quote }}
+- name: TINKERKUBE_GATEWAY_STATE_DIR
+  value: /var/lib/tinkerkube
 - name: TINKERKUBE_GATEWAY_CHECKPOINT_DIR
-  value: {{ .Values.trainer.checkpoints.mountPath | quote }}
-- name: TINKERKUBE_GATEWAY_MODEL_CACHE_DIR
-  value: /tmp/models
+  value: {{ include "tinkerkube.checkpointMountPath" . | quote }}
 {{- if .Values.database.postgres.enabled }}
 - name: TINKERKUBE_GATEWAY_DATABASE_URL
   valueFrom:
     secretKeyRef:
       name: {{ include "tinkerkube.databaseSecret" . }}
       key: {{ .Values.database.postgres.secretKey }}
-{{- else }}
-- name: TINKERKUBE_GATEWAY_DATABASE_URL
-  value: sqlite:////var/lib/tinkerkube/gateway.db
 {{- end }}
 - name: TINKERKUBE_GATEWAY_API_KEYS
   valueFrom:
     secretKeyRef:
       name: {{ include "tinkerkube.apiKeysSecret" . }}
       key: {{ $g.apiKeys.secretKey }}
+- name: TINKERKUBE_GATEWAY_DEFAULT_BASE_MODEL
+  value: {{ $g.defaultBaseModel | quote }}
+- name: TINKERKUBE_GATEWAY_MODELS
+  value: {{ $g.models | toJson | quote }}
+- name: TINKERKUBE_GATEWAY_MODEL_ALIASES
+  value: {{ $g.modelAliases | toJson | quote }}
+- name: TINKERKUBE_GATEWAY_SESSION_IDLE_TIMEOUT_SECONDS
+  value: {{ $g.sessionIdleTimeoutSeconds | quote }}
+- name: TINKERKUBE_GATEWAY_TRAINER_START_TIMEOUT_SECONDS
+  value: {{ $g.trainerStartTimeoutSeconds | quote }}
+- name: TINKERKUBE_GATEWAY_MAX_BODY_BYTES
+  value: {{ $g.maxBodyBytes | int64 | quote }}
+- name: TINKERKUBE_GATEWAY_TRAINER_NPROC_PER_NODE
+  value: {{ $t.procsPerPod | quote }}
+{{- /* The Kubernetes backend's settings: where sessions go, the token, and trainer pod defaults. */}}
+- name: TINKERKUBE_GATEWAY_NAMESPACE
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.namespace
 {{ include "tinkerkube.trainerTokenEnv" (list "TINKERKUBE_GATEWAY_TRAINER_AUTH_TOKEN" .) }}
+- name: TINKERKUBE_GATEWAY_TRAINER_CPU
+  value: {{ $t.cpu | quote }}
+- name: TINKERKUBE_GATEWAY_TRAINER_MEMORY
+  value: {{ $t.memory | quote }}
+- name: TINKERKUBE_GATEWAY_TRAINER_GPUS
+  value: {{ $t.gpus | quote }}
+- name: TINKERKUBE_GATEWAY_TRAINER_NODE_SELECTOR
+  value: {{ $t.nodeSelector | toJson | quote }}
+- name: TINKERKUBE_GATEWAY_TRAINER_TOLERATIONS
+  value: {{ $t.tolerations | toJson | quote }}
+{{- with $t.priorityClassName }}
+- name: TINKERKUBE_GATEWAY_TRAINER_PRIORITY_CLASS_NAME
+  value: {{ . | quote }}
+{{- end }}
+- name: TINKERKUBE_GATEWAY_TRAINER_IDLE_TIMEOUT_SECONDS
+  value: {{ $t.idleTimeoutSeconds | quote }}
 {{- end -}}
 
 {{- define "tinkerkube.operator.env" -}}
 {{- $o := .Values.operator -}}
 {{- $t := .Values.trainer -}}
 {{- $c := $t.checkpoints -}}
-- name: TINKERKUBE_OPERATOR_NAMESPACE
-  valueFrom:
-    fieldRef:
-      fieldPath: metadata.namespace
-- name: TINKERKUBE_OPERATOR_LOG_LEVEL
-  value: {{ $o.logLevel | quote }}
-- name: TINKERKUBE_OPERATOR_METRICS_PORT
-  value: {{ $o.metricsPort | quote }}
-- name: TINKERKUBE_OPERATOR_MAX_RESTARTS
-  value: {{ $o.maxRestarts | quote }}
-- name: TINKERKUBE_OPERATOR_PEERING
-  value: {{ ternary $o.peering.name "" $o.peering.enabled | quote }}
+- name: TINKERKUBE_OPERATOR_NAMESPACES
+  value: {{ list .Release.Namespace | toJson | quote }}
 - name: TINKERKUBE_OPERATOR_TRAINER_IMAGE
   value: {{ include "tinkerkube.image" (list . $t.image) | quote }}
-- name: TINKERKUBE_OPERATOR_TRAINER_IMAGE_PULL_POLICY
+- name: TINKERKUBE_OPERATOR_IMAGE_PULL_POLICY
   value: {{ $t.image.pullPolicy | quote }}
-- name: TINKERKUBE_OPERATOR_TRAINER_IMAGE_PULL_SECRETS
-  value: {{ .Values.imagePullSecrets | toJson | quote }}
-- name: TINKERKUBE_OPERATOR_TRAINER_RESOURCES
-  value: {{ $t.resources | toJson | quote }}
-- name: TINKERKUBE_OPERATOR_TRAINER_GPUS
-  value: {{ $t.gpus | quote }}
-- name: TINKERKUBE_OPERATOR_TRAINER_GPU_RESOURCE
-  value: {{ $t.gpuResourceName | quote }}
-- name: TINKERKUBE_OPERATOR_TRAINER_NODE_SELECTOR
-  value: {{ $t.nodeSelector | toJson | quote }}
-- name: TINKERKUBE_OPERATOR_TRAINER_TOLERATIONS
-  value: {{ $t.tolerations | toJson | quote }}
-- name: TINKERKUBE_OPERATOR_TRAINER_PRIORITY_CLASS_NAME
-  value: {{ $t.priorityClassName | quote }}
-- name: TINKERKUBE_OPERATOR_TRAINER_POD_ANNOTATIONS
-  value: {{ $t.podAnnotations | toJson | quote }}
-- name: TINKERKUBE_OPERATOR_TRAINER_EXTRA_ENV
-  value: {{ $t.extraEnv | toJson | quote }}
-- name: TINKERKUBE_OPERATOR_TRAINER_SERVICE_ACCOUNT
+- name: TINKERKUBE_OPERATOR_SERVICE_ACCOUNT
   value: {{ include "tinkerkube.componentName" (list . "trainer") | quote }}
-- name: TINKERKUBE_OPERATOR_TRAINER_AUTH_SECRET
+- name: TINKERKUBE_OPERATOR_AUTH_TOKEN_SECRET
   value: {{ include "tinkerkube.trainerTokenSecret" . | quote }}
-- name: TINKERKUBE_OPERATOR_TRAINER_AUTH_SECRET_KEY
+- name: TINKERKUBE_OPERATOR_AUTH_TOKEN_SECRET_KEY
   value: {{ $t.authToken.secretKey | quote }}
-- name: TINKERKUBE_OPERATOR_DEFAULT_IDLE_TIMEOUT_SECONDS
-  value: {{ $t.idleTimeoutSeconds | quote }}
-- name: TINKERKUBE_OPERATOR_CHECKPOINT_MOUNT_PATH
-  value: {{ $c.mountPath | quote }}
+{{- if $c.hostPath }}
 - name: TINKERKUBE_OPERATOR_CHECKPOINT_HOST_PATH
   value: {{ $c.hostPath | quote }}
+{{- else if or $c.pvc.create $c.pvc.existingClaim }}
 - name: TINKERKUBE_OPERATOR_CHECKPOINT_PVC
-  value: {{ ternary "" (include "tinkerkube.checkpointClaim" .) (or (not (empty $c.hostPath)) (and (not $c.pvc.create) (not $c.pvc.existingClaim))) | quote }}
+  value: {{ include "tinkerkube.checkpointClaim" . | quote }}
+{{- end }}
+{{- with $t.modelCache.dir }}
+- name: TINKERKUBE_OPERATOR_MODEL_CACHE_DIR
+  value: {{ . | quote }}
+{{- end }}
+{{- with $t.modelCache.pvc }}
+- name: TINKERKUBE_OPERATOR_MODEL_CACHE_PVC
+  value: {{ . | quote }}
+{{- end }}
+- name: TINKERKUBE_OPERATOR_MAX_RESTARTS
+  value: {{ $o.maxRestarts | quote }}
+- name: TINKERKUBE_OPERATOR_UNSCHEDULABLE_TIMEOUT_SECONDS
+  value: {{ $o.unschedulableTimeoutSeconds | quote }}
+- name: TINKERKUBE_OPERATOR_IMAGE_PULL_TIMEOUT_SECONDS
+  value: {{ $o.imagePullTimeoutSeconds | quote }}
+- name: TINKERKUBE_OPERATOR_STANDALONE
+  value: {{ ternary "false" "true" $o.peering.enabled | quote }}
+- name: TINKERKUBE_OPERATOR_PEERING_NAME
+  value: {{ $o.peering.name | quote }}
+- name: TINKERKUBE_OPERATOR_METRICS_PORT
+  value: {{ $o.metricsPort | quote }}
+- name: TINKERKUBE_OPERATOR_POSTING_LEVEL
+  value: {{ $o.eventsLevel | quote }}
 {{- end -}}
