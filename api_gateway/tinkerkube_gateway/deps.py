@@ -29,6 +29,7 @@ class Services:
     tenant_keys: dict[str, str]
     max_body_bytes: int
     capabilities: list[str]
+    client_config: dict[str, object]
 
 
 def services(request: Request) -> Services:

@@ -83,7 +83,8 @@ async def compose(settings: GatewaySettings) -> AsyncIterator[Services]:
     try:
         yield Services(sessions=sessions, futures=futures, models=models, ops=ops, sampling=sampling,
                        registry=registry, metrics=metrics, tenant_keys=settings.tenant_keys(),
-                       max_body_bytes=settings.max_body_bytes, capabilities=capabilities(settings))
+                       max_body_bytes=settings.max_body_bytes, capabilities=capabilities(settings),
+                       client_config={"fwdbwd_max_chunk_len": settings.fwdbwd_max_chunk_len})
     finally:
         await sessions.close()
         await dispatcher.close()

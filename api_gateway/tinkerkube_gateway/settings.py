@@ -52,6 +52,7 @@ class GatewaySettings(BaseSettings):
     trainer_start_timeout_seconds: float = Field(300.0, gt=0, description="longest wait for a trainer's readiness")
     trainer_command: list[str] | None = Field(
         None, description="JSON argv replacing torchrun for local trainers (tests use a fake trainer)")
+    fwdbwd_max_chunk_len: int = Field(1024, ge=1, description="datums per forward_backward request (client config)")
     trainer_request_timeout_seconds: float = Field(60.0, gt=0, description="HTTP timeout for gateway→trainer calls")
 
     @field_validator("api_keys")

@@ -18,8 +18,8 @@ CLIENT_CONFIG = {"pjwt_auth_enabled": False, "proto_compress_fwdbwd": False, "pa
 
 
 @router.post("/client/config", summary="Client configuration (first call of every SDK client)")
-async def client_config(_: Tenant) -> dict[str, Any]:
-    return CLIENT_CONFIG
+async def client_config(svc: Svc, _: Tenant) -> dict[str, Any]:
+    return {**CLIENT_CONFIG, **svc.client_config}
 
 
 @router.post("/client/dynamic_config", summary="Dynamic client configuration (defaults)")

@@ -78,10 +78,11 @@ class SamplingService:
         found = await self.models.repo.find_sampler_process(tenant, key)
         if found is not None and found.model_id in self.dispatcher.workers:
             return found
-        spec = self.models.spec_for(model_id=sampler_id, tenant=tenant, session_id=session_id, base_model=base_model,
+        process_id = sampler_id.replace(":sample:", ":sampler:")  # sample futures are keyed by sampler_id
+        spec = self.models.spec_for(model_id=process_id, tenant=tenant, session_id=session_id, base_model=base_model,
                                     lora=lora, mode=SessionMode.SAMPLE, restore_from=restore_from)
         await self.models._launch(tenant, spec, "start_sampler", None, None, weights_key=key)
-        record = await self.models.repo.get_model(sampler_id)
+        record = await self.models.repo.get_model(process_id)
         assert record is not None
         return record
 
