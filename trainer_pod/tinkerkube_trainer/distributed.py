@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 CONTROL_TIMEOUT = timedelta(days=365)  # idle ranks wait here; gloo needs a finite value
 _STOP = "stop"
 _OP = "op"
+_PING = "ping"
 
 
 def fatal(message: str, *, code: int = 1, **fields: Any) -> None:
@@ -158,6 +159,19 @@ def execute_local(engine: Engine, op: PreparedOp) -> OpOutput:
     return engine.execute(op)
 
 
+def heartbeat(ctx: DistContext) -> None:
+    """Rank 0, on the executor thread, while idle: every rank answers, or the group is failed now.
+    (Ranks ≠ 0 notice rank 0's death by themselves; rank 0 would otherwise only notice a dead peer
+    on another node at its next op.)"""
+    if not ctx.distributed:
+        return
+    try:
+        _broadcast(ctx, (_PING, None))
+        ctx.collective.all_gather_object(ctx.rank)
+    except Exception as exc:
+        fatal("heartbeat failed; a rank is gone", error=repr(exc))
+
+
 def stop_workers(ctx: DistContext) -> None:
     """Rank 0, on the executor thread (after the last op): release the worker loops."""
     if ctx.distributed:
@@ -208,6 +222,12 @@ def worker_loop(ctx: DistContext, engine: Engine) -> None:
         if kind == _STOP:
             log.info("stop received", extra={"rank": ctx.rank})
             return
+        if kind == _PING:
+            try:
+                ctx.collective.all_gather_object(ctx.rank)
+            except Exception as exc:
+                fatal("heartbeat failed; a rank is gone", error=repr(exc), rank=ctx.rank)
+            continue
         op: PreparedOp = payload
         if op.kind is OpKind.SAMPLE:  # never broadcast, but stay in step if it ever were
             continue

@@ -31,7 +31,7 @@ from tinkerkube_trainer.settings import DistEnv, TrainerSettings
 
 log = logging.getLogger("tinkerkube_trainer.main")
 
-_RECORD_FIELDS = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+_RECORD_FIELDS = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName", "color_message"}
 
 
 class JsonFormatter(logging.Formatter):
@@ -115,7 +115,7 @@ def run_leader(settings: TrainerSettings, dist_env: DistEnv) -> int:
         ctx, engine = build_rank(settings, dist_env)
         holder["ctx"] = ctx
         return Booted(engine, partial(d.execute_everywhere, ctx, engine), partial(d.execute_local, engine),
-                      ctx.world_size, dict(engine.info()))
+                      ctx.world_size, dict(engine.info()), heartbeat=partial(d.heartbeat, ctx))
 
     def on_stop() -> None:
         ctx = holder.get("ctx")
@@ -127,7 +127,7 @@ def run_leader(settings: TrainerSettings, dist_env: DistEnv) -> int:
         model_id=settings.model_id, base_model=settings.base_model, mode=settings.mode, lora=settings.lora,
         world_size=dist_env.world_size, token=settings.token, max_body_bytes=settings.max_body_bytes,
         max_wait_seconds=settings.max_wait_seconds, result_ttl_seconds=settings.result_ttl_seconds,
-        max_retained_results=settings.max_retained_results)
+        max_retained_results=settings.max_retained_results, heartbeat_seconds=settings.heartbeat_seconds)
     runtime = TrainerRuntime(options, boot, on_stop=on_stop,
                              on_boot_failure=lambda exc: d.fatal("boot failed on rank 0", error=repr(exc)))
     config = uvicorn.Config(create_app(runtime), log_config=None, access_log=False, lifespan="on",

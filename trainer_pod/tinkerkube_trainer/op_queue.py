@@ -110,6 +110,8 @@ class OpQueue:
         max_retained: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
         on_finish: FinishHook | None = None,
+        idle_task: Callable[[], None] | None = None,
+        idle_interval: float = 5.0,
     ) -> None:
         self._run_training = run_training
         self._run_sample = run_sample
@@ -121,6 +123,8 @@ class OpQueue:
         self._max_retained = max_retained
         self._clock = clock
         self._on_finish = on_finish
+        self._idle_task = idle_task  # run on the executor after `idle_interval` s with nothing to do
+        self._idle_interval = idle_interval
         self._ops: dict[int, Entry] = {}
         self._samples: dict[str, Entry] = {}
         self._pending_samples: deque[Entry] = deque()
@@ -245,7 +249,16 @@ class OpQueue:
             entry = self._next_entry()
             if entry is None:
                 self._wake.clear()
-                await self._wake.wait()
+                if self._idle_task is None:
+                    await self._wake.wait()
+                else:
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), self._idle_interval)
+                    except TimeoutError:
+                        try:
+                            await loop.run_in_executor(self._executor, self._idle_task)
+                        except Exception:
+                            log.exception("idle task failed")
                 continue
             self.running = entry
             entry.running = True

@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import inspect
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
@@ -43,6 +45,7 @@ class Booted:
     run_sample: Callable[[PreparedOp], OpOutput]  # rank 0 alone
     world_size: int = 1
     info: dict[str, Any] = field(default_factory=dict)  # engine.info() at boot
+    heartbeat: Callable[[], None] | None = None  # rank 0, while idle: checks every rank is still there
 
 
 @dataclass
@@ -57,6 +60,7 @@ class RuntimeOptions:
     max_wait_seconds: float = api.MAX_WAIT_SECONDS
     result_ttl_seconds: float = api.RESULT_TTL_SECONDS
     max_retained_results: int = 100_000
+    heartbeat_seconds: float = 5.0
 
 
 class TrainerRuntime:
@@ -76,6 +80,7 @@ class TrainerRuntime:
         self.queue: OpQueue | None = None
         self.boot_error: str | None = None
         self._boot_task: asyncio.Task[None] | None = None
+        self.prepare_takes_seq_id = False
 
     @classmethod
     def for_engine(cls, engine: Engine, options: RuntimeOptions, **kwargs: Any) -> TrainerRuntime:
@@ -113,7 +118,9 @@ class TrainerRuntime:
         self.queue = OpQueue(
             run_training=self._runner(booted.run_training), run_sample=self._runner(booted.run_sample),
             executor=self.op_executor, next_seq=int(last) + 1, ttl=self.options.result_ttl_seconds,
-            max_retained=self.options.max_retained_results, on_finish=self._finished)
+            max_retained=self.options.max_retained_results, on_finish=self._finished,
+            idle_task=booted.heartbeat, idle_interval=self.options.heartbeat_seconds)
+        self.prepare_takes_seq_id = "seq_id" in inspect.signature(booted.engine.prepare).parameters
         self.queue.start()
         self.metrics.ready.set(1)
         self.metrics.queue_depth.set_function(lambda: float(self.queue.depth if self.queue else 0))
@@ -306,12 +313,15 @@ def _check_model(runtime: TrainerRuntime, model_id: str) -> None:
         raise ApiError(404, "unknown_model", f"this trainer serves {runtime.options.model_id!r}, not {model_id!r}")
 
 
-async def _prepare(runtime: TrainerRuntime, kind: OpKind, body: bytes, content_type: str) -> PreparedOp:
+async def _prepare(runtime: TrainerRuntime, kind: OpKind, body: bytes, content_type: str,
+                   seq_id: int | None = None) -> PreparedOp:
+    """On the prepare pool. Engines whose prepare takes `seq_id` get it (they record it in checkpoints)."""
     assert runtime.booted is not None
-    loop = asyncio.get_running_loop()
+    engine = runtime.booted.engine
+    call = partial(engine.prepare, seq_id=seq_id) if runtime.prepare_takes_seq_id and seq_id is not None \
+        else engine.prepare
     try:
-        return await loop.run_in_executor(runtime.prepare_pool, runtime.booted.engine.prepare, kind, body,
-                                          content_type)
+        return await asyncio.get_running_loop().run_in_executor(runtime.prepare_pool, call, kind, body, content_type)
     except OpError as exc:
         raise ApiError(_op_error_status(exc), exc.code, exc.message, exc.category) from exc
     except Exception as exc:  # prepare touches no state: whatever broke it, the input did
@@ -346,7 +356,7 @@ def _add_op_routes(app: FastAPI, runtime: TrainerRuntime) -> None:
             existing = queue.check_op(seq_id, fp)
             if existing is not None:
                 return _state_response(queue, existing)
-            prepared = await _prepare(runtime, kind, body, request.headers.get("content-type", ""))
+            prepared = await _prepare(runtime, kind, body, request.headers.get("content-type", ""), seq_id)
             entry = queue.submit_op(seq_id, kind, fp, prepared)
         except (SeqIdReused, SeqIdStale) as exc:
             raise _seq_error(exc) from exc

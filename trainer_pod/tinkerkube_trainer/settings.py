@@ -46,6 +46,7 @@ class TrainerSettings(BaseSettings):
     max_wait_seconds: float = Field(MAX_WAIT_SECONDS, gt=0, description="longest long-poll a GET may ask for")
     collective_timeout_seconds: float = Field(
         600.0, gt=0, description="tensor-collective timeout: ranks arrive within this of each other or fail")
+    heartbeat_seconds: float = Field(5.0, gt=0, description="idle rank 0 checks every rank is alive this often")
     engine_factory: str = Field("tinkerkube_trainer.engine:build_engine",
                                 description="module:callable(config, collective) -> Engine (tests swap in fakes)")
     port_file: Path | None = Field(None, description="if set, rank 0 writes its bound port here (tests, port 0)")
