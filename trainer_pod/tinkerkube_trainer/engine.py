@@ -105,7 +105,8 @@ class TrainingEngine:
         self.vocab_size = int(loaded.model.get_input_embeddings().num_embeddings)
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
         self.eos_ids = sorted(self._eos_ids(loaded.model))
-        training = config.mode is SessionMode.TRAIN
+        self.mode = SessionMode(config.mode)
+        training = self.mode is SessionMode.TRAIN
         self.model = attach_adapter(loaded.model, lora) if (training or restore_dir) else loaded.model
         self.params = [p for _, p in lora_parameters(self.model)]
         self.optimizer = LoraOptimizer(self.params) if training else None
@@ -143,7 +144,7 @@ class TrainingEngine:
 
     def prepare(self, kind: OpKind, body: bytes, content_type: str, *, seq_id: int | None = None) -> PreparedOp:
         """Decode + validate on rank 0; touches no state. `seq_id` (optional) is recorded in checkpoints."""
-        if self.config.mode is SessionMode.SAMPLE and kind is not OpKind.SAMPLE:
+        if self.mode is SessionMode.SAMPLE and kind is not OpKind.SAMPLE:
             raise OpError(f"this trainer only samples; {kind.value} needs a training session", code="sample_only")
         try:
             payload = self._decode(kind, body, seq_id)
