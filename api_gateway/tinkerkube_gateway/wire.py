@@ -58,15 +58,25 @@ def parse_forward_backward(raw: bytes) -> pb.ForwardBackwardRequest:
         msg.ParseFromString(raw)
     except DecodeError as exc:
         raise InvalidRequest(f"malformed ForwardBackwardRequest protobuf: {exc}") from None
-    validate_forward_backward(msg)
+    if not msg.model_id or msg.seq_id < 1:
+        raise InvalidRequest("forward_backward needs model_id and seq_id >= 1")
     return msg
 
 
+def check_forward_backward(raw: bytes, content_encoding: str | None,
+                           max_bytes: int) -> tuple[bytes, str, int, str | None]:
+    """(plain body, model_id, seq_id, problem): a body too broken to name its op raises; a well-addressed
+    body with bad content returns the problem, so the caller can skip its seq_id before rejecting it."""
+    plain = decompress(raw, content_encoding, max_bytes=max_bytes)
+    msg = parse_forward_backward(plain)
+    try:
+        validate_forward_backward(msg)
+    except InvalidRequest as exc:
+        return plain, msg.model_id, msg.seq_id, exc.detail
+    return plain, msg.model_id, msg.seq_id, None
+
+
 def validate_forward_backward(msg: pb.ForwardBackwardRequest) -> None:
-    if not msg.model_id:
-        raise InvalidRequest("forward_backward: model_id is required")
-    if msg.seq_id < 1:
-        raise InvalidRequest("forward_backward: seq_id must be >= 1")
     if msg.loss_fn not in LOSS_FNS:
         raise InvalidRequest(f"forward_backward: unknown loss_fn {msg.loss_fn!r}; supported: {sorted(LOSS_FNS)}")
     if not msg.data:

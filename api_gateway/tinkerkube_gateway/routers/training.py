@@ -32,17 +32,12 @@ async def get_info(svc: Svc, tenant: Tenant, body: Body) -> dict[str, Any]:
     return await svc.models.get_info(tenant, parse(body, ModelIdRequest).model_id)
 
 
-def _decode_fwdbwd(raw: bytes, encoding: str | None, limit: int) -> tuple[str, int]:
-    msg = wire.parse_forward_backward(wire.decompress(raw, encoding, max_bytes=limit))
-    return msg.model_id, msg.seq_id
-
-
 @router.post("/forward_backward", summary="Forward(+backward) on a batch (protobuf body; future → protobuf)")
 async def forward_backward(svc: Svc, tenant: Tenant, body: Body, request: Request) -> dict[str, Any]:
     encoding = request.headers.get("content-encoding")
-    plain = await asyncio.to_thread(wire.decompress, body, encoding, max_bytes=svc.max_body_bytes)
-    model_id, seq_id = await asyncio.to_thread(_decode_fwdbwd, plain, None, svc.max_body_bytes)
-    return submitted(await svc.ops.forward_backward(tenant, model_id, seq_id, plain))
+    plain, model_id, seq_id, problem = await asyncio.to_thread(
+        wire.check_forward_backward, body, encoding, svc.max_body_bytes)
+    return submitted(await svc.ops.forward_backward(tenant, model_id, seq_id, plain, problem))
 
 
 @router.post("/optim_step", summary="AdamW step on the accumulated gradients (future)")

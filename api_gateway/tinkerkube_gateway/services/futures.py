@@ -62,7 +62,7 @@ class FuturesService:
         """Returns the new future, or the original one for a retried submit of the same key."""
         record = FutureRecord(
             request_id=new_request_id(), tenant=tenant, session_id=session_id, target_id=target_id, seq_id=seq_id,
-            op=op, state=FutureState.PENDING, body=body, body_type=body_type, meta=meta, result=None,
+            trainer_seq=None, op=op, state=FutureState.PENDING, body=body, body_type=body_type, meta=meta, result=None,
             result_type=None, error=None, category=None, created_at=time.time(), completed_at=None)
         stored, created = await self.repo.insert_future(record)
         if not created and (stored.op != op or stored.tenant != tenant or stored.body != body):

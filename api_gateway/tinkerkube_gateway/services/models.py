@@ -154,10 +154,13 @@ class ModelsService:
             return
         done = [f.seq_id for f in await self.repo.futures_for_target(target_id)
                 if f.seq_id is not None and f.state != FutureState.PENDING]
-        ops = [f for f in futs if f.seq_id is not None and f.op not in CREATE_OPS]
-        creates = [f for f in futs if f.op in CREATE_OPS]
-        worker = self.dispatcher.launch(target_id, creates, first_expected_seq(done, [f.seq_id for f in ops]))
-        for fut in ops:
+        ops = sorted((f for f in futs if f.seq_id is not None and f.op not in CREATE_OPS), key=lambda f: f.seq_id)
+        resend = sorted((f for f in ops if f.trainer_seq is not None), key=lambda f: f.trainer_seq)
+        fresh = [f for f in ops if f.trainer_seq is None]
+        next_seq = first_expected_seq([*done, *(f.seq_id for f in resend)], [f.seq_id for f in fresh])
+        worker = self.dispatcher.launch(target_id, [f for f in futs if f.op in CREATE_OPS], next_seq=next_seq,
+                                        trainer_next=await self.repo.max_trainer_seq(target_id) + 1, resend=resend)
+        for fut in fresh:
             worker.enqueue(fut)
 
 

@@ -8,6 +8,7 @@ checkpoints are registered on the way.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -18,7 +19,7 @@ from tinkerkube_contract.pod_api import ErrorCategory, OpKind, OpState
 from tinkerkube_gateway.backends.base import TrainerHandle
 from tinkerkube_gateway.clients.pod_client import OpResult
 from tinkerkube_gateway.dispatcher import Dispatcher, is_protobuf
-from tinkerkube_gateway.errors import InvalidRequest
+from tinkerkube_gateway.errors import GatewayError, InvalidRequest, NotFound
 from tinkerkube_gateway.schemas import (
     AdamParams,
     LoadWeightsRequest,
@@ -29,7 +30,7 @@ from tinkerkube_gateway.schemas import (
 from tinkerkube_gateway.services.futures import FuturesService
 from tinkerkube_gateway.services.models import ModelsService
 from tinkerkube_gateway.services.registry import RegistryService
-from tinkerkube_gateway.store.records import FutureRecord, ModelRecord, ModelStatus
+from tinkerkube_gateway.store.records import FutureRecord, FutureState, ModelRecord, ModelStatus
 from tinkerkube_gateway.wire import json_bytes
 
 JSON = pod_api.CONTENT_JSON
@@ -59,10 +60,45 @@ class OpsService:
         self.dispatcher.enqueue(fut)
         return fut
 
-    async def forward_backward(self, tenant: str, model_id: str, seq_id: int, raw: bytes) -> FutureRecord:
-        return await self.submit(tenant, model_id, seq_id, OpKind.FORWARD_BACKWARD, raw, pod_api.CONTENT_PROTOBUF)
+    async def skip(self, tenant: str, model_id: str, seq_id: int, op: OpKind, problem: str) -> None:
+        """A rejected op still used its seq_id: record it failed so later ops do not wait for it."""
+        model = await self.repo_model(tenant, model_id)
+        if model is None:
+            return
+        fut, created = await self.futures.create(tenant=tenant, session_id=model.session_id, target_id=model_id,
+                                                 seq_id=seq_id, op=op.value, meta={"rejected": problem})
+        if created:
+            await self.futures.fail(fut, problem, ErrorCategory.USER)
+            fut = dataclasses.replace(fut, state=FutureState.FAILED)
+            self.dispatcher.enqueue(fut)
+
+    async def repo_model(self, tenant: str, model_id: str) -> ModelRecord | None:
+        try:
+            return await self.models.get_owned(tenant, model_id)
+        except GatewayError:
+            return None
+
+    async def _guarded(self, tenant: str, model_id: str, seq_id: int, op: OpKind, make: Any) -> FutureRecord:
+        try:
+            return await make()
+        except (InvalidRequest, NotFound, paths.InvalidTinkerPath) as exc:
+            await self.skip(tenant, model_id, seq_id, op, str(exc))
+            raise
+
+    async def forward_backward(self, tenant: str, model_id: str, seq_id: int, raw: bytes,
+                               problem: str | None = None) -> FutureRecord:
+        async def make() -> FutureRecord:
+            if problem is not None:
+                raise InvalidRequest(problem)
+            return await self.submit(tenant, model_id, seq_id, OpKind.FORWARD_BACKWARD, raw, pod_api.CONTENT_PROTOBUF)
+
+        return await self._guarded(tenant, model_id, seq_id, OpKind.FORWARD_BACKWARD, make)
 
     async def optim_step(self, tenant: str, req: OptimStepRequest) -> FutureRecord:
+        return await self._guarded(tenant, req.model_id, req.seq_id, OpKind.OPTIM_STEP,
+                                   lambda: self._optim_step(tenant, req))
+
+    async def _optim_step(self, tenant: str, req: OptimStepRequest) -> FutureRecord:
         if req.adam_params is None and req.optimizer_params is not None:
             raise InvalidRequest(f"optimizer {req.optimizer_params.get('type')!r} is not supported; use AdamParams")
         op = pod_api.OptimStepOp(adam_params=pod_api.AdamParams(**(req.adam_params or AdamParams()).model_dump()))
@@ -70,6 +106,10 @@ class OpsService:
                                  JSON)
 
     async def save_weights(self, tenant: str, req: SaveWeightsRequest) -> FutureRecord:
+        return await self._guarded(tenant, req.model_id, req.seq_id, OpKind.SAVE_STATE,
+                                   lambda: self._save_weights(tenant, req))
+
+    async def _save_weights(self, tenant: str, req: SaveWeightsRequest) -> FutureRecord:
         model = await self.models.get_owned(tenant, req.model_id)
         name = paths.validate_name(req.path or f"step-{req.seq_id}")
         await self.registry.check_free(model, paths.CheckpointKind.WEIGHTS, name, overwrite=req.overwrite)
@@ -78,6 +118,10 @@ class OpsService:
         return await self.submit(tenant, req.model_id, req.seq_id, OpKind.SAVE_STATE, body, JSON, meta)
 
     async def save_for_sampler(self, tenant: str, req: SaveWeightsForSamplerRequest) -> FutureRecord:
+        return await self._guarded(tenant, req.model_id, req.seq_id, OpKind.SAVE_SAMPLER_WEIGHTS,
+                                   lambda: self._save_for_sampler(tenant, req))
+
+    async def _save_for_sampler(self, tenant: str, req: SaveWeightsForSamplerRequest) -> FutureRecord:
         model = await self.models.get_owned(tenant, req.model_id)
         if req.path is not None:
             name = paths.validate_name(req.path)
@@ -99,9 +143,14 @@ class OpsService:
             return await self.models.create_from_checkpoint(tenant, req, self.registry.resolve_readable)
         if req.seq_id is None:
             raise InvalidRequest("load_weights on an existing model needs seq_id")
+        model_id, seq_id = req.model_id, req.seq_id
+        return await self._guarded(tenant, model_id, seq_id, OpKind.LOAD_STATE,
+                                   lambda: self._load_state(tenant, req, model_id, seq_id))
+
+    async def _load_state(self, tenant: str, req: LoadWeightsRequest, model_id: str, seq_id: int) -> FutureRecord:
         checkpoint = await self.registry.resolve_readable(tenant, req.path)
         body = pod_api.LoadStateOp(path=checkpoint.tinker_path, with_optimizer=req.optimizer).model_dump_json()
-        return await self.submit(tenant, req.model_id, req.seq_id, OpKind.LOAD_STATE, body.encode(), JSON,
+        return await self.submit(tenant, model_id, seq_id, OpKind.LOAD_STATE, body.encode(), JSON,
                                  {"path": checkpoint.tinker_path})
 
     # --- ResultSink ----------------------------------------------------------------------------------

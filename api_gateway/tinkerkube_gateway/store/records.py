@@ -38,6 +38,7 @@ class FutureRecord:
     session_id: str | None
     target_id: str
     seq_id: int | None
+    trainer_seq: int | None
     op: str
     state: str
     body: bytes | None

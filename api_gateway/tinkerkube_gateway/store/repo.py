@@ -178,6 +178,19 @@ class Repo:
                         completed_at=now))
         return self._write(stmt) > 0
 
+    def set_trainer_seq(self, request_id: str, trainer_seq: int | None) -> None:
+        self._write(update(t.futures).where(t.futures.c.request_id == request_id).values(trainer_seq=trainer_seq))
+
+    def max_trainer_seq(self, target_id: str) -> int:
+        with self.engine.connect() as conn:
+            stmt = select(func.max(t.futures.c.trainer_seq)).where(t.futures.c.target_id == target_id)
+            return int(conn.execute(stmt).scalar_one() or 0)
+
+    def futures_after_trainer_seq(self, target_id: str, after: int) -> list[FutureRecord]:
+        stmt = (select(t.futures).where(t.futures.c.target_id == target_id, t.futures.c.trainer_seq > after)
+                .order_by(t.futures.c.trainer_seq))
+        return self._all(stmt, FutureRecord)
+
     def futures_for_target(self, target_id: str, *, after_seq: int | None = None,
                            pending_only: bool = False) -> list[FutureRecord]:
         stmt = select(t.futures).where(t.futures.c.target_id == target_id)

@@ -74,6 +74,7 @@ futures = Table(
     Column("session_id", String(200), nullable=True),
     Column("target_id", String(250), nullable=False),  # model_id, or sampler_id for samples
     Column("seq_id", Integer, nullable=True),
+    Column("trainer_seq", Integer, nullable=True),  # the seq the trainer knows it by (rejected ops take none)
     Column("op", String(40), nullable=False),
     Column("state", String(10), nullable=False),  # pending | complete | failed
     Column("body", LargeBinary, nullable=True),  # the op log: what is forwarded (and replayed)
