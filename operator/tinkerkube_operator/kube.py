@@ -1,0 +1,99 @@
+"""The few Kubernetes API calls the operator makes, with the sync `kubernetes` client in threads.
+
+Exactly these (RBAC derives from this list; kopf itself also watches/patches what handlers.py names):
+  tinkerkube.dev trainingsessions: get; trainingsessions/status: patch
+  core pods: create, list, delete;  core services: create, delete
+Raw JSON in and out (`_preload_content=False`): no model (de)serialisation on the hot path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import kubernetes
+from kubernetes.client.rest import ApiException
+
+from tinkerkube_contract.resource import GROUP, LABEL_SESSION, PLURAL, VERSION
+
+
+def api_client(api_url: str | None) -> kubernetes.client.ApiClient:
+    """An explicit URL (no auth: tests, `kubectl proxy`), else in-cluster config, else ~/.kube/config."""
+    if api_url:
+        config = kubernetes.client.Configuration()
+        config.host = api_url.rstrip("/")
+    else:
+        config = kubernetes.client.Configuration()
+        try:
+            kubernetes.config.load_incluster_config(client_configuration=config)
+        except kubernetes.config.ConfigException:
+            kubernetes.config.load_kube_config(client_configuration=config)
+    config.connection_pool_maxsize = 32
+    return kubernetes.client.ApiClient(config)
+
+
+def _json(response: Any) -> Any:
+    return json.loads(response.data) if response.data else None
+
+
+class Kube:
+    def __init__(self, client: kubernetes.client.ApiClient):
+        self.client = client
+        self.core = kubernetes.client.CoreV1Api(client)
+        self.custom = kubernetes.client.CustomObjectsApi(client)
+
+    async def get_session(self, namespace: str, name: str) -> dict[str, Any] | None:
+        def call() -> Any:
+            return _json(self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name, _preload_content=False))
+        return await _absent_is_none(call)
+
+    async def patch_session_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        def call() -> Any:
+            return self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, PLURAL, name, {"status": status}, _preload_content=False)
+        await _absent_is_none(call)
+
+    async def create_pod(self, body: dict[str, Any]) -> bool:
+        """False when it already exists: creation is idempotent by name."""
+        return await self._create(self.core.create_namespaced_pod, body)
+
+    async def create_service(self, body: dict[str, Any]) -> bool:
+        return await self._create(self.core.create_namespaced_service, body)
+
+    async def delete_pod(self, namespace: str, name: str) -> None:
+        await _absent_is_none(lambda: self.core.delete_namespaced_pod(
+            name, namespace, grace_period_seconds=5, _preload_content=False))
+
+    async def delete_service(self, namespace: str, name: str) -> None:
+        await _absent_is_none(lambda: self.core.delete_namespaced_service(name, namespace, _preload_content=False))
+
+    async def list_session_pods(self, namespace: str, session: str) -> list[dict[str, Any]]:
+        """Filters client-side as well: some API servers (and emulators) ignore label selectors."""
+        def call() -> Any:
+            return _json(self.core.list_namespaced_pod(
+                namespace, label_selector=f"{LABEL_SESSION}={session}", _preload_content=False))
+        items = (await asyncio.to_thread(call)).get("items") or []
+        return [p for p in items if (p["metadata"].get("labels") or {}).get(LABEL_SESSION) == session]
+
+    async def _create(self, fn: Any, body: dict[str, Any]) -> bool:
+        try:
+            await asyncio.to_thread(fn, body["metadata"]["namespace"], body, _preload_content=False)
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True
+
+    def close(self) -> None:
+        self.client.close()
+
+
+async def _absent_is_none(call: Any) -> Any:
+    try:
+        return await asyncio.to_thread(call)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise

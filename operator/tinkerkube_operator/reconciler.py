@@ -1,0 +1,171 @@
+"""One reconciliation of a TrainingSession (Kubeflow's Reconcile shape), called by every kopf handler.
+
+1. read the session; 2. derive the new status from its pods (pure `status.derive`); 3. act on the pod
+set (create missing / recreate after a backoff / tear down); 4. write status only if its meaning
+changed, with an Event on each phase change. One lock per session serialises handlers and timers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+from pydantic import ValidationError
+
+from tinkerkube_contract.conditions import ConditionType, Phase, Reason
+from tinkerkube_contract.resource import TrainingSessionSpec, TrainingSessionStatus
+from tinkerkube_operator import conditions as cond
+from tinkerkube_operator import manifests, metrics, status
+from tinkerkube_operator.kube import Kube
+from tinkerkube_operator.podview import PodView, observe, parse_time
+from tinkerkube_operator.settings import OperatorSettings
+from tinkerkube_operator.status import Action, Decision, Observation
+
+EVENT_MESSAGE_LIMIT = 1024
+WARNING_PHASES = {Phase.DEGRADED, Phase.FAILED}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class Context:
+    """Everything handlers need, built once at startup and kept in kopf's memo."""
+
+    settings: OperatorSettings
+    kube: Kube
+    pod_config: manifests.PodConfig
+    policy: status.Policy
+    clock: Callable[[], datetime] = utcnow
+    locks: defaultdict[tuple[str, str], asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
+    not_before: dict[tuple[str, str], float] = field(default_factory=dict)  # monotonic backoff deadlines
+    phases: metrics.PhaseBook = field(default_factory=metrics.PhaseBook)
+
+    @classmethod
+    def build(cls, settings: OperatorSettings, kube: Kube) -> Context:
+        policy = status.Policy(max_restarts=settings.max_restarts,
+                               unschedulable_timeout=settings.unschedulable_timeout_seconds,
+                               image_pull_timeout=settings.image_pull_timeout_seconds,
+                               cluster_domain=settings.cluster_domain)
+        return cls(settings=settings, kube=kube, pod_config=manifests.PodConfig.from_settings(settings), policy=policy)
+
+    def backoff(self, attempt: int) -> float:
+        s = self.settings
+        return min(s.backoff_seconds * (2 ** max(attempt - 1, 0)), s.backoff_max_seconds)
+
+
+async def reconcile(ctx: Context, namespace: str, name: str, pods: Iterable[PodView] | None = None) -> None:
+    metrics.RECONCILES.inc()
+    try:
+        async with ctx.locks[namespace, name]:
+            await _reconcile_locked(ctx, namespace, name, pods)
+    except Exception:
+        metrics.RECONCILE_ERRORS.inc()
+        raise
+
+
+async def _reconcile_locked(ctx: Context, namespace: str, name: str, pods: Iterable[PodView] | None) -> None:
+    body = await ctx.kube.get_session(namespace, name)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return
+    old = status.parse_status(body.get("status"))
+    try:
+        spec = TrainingSessionSpec.model_validate(body.get("spec") or {})
+    except ValidationError as exc:
+        await _write(ctx, body, old, _invalid(old, str(exc)))
+        return
+    if pods is None:
+        pods = [observe(p) for p in await ctx.kube.list_session_pods(namespace, name)]
+    meta = body["metadata"]
+    obs = Observation(ref=manifests.SessionRef(name, namespace), spec=spec, old=old, pods=list(pods),
+                      now=ctx.clock(), generation=meta.get("generation"),
+                      created=parse_time(meta.get("creationTimestamp")))
+    decision = status.derive(obs, ctx.policy)
+    await _act(ctx, body, spec, decision)
+    await _write(ctx, body, old, decision.status)
+
+
+async def _act(ctx: Context, body: dict[str, Any], spec: TrainingSessionSpec, d: Decision) -> None:
+    ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    doomed = list(d.stale)
+    if d.action in (Action.RECREATE, Action.TEARDOWN):
+        doomed += list(d.current)
+    await asyncio.gather(*(ctx.kube.delete_pod(ns, p.name) for p in doomed if not p.deleting))
+    if d.action == Action.RECREATE:
+        ctx.not_before[ns, name] = time.monotonic() + ctx.backoff(d.status.restarts)
+    elif d.action == Action.TEARDOWN:
+        await _teardown(ctx, ns, name)
+    elif time.monotonic() >= ctx.not_before.get((ns, name), 0.0):
+        await _ensure(ctx, body, spec, d)
+
+
+async def _ensure(ctx: Context, body: dict[str, Any], spec: TrainingSessionSpec, d: Decision) -> None:
+    ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    ref = manifests.SessionRef(name, ns, d.status.restarts)
+    present = {p.rank for p in d.current}
+    if len(present) == spec.replicas:
+        return
+    # After a failure the trainer restores the session's last durable state, not the original start.
+    restore = d.status.last_checkpoint if d.status.restarts > 0 else None
+    service = manifests.headless_service(ref, spec)
+    kopf.adopt(service, owner=body)
+    await ctx.kube.create_service(service)
+    missing = [p for p in manifests.pods(ref, spec, ctx.pod_config, restore_from=restore)
+               if int(p["metadata"]["labels"][manifests.LABEL_NODE_RANK]) not in present]
+    kopf.adopt(missing, owner=body)
+    await asyncio.gather(*(ctx.kube.create_pod(p) for p in missing))
+
+
+async def _teardown(ctx: Context, namespace: str, name: str) -> None:
+    for pod in await ctx.kube.list_session_pods(namespace, name):
+        if not pod["metadata"].get("deletionTimestamp"):
+            await ctx.kube.delete_pod(namespace, pod["metadata"]["name"])
+    await ctx.kube.delete_service(namespace, manifests.service_name(manifests.SessionRef(name, namespace)))
+
+
+async def delete_children(ctx: Context, namespace: str, name: str) -> None:
+    """On deletion: the API server's garbage collector would follow ownerReferences; do it explicitly
+    too, so that clusters (and emulators) without a GC end the processes as well."""
+    async with ctx.locks[namespace, name]:
+        await _teardown(ctx, namespace, name)
+    ctx.locks.pop((namespace, name), None)
+    ctx.not_before.pop((namespace, name), None)
+    ctx.phases.set((namespace, name), None)
+
+
+async def _write(ctx: Context, body: dict[str, Any], old: TrainingSessionStatus, new: TrainingSessionStatus) -> None:
+    meta = body["metadata"]
+    ctx.phases.set((meta["namespace"], meta["name"]), new.phase)
+    if not status.differs(old, new):
+        return
+    await ctx.kube.patch_session_status(meta["namespace"], meta["name"], status.status_patch(new))
+    old_phase, new_phase = status.phase_of(old), status.phase_of(new)
+    if old_phase != new_phase or (old.restarts != new.restarts):
+        _post_event(body, new, new_phase)
+    if new_phase == Phase.READY and old_phase != Phase.READY and new.restarts == 0:
+        created = parse_time(meta.get("creationTimestamp"))
+        if created is not None:
+            metrics.TIME_TO_READY.observe(max((ctx.clock() - created).total_seconds(), 0.0))
+
+
+def _post_event(body: dict[str, Any], new: TrainingSessionStatus, phase: Phase) -> None:
+    kind = {Phase.FAILED: ConditionType.FAILED, Phase.TERMINATED: ConditionType.TERMINATED,
+            Phase.DEGRADED: ConditionType.DEGRADED}.get(phase, ConditionType.READY)
+    found = cond.find(new.conditions, kind)
+    reason = found.reason if found and found.reason else phase.value
+    message = f"{phase.value}: {found.message if found else ''}"[:EVENT_MESSAGE_LIMIT]
+    kopf.event(body, type="Warning" if phase in WARNING_PHASES else "Normal", reason=reason, message=message)
+
+
+def _invalid(old: TrainingSessionStatus, message: str) -> TrainingSessionStatus:
+    now = status.iso(utcnow())
+    conds = cond.set_condition(old.conditions, cond.make(ConditionType.FAILED, True, Reason.INVALID_SPEC,
+                                                         message), now=now)
+    return old.model_copy(update={"conditions": conds, "phase": Phase.FAILED.value, "endpoint": None})
