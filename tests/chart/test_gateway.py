@@ -3,6 +3,8 @@ Service, Ingress, PodDisruptionBudget. One case per value."""
 
 from __future__ import annotations
 
+import json
+
 from tests.chart.conftest import Helm
 
 
@@ -57,6 +59,14 @@ def test_api_keys_come_from_a_secret(helm: Helm) -> None:
     assert secret["stringData"]["api-keys"] == '{"tml-kind-e2e":"e2e"}'
     ref = render.env("gateway")["TINKERKUBE_GATEWAY_API_KEYS"]["secretKeyRef"]
     assert ref == {"name": secret["metadata"]["name"], "key": "api-keys"}
+
+
+def test_without_keys_the_chart_generates_one_instead_of_the_local_dev_key(helm: Helm) -> None:
+    secret = helm.render("default").find("Secret", "-api-keys")
+    keys = json.loads(secret["stringData"]["api-keys"])
+    ((key, tenant),) = keys.items()
+    assert key.startswith("tml-") and len(key) >= 40 and key != "tml-local" and tenant == "default"
+    assert secret["metadata"]["annotations"]["tinkerkube.dev/generated-api-key"] == "true"
 
 
 def test_an_existing_api_key_secret_is_used_and_not_created(helm: Helm) -> None:

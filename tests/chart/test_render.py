@@ -83,4 +83,5 @@ def test_notes_tell_how_to_point_the_sdk_at_the_gateway(helm: Helm, tmp_path: Pa
 def test_notes_without_ingress_use_a_port_forward(helm: Helm, tmp_path: Path) -> None:
     notes = _render_notes(helm, tmp_path)
     assert "port-forward svc/tk-tinkerkube-gateway 8000:80" in notes
+    assert "get secret tk-tinkerkube-api-keys" in notes, "tells how to read the generated key"
     assert "export TINKER_BASE_URL=http://127.0.0.1:8000" in notes

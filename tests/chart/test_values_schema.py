@@ -37,6 +37,7 @@ def test_defaults_and_examples_satisfy_the_schema() -> None:
     ("gateway.image.pullPolicy", "Sometimes"),
     ("gateway.port", 80),
     ("gateway.apiKeys.keys", ["tml-a"]),
+    ("gateway.apiKeys.keys", {"sk-not-tinker": "team"}),
     ("gateway.persistence.size", "lots"),
     ("gateway.bogus", True),
     ("operator.replicas", 0),
