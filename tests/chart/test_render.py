@@ -2,19 +2,37 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+import re
 import shutil
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 from kubernetes_validate import utils as kv
+from referencing import Registry, Resource
 
 from tests.chart.conftest import CHART, EXAMPLES, EXPECTED_SETS, VALUES_SETS, Helm
 
 K8S_VERSIONS = ["1.28.0", "1.29.0", "1.30.0", "1.31.0", "1.32.0", "1.33.0"]
+assert all(v in kv.all_versions() for v in K8S_VERSIONS), "kubernetes-validate lacks a supported version"
 # Custom resources: kubernetes-validate has no schema for them (TrainingSessions are checked against the
 # CRD in test_crds.py; the Prometheus Operator and kopf own theirs).
 CUSTOM_GROUPS = ("monitoring.coreos.com/", "kopf.dev/", "tinkerkube.dev/")
+
+
+@functools.cache
+def _validator(version: str, kind: str, api_version: str) -> jsonschema.Validator:
+    """kubernetes-validate's own schema lookup (strict: unknown fields are errors), with the validator cached:
+    its `validate()` re-reads the large _definitions.json on every call."""
+    group_version = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", api_version)
+    schema_dir = f"v{version}-local-strict"
+    schema = kv.schema_contents(f"kubernetes-json-schema/{schema_dir}/{kind.lower()}-{group_version}.json", version)
+    definitions = kv.schema_contents(f"kubernetes-json-schema/{schema_dir}/_definitions.json", version)
+    registry = Resource.from_contents(definitions) @ (Resource.from_contents(schema) @ Registry())
+    return jsonschema.Draft202012Validator(schema, registry=registry)
 
 
 def test_every_documented_values_example_is_rendered() -> None:
@@ -35,9 +53,7 @@ def test_rendered_manifests_are_valid_for_supported_kubernetes(helm: Helm, value
         for doc in docs:
             if doc["apiVersion"].startswith(CUSTOM_GROUPS):
                 continue
-            try:
-                kv.validate(doc, version, strict=True)
-            except kv.ValidationError as exc:
+            for exc in _validator(version, doc["kind"], doc["apiVersion"]).iter_errors(doc):
                 where = f"{doc['kind']}/{doc['metadata']['name']}"
                 failures.append(f"k8s {version} {where}: {exc.message} at {list(exc.path)}")
     assert not failures, "\n".join(failures[:20])
@@ -85,3 +101,11 @@ def test_notes_without_ingress_use_a_port_forward(helm: Helm, tmp_path: Path) ->
     assert "port-forward svc/tk-tinkerkube-gateway 8000:80" in notes
     assert "get secret tk-tinkerkube-api-keys" in notes, "tells how to read the generated key"
     assert "export TINKER_BASE_URL=http://127.0.0.1:8000" in notes
+
+
+def test_the_offline_validator_catches_wrong_types_and_unknown_fields(helm: Helm) -> None:
+    deploy = copy.deepcopy(helm.render("default").find("Deployment", "-gateway"))
+    deploy["spec"]["replicas"] = "three"
+    deploy["spec"]["template"]["spec"]["containers"][0]["imagePullPolic"] = "Always"
+    errors = [e.message for e in _validator("1.28.0", "Deployment", "apps/v1").iter_errors(deploy)]
+    assert any("three" in m for m in errors) and any("imagePullPolic" in m for m in errors), errors
