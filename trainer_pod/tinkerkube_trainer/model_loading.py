@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import huggingface_hub.constants
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -46,6 +47,22 @@ def model_location(name: str, *, aliases: dict[str, str] | None, cache_dir: Path
     return source.location
 
 
+def _from_pretrained(location: str, dtype: torch.dtype, *, local_only: bool):
+    tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local_only)
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, local_files_only=local_only)
+    return tokenizer, model
+
+
+def _hub_error(name: str, exc: Exception) -> OpError:
+    return OpError(
+        f"cannot load base model {name!r}: it is neither a built-in ({', '.join(model_store.BUILTIN_MODELS)}) "
+        f"nor a local directory, it is not in the local HF cache, and no model hub is reachable from the trainer "
+        f"({exc.__class__.__name__}). Put the model in a directory visible to the trainer and pass that path "
+        "(or an alias of it) as base_model.",
+        code="model_unavailable",
+    )
+
+
 def load_base_model(
     name: str, *, aliases: dict[str, str] | None = None, cache_dir: Path, device: str = "auto"
 ) -> LoadedModel:
@@ -53,17 +70,16 @@ def load_base_model(
     dev = resolve_device(device)
     location = model_location(name, aliases=aliases, cache_dir=cache_dir)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype_for(dev))
+        tokenizer, model = _from_pretrained(location, dtype_for(dev), local_only=True)
     except OSError as exc:
         if Path(location).is_dir():
             raise
-        raise OpError(
-            f"cannot load base model {name!r}: it is neither a built-in ({', '.join(model_store.BUILTIN_MODELS)}) "
-            f"nor a local directory, and no model hub is reachable from the trainer ({exc.__class__.__name__}). "
-            "Put the model in a directory visible to the trainer and pass that path (or an alias) as base_model.",
-            code="model_unavailable",
-        ) from None
+        if huggingface_hub.constants.HF_HUB_OFFLINE:
+            raise _hub_error(name, exc) from None
+        try:  # not in the local HF cache: a hub may still be reachable in this deployment
+            tokenizer, model = _from_pretrained(location, dtype_for(dev), local_only=False)
+        except OSError as exc2:
+            raise _hub_error(name, exc2) from None
     model.to(dev)
     model.eval()
     model.requires_grad_(False)

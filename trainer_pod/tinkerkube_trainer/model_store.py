@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from tinkerkube_contract.models import BUILTIN_MODELS, SMOLLM2_135M, TINY_QWEN3,
 TINY_SEED = 1234
 TINY_VOCAB_SIZE = 512
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+_SEED_LOCK = threading.Lock()
 COMPLETE_MARKER = "config.json"  # every finished model dir has one; a temp dir is never at the final path
 
 CHATML_TEMPLATE = (
@@ -127,8 +129,9 @@ def _build_tiny_qwen3(out: Path) -> None:
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
     )
-    torch.manual_seed(TINY_SEED)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with _SEED_LOCK, torch.random.fork_rng(devices=[]):  # the global RNG is shared by every thread
+        torch.manual_seed(TINY_SEED)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(out, safe_serialization=True)
 
 
