@@ -7,6 +7,8 @@ writes the rest of status). A drift test keeps the two in step.
 
 from __future__ import annotations
 
+import hashlib
+import re
 from enum import StrEnum
 from typing import Any
 
@@ -149,3 +151,13 @@ class TrainingSessionStatus(_CamelModel):
 
 # One writer per status subtree: the operator never touches `futures`, the gateway touches only it.
 GATEWAY_STATUS_FIELDS = frozenset({"futures", "lastCheckpoint"})
+
+
+def label_value(value: str) -> str:
+    """A valid label value (≤63 chars, [A-Za-z0-9._-], alphanumeric ends) for tenants and session ids;
+    values that had to change keep a hash suffix so that distinct inputs stay distinct."""
+    clean = re.sub(r"[^A-Za-z0-9._-]", "-", value).strip("-._")
+    if clean == value and len(clean) <= 63:
+        return clean
+    digest = hashlib.sha256(value.encode()).hexdigest()[:8]
+    return f"{clean[:54].strip('-._')}-{digest}".strip("-")

@@ -6,8 +6,6 @@ command of `tinkerkube_contract.launch`; the env comes from `launch.trainer_env`
 
 from __future__ import annotations
 
-import hashlib
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +20,7 @@ from tinkerkube_contract.resource import (
     RENDEZVOUS_PORT,
     TRAINER_PORT,
     TrainingSessionSpec,
+    label_value,
 )
 from tinkerkube_operator.settings import OperatorSettings
 
@@ -30,8 +29,6 @@ CONTAINER = "trainer"
 CHECKPOINT_VOLUME = "checkpoints"
 MODEL_CACHE_VOLUME = "model-cache"
 GPU_RESOURCE = "nvidia.com/gpu"
-_LABEL_VALUE_BAD = re.compile(r"[^A-Za-z0-9._-]")
-
 
 @dataclass(frozen=True, slots=True)
 class PodConfig:
@@ -65,15 +62,6 @@ class SessionRef:
     name: str
     namespace: str
     generation: int = 0  # == status.restarts: bumps each time the pod set is recreated
-
-
-def label_value(value: str) -> str:
-    """A valid label value (≤63, alphanumeric ends); long or odd values keep a hash suffix to stay unique."""
-    clean = _LABEL_VALUE_BAD.sub("-", value).strip("-._")
-    if clean == value and len(clean) <= 63:
-        return clean
-    digest = hashlib.sha256(value.encode()).hexdigest()[:8]
-    return f"{clean[:54].strip('-._')}-{digest}".strip("-")
 
 
 def service_name(ref: SessionRef) -> str:

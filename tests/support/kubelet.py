@@ -152,8 +152,9 @@ class Kubelet:
         await self._real_run(rp, pod, container, scheduled)
 
     async def _fake_run(self, rp: RunningPod, container: dict[str, Any], scheduled: dict[str, Any]) -> None:
-        await self._patch(rp, _running(rp, container, scheduled, ready=True))
-        if container.get("image") in self.config.crash_images:
+        crashing = container.get("image") in self.config.crash_images
+        await self._patch(rp, _running(rp, container, scheduled, ready=not crashing))
+        if crashing:
             await self.fail_pod(rp.namespace, rp.name, exit_code=1)
 
     async def _real_run(self, rp: RunningPod, pod: dict[str, Any], container: dict[str, Any],

@@ -1,0 +1,328 @@
+"""KubernetesBackend: one TrainingSession custom resource per training run / started sampler.
+
+The operator turns each resource into trainer pods and reports `status.phase` and `status.endpoint`;
+this backend only creates, reads, deletes and status-patches TrainingSessions (in threads, with the
+official `kubernetes` client). Kubernetes API calls made here (RBAC derives from this list):
+  tinkerkube.dev trainingsessions: create, get, delete;  trainingsessions/status: patch.
+
+Futures are mirrored into `status.futures` through a `Coalescer`: at most one write per session per
+`status_interval` seconds, whatever the call rate; the last value always gets written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import kubernetes
+from kubernetes.client.rest import ApiException
+
+from tinkerkube_contract.conditions import ConditionType, Phase, Reason
+from tinkerkube_contract.resource import (
+    ANNOTATION_MODEL_ID,
+    API_VERSION,
+    GROUP,
+    KIND,
+    LABEL_TENANT,
+    LABEL_TINKER_SESSION,
+    PLURAL,
+    VERSION,
+    CheckpointStore,
+    FuturesStatus,
+    TrainingSessionSpec,
+    label_value,
+)
+from tinkerkube_gateway.backends.base import TrainerHandle, TrainerStartFailed
+
+log = logging.getLogger(__name__)
+TERMINAL = {Phase.FAILED.value, Phase.TERMINATED.value}
+RECOVERING = {Phase.PENDING.value, Phase.STARTING.value, Phase.DEGRADED.value}
+
+
+def resource_name(model_id: str) -> str:
+    """A DNS-safe (RFC 1035) name of ≤63 characters, unique per model id thanks to a hash suffix;
+    the real id travels in the `tinkerkube.dev/model-id` annotation."""
+    slug = re.sub(r"[^a-z0-9]+", "-", model_id.lower()).strip("-")
+    digest = hashlib.sha256(model_id.encode()).hexdigest()[:8]
+    head = f"ts-{slug}"[: 63 - len(digest) - 1].rstrip("-")
+    return f"{head}-{digest}"
+
+
+class Coalescer:
+    """Per key: the first value is written at once, later ones at most once per `interval`; the
+    latest value wins and a trailing write always happens. `clock`/`sleep` are injectable for tests."""
+
+    def __init__(self, write: Callable[[str, Any], Awaitable[None]], interval: float = 1.0, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self._write, self.interval, self._clock, self._sleep = write, interval, clock, sleep
+        self._latest: dict[str, Any] = {}
+        self._last_write: dict[str, float] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.writes = 0
+
+    def offer(self, key: str, value: Any) -> None:
+        self._latest[key] = value
+        if key not in self._tasks:
+            self._tasks[key] = asyncio.get_running_loop().create_task(self._drain(key))
+
+    async def _drain(self, key: str) -> None:
+        try:
+            while key in self._latest:
+                wait = self._last_write.get(key, -math.inf) + self.interval - self._clock()
+                if wait > 0:
+                    await self._sleep(wait)
+                value = self._latest.pop(key)
+                self._last_write[key] = self._clock()
+                self.writes += 1
+                try:
+                    await self._write(key, value)
+                except Exception:  # a lost mirror write must never fail a future
+                    log.warning("status write for %s failed", key, exc_info=True)
+        finally:
+            self._tasks.pop(key, None)
+
+    def forget(self, key: str) -> None:
+        self._latest.pop(key, None)
+        task = self._tasks.pop(key, None)
+        if task is not None:
+            task.cancel()
+        self._last_write.pop(key, None)
+
+    async def flush(self) -> None:
+        """Write whatever is pending now (shutdown), ignoring the interval."""
+        for task in list(self._tasks.values()):
+            task.cancel()
+        self._tasks.clear()
+        pending, self._latest = self._latest, {}
+        for key, value in pending.items():
+            with contextlib.suppress(Exception):
+                await self._write(key, value)
+
+
+def api_client(api_url: str | None, kubeconfig: str | None) -> kubernetes.client.ApiClient:
+    config = kubernetes.client.Configuration()
+    if api_url:
+        config.host = api_url.rstrip("/")
+    elif kubeconfig:
+        kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=config)
+    else:
+        try:
+            kubernetes.config.load_incluster_config(client_configuration=config)
+        except kubernetes.config.ConfigException:
+            kubernetes.config.load_kube_config(client_configuration=config)
+    config.connection_pool_maxsize = 16
+    return kubernetes.client.ApiClient(config)
+
+
+class KubernetesBackend:
+    def __init__(self, *, namespace: str = "default", api_url: str | None = None, kubeconfig: str | None = None,
+                 token: str | None = None, trainer_image: str | None = None, checkpoint_pvc: str | None = None,
+                 checkpoint_host_path: str | None = None, checkpoint_mount_path: str = "/checkpoints",
+                 replicas: int | None = None, procs_per_pod: int | None = None, gpus: int | None = None,
+                 idle_timeout_seconds: int | None = None, status_interval_seconds: float = 1.0,
+                 poll_interval_seconds: float = 0.5, recover_timeout_seconds: float = 600.0,
+                 delete_on_close: bool = False, client: kubernetes.client.ApiClient | None = None) -> None:
+        self.namespace, self.token = namespace, token
+        self._client = client or api_client(api_url, kubeconfig)
+        self._api = kubernetes.client.CustomObjectsApi(self._client)
+        self._overrides = _overrides(trainer_image, checkpoint_pvc, checkpoint_host_path, checkpoint_mount_path,
+                                     replicas, procs_per_pod, idle_timeout_seconds)
+        self._gpus = gpus
+        self._poll, self._recover_timeout = poll_interval_seconds, recover_timeout_seconds
+        self._delete_on_close = delete_on_close
+        self._started: set[str] = set()
+        self._reasons: dict[str, str] = {}
+        self.coalescer = Coalescer(self._write_futures, status_interval_seconds)
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> KubernetesBackend:
+        """From the gateway's settings object: every `kube_*` attribute it has (see __init__ for names)."""
+        names = ("namespace", "api_url", "kubeconfig", "token", "trainer_image", "checkpoint_pvc",
+                 "checkpoint_host_path", "checkpoint_mount_path", "replicas", "procs_per_pod", "gpus",
+                 "idle_timeout_seconds", "status_interval_seconds", "recover_timeout_seconds", "delete_on_close")
+        kwargs = {n: getattr(settings, f"kube_{n}") for n in names if getattr(settings, f"kube_{n}", None) is not None}
+        return cls(**kwargs)
+
+    # --- SessionBackend --------------------------------------------------------------------------
+    async def start(self, spec: TrainingSessionSpec) -> None:
+        body = self.render(spec)
+        name = body["metadata"]["name"]
+        existing = await self._get(name)
+        if existing is not None and _phase(existing) in TERMINAL:  # a dead earlier life: start afresh
+            await self._delete_and_wait(name)
+            existing = None
+        if existing is None:
+            try:
+                await asyncio.to_thread(self._api.create_namespaced_custom_object, GROUP, VERSION, self.namespace,
+                                        PLURAL, body, _preload_content=False)
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise TrainerStartFailed(f"cannot create TrainingSession {name}: {exc.reason}") from exc
+        self._started.add(spec.model_id)
+
+    def render(self, spec: TrainingSessionSpec) -> dict[str, Any]:
+        effective = spec.model_copy(update=self._overrides)
+        if self._gpus is not None:
+            resources = spec.resources.model_copy(update={"gpus": self._gpus})
+            effective = effective.model_copy(update={"resources": resources})
+        labels = {LABEL_TENANT: label_value(spec.owner)}
+        if spec.tinker_session:
+            labels[LABEL_TINKER_SESSION] = label_value(spec.tinker_session)
+        return {"apiVersion": API_VERSION, "kind": KIND,
+                "metadata": {"name": resource_name(spec.model_id), "namespace": self.namespace, "labels": labels,
+                             "annotations": {ANNOTATION_MODEL_ID: spec.model_id}},
+                "spec": effective.to_k8s()}
+
+    async def wait_ready(self, model_id: str, timeout: float) -> TrainerHandle:
+        deadline = time.monotonic() + timeout
+        last: dict[str, Any] | None = None
+        while True:
+            last = await self._get(resource_name(model_id))
+            if last is None:
+                raise TrainerStartFailed(f"TrainingSession for {model_id} does not exist (deleted?)")
+            handle = self._handle_of(last)
+            if handle is not None:
+                return handle
+            if _phase(last) in TERMINAL:
+                raise TrainerStartFailed(self._remember(model_id, last), retryable=False)
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(min(self._poll, max(deadline - time.monotonic(), 0.01)))
+        scheduled = _condition(last, ConditionType.SCHEDULED)
+        if scheduled and scheduled.get("reason") == Reason.UNSCHEDULABLE:
+            raise TrainerStartFailed(f"Unschedulable: {scheduled.get('message', '')}", retryable=True)
+        raise TimeoutError(f"trainer for {model_id} not ready within {timeout:.0f}s (phase {_phase(last)})")
+
+    async def handle(self, model_id: str) -> TrainerHandle | None:
+        """Ready: its endpoint. Being (re)created by the operator: wait for it. Gone or terminal: None."""
+        body = await self._get(resource_name(model_id))
+        if body is None:
+            return None
+        if _phase(body) in RECOVERING or (_phase(body) == Phase.READY.value and self._handle_of(body) is None):
+            with contextlib.suppress(TrainerStartFailed, TimeoutError):
+                return await self.wait_ready(model_id, self._recover_timeout)
+            return None
+        if _phase(body) in TERMINAL:
+            self._remember(model_id, body)
+        return self._handle_of(body)
+
+    def exit_reason(self, model_id: str) -> str:
+        return self._reasons.get(model_id, "the TrainingSession is gone")
+
+    async def stop(self, model_id: str) -> None:
+        self.coalescer.forget(model_id)
+        self._started.discard(model_id)
+        with contextlib.suppress(ApiException):
+            await self._delete(resource_name(model_id))
+
+    async def mirror_futures(self, model_id: str, futures: FuturesStatus) -> None:
+        self.coalescer.offer(model_id, futures)
+
+    async def mirror_checkpoint(self, model_id: str, tinker_path: str) -> None:
+        """status.lastCheckpoint: the operator restores a recreated pod set from it (rare; not coalesced)."""
+        await self._patch_status(model_id, {"lastCheckpoint": tinker_path})
+
+    async def close(self) -> None:
+        """Flush pending mirrors. TrainingSessions outlive a gateway replica (others may serve them)
+        unless `delete_on_close`."""
+        await self.coalescer.flush()
+        if self._delete_on_close:
+            for model_id in list(self._started):
+                await self.stop(model_id)
+        await asyncio.to_thread(self._client.close)
+
+    # --- helpers --------------------------------------------------------------------------------
+    async def _write_futures(self, model_id: str, futures: FuturesStatus) -> None:
+        if futures.updated_at is None:  # the operator's idle reaper reads activity from it
+            futures = futures.model_copy(update={"updated_at": _utcnow()})
+        await self._patch_status(model_id, {"futures": futures.to_k8s()})
+
+    async def _patch_status(self, model_id: str, status: dict[str, Any]) -> None:
+        with contextlib.suppress(_NotFound):
+            await self._call(self._api.patch_namespaced_custom_object_status, resource_name(model_id),
+                             {"status": status})
+
+    def _handle_of(self, body: dict[str, Any]) -> TrainerHandle | None:
+        status = body.get("status") or {}
+        endpoint = (status.get("endpoint") or {}).get("url")
+        if status.get("phase") == Phase.READY.value and endpoint:
+            return TrainerHandle(url=endpoint, token=self.token)
+        return None
+
+    def _remember(self, model_id: str, body: dict[str, Any]) -> str:
+        cond = _condition(body, ConditionType.FAILED) or _condition(body, ConditionType.TERMINATED) or {}
+        reason = f"{_phase(body)}: {cond.get('reason', '')}: {cond.get('message', '')}".strip(": ")
+        self._reasons[model_id] = reason
+        return reason
+
+    async def _get(self, name: str) -> dict[str, Any] | None:
+        try:
+            resp = await self._call(self._api.get_namespaced_custom_object, name)
+        except _NotFound:
+            return None
+        return resp
+
+    async def _delete(self, name: str) -> None:
+        with contextlib.suppress(_NotFound):
+            await self._call(self._api.delete_namespaced_custom_object, name)
+
+    async def _delete_and_wait(self, name: str, timeout: float = 60.0) -> None:
+        await self._delete(name)
+        deadline = time.monotonic() + timeout
+        while await self._get(name) is not None and time.monotonic() < deadline:
+            await asyncio.sleep(self._poll)
+
+    async def _call(self, fn: Callable[..., Any], name: str, *body: Any) -> Any:
+        def call() -> Any:
+            resp = fn(GROUP, VERSION, self.namespace, PLURAL, name, *body, _preload_content=False)
+            return json.loads(resp.data) if resp.data else None
+        try:
+            return await asyncio.to_thread(call)
+        except ApiException as exc:
+            if exc.status == 404:
+                raise _NotFound(name) from exc
+            raise
+
+
+class _NotFound(Exception):
+    pass
+
+
+def _utcnow() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _phase(body: dict[str, Any] | None) -> str | None:
+    return ((body or {}).get("status") or {}).get("phase")
+
+
+def _condition(body: dict[str, Any] | None, kind: ConditionType) -> dict[str, Any] | None:
+    conditions = ((body or {}).get("status") or {}).get("conditions") or []
+    return next((c for c in conditions if c.get("type") == kind), None)
+
+
+def _overrides(image: str | None, pvc: str | None, host_path: str | None, mount_path: str, replicas: int | None,
+               procs: int | None, idle: int | None) -> dict[str, Any]:
+    """What the gateway's deployment decides for every session (the core knows nothing of pods)."""
+    out: dict[str, Any] = {}
+    if image:
+        out["image"] = image
+    if pvc or host_path:
+        out["checkpoint_store"] = CheckpointStore(pvc_name=pvc, host_path=host_path, mount_path=mount_path)
+    if replicas:
+        out["replicas"] = replicas
+    if procs:
+        out["procs_per_pod"] = procs
+    if idle is not None:
+        out["idle_timeout_seconds"] = idle
+    return out
