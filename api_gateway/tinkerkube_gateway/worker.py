@@ -50,8 +50,10 @@ class ModelWorker:
         self._wake = asyncio.Event()
         self._poll_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self.first: list[FutureRecord] = []  # create futures, completed when the trainer is ready
 
     def start(self, first: list[FutureRecord], resend: list[FutureRecord]) -> None:
+        self.first = list(first)
         self._tasks.append(asyncio.create_task(self._run(first, resend), name=f"worker:{self.model_id}"))
 
     def enqueue(self, fut: FutureRecord) -> None:
@@ -81,6 +83,7 @@ class ModelWorker:
         self.ready.set()
         for fut in first:
             await self.d.sink.on_result(fut, CREATED)
+        self.first = []
         self._tasks.append(asyncio.create_task(self._poll_loop(), name=f"poller:{self.model_id}"))
         for fut in resend:  # forwarded before a gateway restart: same trainer_seq, idempotent PUT
             if await self._forward(fut) is False:
@@ -189,7 +192,8 @@ class ModelWorker:
     async def _die(self, reason: str, extra: list[FutureRecord]) -> None:
         self.dead = reason
         self.ready.set()
-        doomed = [*extra, *self.inflight, *(f for f in self.waiting.values() if f.state == FutureState.PENDING)]
+        doomed = [*extra, *self.pending()]
+        self.first = []
         self.inflight.clear()
         self.waiting.clear()
         for fut in doomed:
@@ -197,7 +201,7 @@ class ModelWorker:
         await self.d.sink.on_dead(self.model_id, reason)
 
     def pending(self) -> list[FutureRecord]:
-        return [*self.inflight, *(f for f in self.waiting.values() if f.state == FutureState.PENDING)]
+        return [*self.first, *self.inflight, *(f for f in self.waiting.values() if f.state == FutureState.PENDING)]
 
     async def cancel(self) -> None:
         for task in self._tasks:

@@ -27,7 +27,7 @@ def gateway(tmp_path: Path, model_cache_dir: Path) -> Iterator[GatewayProc]:
 
 @pytest.fixture(scope="module")
 def shared_gateway(tmp_path_factory: pytest.TempPathFactory, model_cache_dir: Path) -> Iterator[GatewayProc]:
-    extra = {"TINKERKUBE_GATEWAY_FWDBWD_MAX_CHUNK_LEN": "2",
+    extra = {"TINKERKUBE_GATEWAY_FWDBWD_MAX_CHUNK_LEN": "2", "TINKERKUBE_GATEWAY_MAX_BODY_BYTES": "2000000",
              "TINKERKUBE_GATEWAY_API_KEYS": '{"tml-alice": "alice", "tml-bob": "bob", "tml-local": "local"}'}
     gw = start_gateway(tmp_path_factory.mktemp("gw") / "state", model_cache_dir=model_cache_dir, extra_env=extra)
     yield gw
