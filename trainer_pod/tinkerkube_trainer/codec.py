@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -58,6 +59,8 @@ class SampleParams:
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
     prompt_logprobs_last_n: int | None = None
+    topk_sample_logprobs: int = 0
+    target_prompt_ids: np.ndarray | None = None  # int64 (len(prompt) - 1, K); -1 asks for nothing
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +68,8 @@ class SampledSeq:
     tokens: list[int]
     logprobs: list[float]
     stopped: bool  # True: a stop token/string or EOS ended it; False: max_tokens
+    topk_ids: np.ndarray | None = None  # int32 (len(tokens), k) when topk_sample_logprobs > 0
+    topk_logprobs: np.ndarray | None = None
 
 
 @dataclass(slots=True)
@@ -73,6 +78,7 @@ class SampleResult:
     prompt_logprobs: np.ndarray | None = None  # float32 (len(prompt),), NaN where not scored
     topk_ids: np.ndarray | None = None  # int32 (len(prompt), k)
     topk_logprobs: np.ndarray | None = None  # float32 (len(prompt), k)
+    target_prompt_logprobs: np.ndarray | None = None  # float32, the shape of target_prompt_ids; 0.0 where -1
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -224,9 +230,30 @@ def decode_sample_request(request: Mapping[str, object]) -> SampleParams:
         prompt_logprobs=bool(req.prompt_logprobs),
         topk_prompt_logprobs=int(req.topk_prompt_logprobs or 0),
         prompt_logprobs_last_n=req.prompt_logprobs_last_n,
+        topk_sample_logprobs=int(req.topk_sample_logprobs or 0),
+        target_prompt_ids=None if req.target_prompt_logprobs is None else _target_ids(req.target_prompt_logprobs),
     )
+    if req.prompt_alt_tokens_k:
+        raise OpError("prompt_alt_tokens_k is not supported by this server", code="unsupported_feature")
     _validate_sample(params)
     return params
+
+
+def _target_ids(td: Any) -> np.ndarray:
+    """TensorData JSON (dense or sparse CSR, cells of -1 ask for nothing) → int64 `(rows, K)`."""
+    pb_msg = pb.Tensor(dtype=pb.DTYPE_INT64, shape=list(td.shape or []))
+    values = np.asarray(td.data, dtype=np.int64)
+    if td.sparse_crow_indices is not None:
+        pb_msg.sparse_csr.values = (values + 1).tobytes()  # shift so the zero fill means -1
+        pb_msg.sparse_csr.crow_indices = np.asarray(td.sparse_crow_indices, np.int64).tobytes()
+        pb_msg.sparse_csr.col_indices = np.asarray(td.sparse_col_indices or [], np.int64).tobytes()
+        ids = decode_tensor(pb_msg, "target_prompt_logprobs") - 1
+    else:
+        pb_msg.dense = values.tobytes()
+        ids = decode_tensor(pb_msg, "target_prompt_logprobs")
+    if ids.ndim != 2:
+        raise OpError("target_prompt_logprobs must be a 2-D [len(prompt) - 1, K] tensor", code="bad_shape")
+    return ids
 
 
 def _validate_sample(p: SampleParams) -> None:
@@ -249,30 +276,39 @@ def _validate_sample(p: SampleParams) -> None:
         raise bad("topk_prompt_logprobs must not be negative")
     if p.prompt_logprobs_last_n is not None and not 1 <= p.prompt_logprobs_last_n <= len(p.prompt) - 1:
         raise bad("prompt_logprobs_last_n must be between 1 and len(prompt) - 1")
+    if p.topk_sample_logprobs < 0:
+        raise bad("topk_sample_logprobs must not be negative")
+    ids = p.target_prompt_ids
+    if ids is not None and (ids.shape[0] != len(p.prompt) - 1 or (ids.size and ids.min() < -1)):
+        raise bad("target_prompt_logprobs must have len(prompt) - 1 rows of token ids (or -1)")
 
 
 def encode_sample_response(result: SampleResult) -> bytes:
     """SampleResult → `tinker_public.SampleResponse` bytes (§4.6); logprobs always present."""
     msg = pb.SampleResponse(prompt_cache_hit_tokens=0)
     for seq in result.sequences:
-        msg.sequences.add(
+        out = msg.sequences.add(
             stop_reason=pb.STOP_REASON_STOP if seq.stopped else pb.STOP_REASON_LENGTH,
             tokens=np.asarray(seq.tokens, dtype="<i4").tobytes(),
             logprobs=np.asarray(seq.logprobs, dtype="<f4").tobytes(),
         )
+        if seq.topk_ids is not None and seq.topk_logprobs is not None:
+            out.topk_sampled_logprobs.CopyFrom(_topk(seq.topk_ids, seq.topk_logprobs))
     if result.prompt_logprobs is not None:
         msg.prompt_logprobs = np.asarray(result.prompt_logprobs, dtype="<f4").tobytes()
     if result.topk_ids is not None and result.topk_logprobs is not None:
-        n, k = result.topk_ids.shape
-        msg.topk_prompt_logprobs.CopyFrom(
-            pb.TopkLogprobs(
-                token_ids=np.asarray(result.topk_ids, dtype="<i4").tobytes(),
-                logprobs=np.asarray(result.topk_logprobs, dtype="<f4").tobytes(),
-                k=k,
-                length=n,
-            )
-        )
+        msg.topk_prompt_logprobs.CopyFrom(_topk(result.topk_ids, result.topk_logprobs))
+    if result.target_prompt_logprobs is not None:
+        t = result.target_prompt_logprobs
+        msg.target_prompt_logprobs.CopyFrom(
+            pb.Tensor(dense=np.asarray(t, dtype="<f4").tobytes(), dtype=pb.DTYPE_FLOAT32, shape=list(t.shape)))
     return msg.SerializeToString()
+
+
+def _topk(ids: np.ndarray, logprobs: np.ndarray) -> pb.TopkLogprobs:
+    n, k = ids.shape
+    return pb.TopkLogprobs(token_ids=np.asarray(ids, dtype="<i4").tobytes(),
+                           logprobs=np.asarray(logprobs, dtype="<f4").tobytes(), k=k, length=n)
 
 
 # ---------------------------------------------------------------- validation

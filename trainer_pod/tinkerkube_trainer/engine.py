@@ -215,6 +215,9 @@ class TrainingEngine:
         params = codec.decode_sample_request(op.request)
         if max(params.prompt) >= self.vocab_size or min(params.prompt) < 0:
             raise OpError(f"prompt has token ids outside [0, {self.vocab_size})", code="token_out_of_range")
+        if params.target_prompt_ids is not None and params.target_prompt_ids.size and \
+                params.target_prompt_ids.max() >= self.vocab_size:
+            raise OpError(f"target_prompt_logprobs ids must be below {self.vocab_size}", code="token_out_of_range")
         if any(t < 0 or t >= self.vocab_size for t in params.stop_tokens or ()):
             raise OpError(f"stop token ids must be in [0, {self.vocab_size})", code="token_out_of_range")
         if op.snapshot_id is not None and op.snapshot_id not in self._snapshots:

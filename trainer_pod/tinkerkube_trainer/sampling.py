@@ -17,6 +17,7 @@ as vLLM does); `stop=[]` generates until max_tokens.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -56,7 +57,8 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator:
 
 
 def prompt_scores(logp: torch.Tensor, prompt: torch.Tensor, params: SampleParams) -> dict[str, np.ndarray]:
-    """Prompt logprobs (NaN at 0 and before the last N) and the top-k table, from `(P, V)` logprobs."""
+    """Prompt logprobs (NaN at 0 and before the last N), the top-k table and requested target ids'
+    logprobs, all from the prompt's `(P, V)` logprobs."""
     p = prompt.shape[0]
     first = 1 if params.prompt_logprobs_last_n is None else p - params.prompt_logprobs_last_n
     out: dict[str, np.ndarray] = {}
@@ -73,11 +75,46 @@ def prompt_scores(logp: torch.Tensor, prompt: torch.Tensor, params: SampleParams
         ids[first:] = top.indices[first - 1 :].cpu().numpy()
         vals[first:] = top.values[first - 1 :].cpu().numpy()
         out["topk_ids"], out["topk_logprobs"] = ids, vals
+    if params.target_prompt_ids is not None:
+        wanted = torch.as_tensor(params.target_prompt_ids, device=logp.device)
+        picked = logp[:-1].float().gather(-1, wanted.clamp(min=0))
+        out["target_prompt_logprobs"] = torch.where(wanted >= 0, picked, 0.0).cpu().numpy()
     return out
 
 
 def _contains_any(text: str, needles: Sequence[str]) -> bool:
     return any(s in text for s in needles)
+
+
+def _prefill(model: torch.nn.Module, prompt: torch.Tensor, n: int):
+    """One forward over the prompt, its KV cache then copied for the n samples (a batch of n
+    prompt copies where the cache type cannot be repeated)."""
+    out = model(input_ids=prompt[None], use_cache=True)
+    cache = out.past_key_values
+    if n > 1:
+        if hasattr(cache, "batch_repeat_interleave"):
+            cache.batch_repeat_interleave(n)
+        else:
+            cache = model(input_ids=prompt[None].expand(n, -1), use_cache=True).past_key_values
+    return out.logits[0].float(), cache
+
+
+@dataclass(slots=True)
+class _Rows:
+    """Per-sample progress; `live` maps each batch row to its sample while finished rows drop out."""
+
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+    topk: list[list[tuple[np.ndarray, np.ndarray]]]
+    stopped: list[bool]
+    live: list[int]
+
+
+def _draw(last: torch.Tensor, params: SampleParams, gen: torch.Generator) -> torch.Tensor:
+    if params.temperature == 0:
+        return torch.argmax(last, dim=-1)
+    probs = torch.softmax(filter_logits(last / params.temperature, params.top_k, params.top_p), dim=-1)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
 @torch.inference_mode()
@@ -89,49 +126,59 @@ def sample(
     decode: Callable[[list[int]], str],
     device: torch.device,
 ) -> SampleResult:
-    """Generate `params.num_samples` sequences in lockstep; finished rows ride along until all stop."""
+    """Generate `params.num_samples` sequences in lockstep over one KV cache; rows leave the batch
+    (and the cache) as they stop."""
     n = params.num_samples
     prompt = torch.tensor(params.prompt, dtype=torch.long, device=device)
-    out = model(input_ids=prompt[None].expand(n, -1), use_cache=True)
-    cache, last = out.past_key_values, out.logits[:, -1, :].float()
-    scores = {}
-    if params.prompt_logprobs or params.topk_prompt_logprobs:
-        scores = prompt_scores(torch.log_softmax(out.logits[0].float(), dim=-1), prompt, params)
-    del out
-
+    prompt_logits, cache = _prefill(model, prompt, n)
+    scores: dict[str, np.ndarray] = {}
+    if params.prompt_logprobs or params.topk_prompt_logprobs or params.target_prompt_ids is not None:
+        scores = prompt_scores(torch.log_softmax(prompt_logits, dim=-1), prompt, params)
+    last = prompt_logits[-1:].expand(n, -1)
+    del prompt_logits
     gen = _generator(params.seed, device)
-    stop_ids = stop_token_set(params, eos_ids)
-    stop_ids_t = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
-    tokens: list[list[int]] = [[] for _ in range(n)]
-    logprobs: list[list[float]] = [[] for _ in range(n)]
-    done = [False] * n
+    stop_ids = torch.tensor(sorted(stop_token_set(params, eos_ids)), dtype=torch.long, device=device)
     stop_strings = tuple(s for s in params.stop_strings or () if s)  # "" would match before any token
-    stopped = [False] * n
-    for _ in range(params.max_tokens):
+    rows = _Rows([[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)], [False] * n, list(range(n)))
+    k = min(params.topk_sample_logprobs, last.shape[-1])
+    for step in range(params.max_tokens):
         logp = torch.log_softmax(last, dim=-1)
-        if params.temperature == 0:
-            nxt = torch.argmax(last, dim=-1)
-        else:
-            probs = torch.softmax(filter_logits(last / params.temperature, params.top_k, params.top_p), dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
-        nxt_lp = logp.gather(-1, nxt[:, None]).squeeze(-1)
-        hit = torch.isin(nxt, stop_ids_t) if len(stop_ids) else torch.zeros_like(nxt, dtype=torch.bool)
-        nxt_list, lp_list, hit_list = nxt.tolist(), nxt_lp.tolist(), hit.tolist()  # one sync per step
-        for i in range(n):
-            if done[i]:
-                continue
-            tokens[i].append(nxt_list[i])
-            logprobs[i].append(lp_list[i])
-            if hit_list[i] or (stop_strings and _contains_any(decode(tokens[i]), stop_strings)):
-                done[i] = stopped[i] = True
-        if all(done):
+        nxt = _draw(last, params, gen)
+        hit = torch.isin(nxt, stop_ids).tolist()
+        top = torch.topk(logp, k, dim=-1) if k else None
+        chosen = logp.gather(-1, nxt[:, None]).squeeze(-1).tolist()  # one host sync per step
+        for b, (i, tok) in enumerate(zip(rows.live, nxt.tolist(), strict=True)):
+            if rows.stopped[i]:
+                continue  # a finished row kept in a cache that cannot drop rows
+            rows.tokens[i].append(tok)
+            rows.logprobs[i].append(chosen[b])
+            if top is not None:
+                rows.topk[i].append((top.indices[b].cpu().numpy(), top.values[b].cpu().numpy()))
+            rows.stopped[i] = bool(hit[b]) or bool(stop_strings and _contains_any(decode(rows.tokens[i]), stop_strings))
+        keep = [b for b, i in enumerate(rows.live) if not rows.stopped[i]]
+        if not keep or step == params.max_tokens - 1:
             break
+        if len(keep) < len(rows.live) and hasattr(cache, "batch_select_indices"):
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            nxt, rows.live = nxt[index], [rows.live[b] for b in keep]
         out = model(input_ids=nxt[:, None], past_key_values=cache, use_cache=True)
         cache, last = out.past_key_values, out.logits[:, -1, :].float()
-    seqs = [SampledSeq(tokens=tokens[i], logprobs=logprobs[i], stopped=stopped[i]) for i in range(n)]
+    return _result(rows, scores, k)
+
+
+def _result(rows: _Rows, scores: dict[str, np.ndarray], k: int) -> SampleResult:
+    seqs = []
+    for i in range(len(rows.tokens)):
+        topk_ids = topk_lps = None
+        if k:
+            topk_ids = np.stack([t[0] for t in rows.topk[i]]).astype(np.int32) if rows.topk[i] else np.zeros((0, k))
+            topk_lps = np.stack([t[1] for t in rows.topk[i]]) if rows.topk[i] else np.zeros((0, k), np.float32)
+        seqs.append(SampledSeq(rows.tokens[i], rows.logprobs[i], rows.stopped[i], topk_ids, topk_lps))
     return SampleResult(
         sequences=seqs,
         prompt_logprobs=scores.get("prompt_logprobs"),
         topk_ids=scores.get("topk_ids"),
         topk_logprobs=scores.get("topk_logprobs"),
+        target_prompt_logprobs=scores.get("target_prompt_logprobs"),
     )

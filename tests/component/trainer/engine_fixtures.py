@@ -98,8 +98,9 @@ def optim_step(engine: TrainingEngine, lr: float = 0.05, **adam: float) -> dict[
 
 
 def sample_request(prompt: list[int], *, num_samples: int = 1, **params: Any) -> dict[str, Any]:
-    flags = {k: params.pop(k) for k in ("prompt_logprobs", "topk_prompt_logprobs", "prompt_logprobs_last_n")
-             if k in params}
+    flag_names = ("prompt_logprobs", "topk_prompt_logprobs", "prompt_logprobs_last_n", "topk_sample_logprobs",
+                  "target_prompt_logprobs")
+    flags = {k: params.pop(k) for k in flag_names if k in params}
     req = types.SampleRequest(prompt=types.ModelInput.from_ints(prompt), num_samples=num_samples,
                               sampling_params=types.SamplingParams(**params), **flags)
     return req.model_dump(mode="json", exclude_none=True)

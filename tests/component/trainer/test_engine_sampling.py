@@ -103,6 +103,19 @@ def test_prompt_logprobs_match_a_forward_pass(engine) -> None:
     assert all(row[0][1] >= lp - 1e-5 for row, lp in zip(top[1:], result.prompt_logprobs[1:], strict=True))
 
 
+def test_target_prompt_and_sampled_topk_logprobs(engine) -> None:
+    wanted = [41, -1, 42, 7, -1, -1, 44, 44]  # [len(PROMPT) - 1, 2], row-major
+    result = run_sample(engine, PROMPT, max_tokens=3, stop=[], topk_sample_logprobs=4, target_prompt_logprobs=
+                        {"data": wanted, "dtype": "int64", "shape": [4, 2]})
+    forward = sequence_logprobs(engine, PROMPT)  # logprob of PROMPT[i + 1] at position i
+    got = np.asarray(result.target_prompt_logprobs.data).reshape(4, 2)
+    np.testing.assert_allclose(got[[0, 1, 3], 0], forward[[0, 1, 3]], rtol=1e-4, atol=1e-5)
+    assert got[0, 1] == got[2, 0] == got[2, 1] == 0.0 and got[3, 0] == got[3, 1]
+    seq = result.sequences[0]
+    assert len(seq.topk_logprobs) == 3 and all(len(row) == 4 for row in seq.topk_logprobs)
+    assert all(row[0][1] >= lp - 1e-5 for row, lp in zip(seq.topk_logprobs, seq.logprobs, strict=True))
+
+
 def test_prompt_logprobs_last_n_scores_only_the_tail(engine) -> None:
     result = run_sample(engine, PROMPT, max_tokens=1, prompt_logprobs=True, prompt_logprobs_last_n=2)
     assert result.prompt_logprobs[:3] == [None, None, None]

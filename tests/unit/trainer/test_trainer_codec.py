@@ -151,3 +151,32 @@ def test_sample_response_round_trips_through_the_sdk_decoder() -> None:
     assert decoded.prompt_logprobs[1:] == [-1.0, -2.0]
     assert decoded.topk_prompt_logprobs[0] is None
     assert decoded.topk_prompt_logprobs[2] == [(7, -3.0), (8, -4.0)]
+
+
+def test_target_prompt_ids_decode_dense_and_sparse_with_minus_one_fill() -> None:
+    dense = _sample_json(target_prompt_logprobs={"data": [5, -1, 7, 8], "dtype": "int64", "shape": [2, 2]})
+    assert codec.decode_sample_request(dense).target_prompt_ids.tolist() == [[5, -1], [7, 8]]
+    sparse = _sample_json(target_prompt_logprobs={"data": [9, 4], "dtype": "int64", "shape": [2, 3],
+                                                  "sparse_crow_indices": [0, 1, 2], "sparse_col_indices": [2, 0]})
+    assert codec.decode_sample_request(sparse).target_prompt_ids.tolist() == [[-1, -1, 9], [4, -1, -1]]
+    with pytest.raises(OpError):
+        codec.decode_sample_request(_sample_json(target_prompt_logprobs={"data": [1, 2, 3], "dtype": "int64",
+                                                                         "shape": [3, 1]}))
+
+
+def test_prompt_alt_tokens_are_refused_clearly() -> None:
+    with pytest.raises(OpError, match="prompt_alt_tokens_k") as err:
+        codec.decode_sample_request(_sample_json(prompt_alt_tokens_k=2))
+    assert err.value.category == "user"
+
+
+def test_sampled_topk_and_target_logprobs_round_trip() -> None:
+    result = codec.SampleResult(
+        sequences=[codec.SampledSeq([3, 4], [-0.5, -0.75], True, np.array([[3, 1], [4, 2]], np.int32),
+                                    np.array([[-0.5, -1.0], [-0.75, -2.0]], np.float32))],
+        target_prompt_logprobs=np.array([[-1.5, 0.0], [-2.5, -3.5]], np.float32),
+    )
+    decoded = deserialize_sample_response(codec.encode_sample_response(result))
+    assert decoded.sequences[0].topk_logprobs == [[(3, -0.5), (1, -1.0)], [(4, -0.75), (2, -2.0)]]
+    target = decoded.target_prompt_logprobs
+    assert target.shape == [2, 2] and target.tolist() == [[-1.5, 0.0], [-2.5, -3.5]]

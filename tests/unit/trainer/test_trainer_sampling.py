@@ -17,27 +17,50 @@ EOS = 7
 @dataclass
 class _Out:
     logits: torch.Tensor
-    past_key_values: dict
+    past_key_values: object
+
+
+@dataclass
+class RowCache:
+    """Like transformers' DynamicCache for what the loop uses: repeat after prefill, drop rows."""
+
+    seen: int
+    rows: list[int]
+
+    def batch_repeat_interleave(self, n: int) -> None:
+        self.rows = list(range(len(self.rows) * n))
+
+    def batch_select_indices(self, index: torch.Tensor) -> None:
+        self.rows = [self.rows[i] for i in index.tolist()]
 
 
 class ScriptedModel(torch.nn.Module):
-    """Row i emits scripts[i][t] at generation step t (near-certainly: logit 50 vs 0)."""
-
-    def __init__(self, *scripts: list[int]):
-        super().__init__()
-        self.scripts = scripts
-
-    def forward(self, input_ids: torch.Tensor, past_key_values: dict | None = None, use_cache: bool = True) -> _Out:
-        seen = 0 if past_key_values is None else past_key_values["seen"]
-        b, length = input_ids.shape
-        logits = torch.zeros(b, length, len(VOCAB))
-        step = seen + length - self.prompt_len
-        for i in range(b):
-            script = self.scripts[i % len(self.scripts)]
-            logits[i, -1, script[min(step, len(script) - 1)]] = 50.0
-        return _Out(logits, {"seen": seen + length})
+    """Sample i emits scripts[i][t] at generation step t (near-certainly: logit 50 vs 0).
+    `row_cache=False` returns a plain dict cache, which the loop can neither repeat nor shrink."""
 
     prompt_len = 2
+
+    def __init__(self, *scripts: list[int], row_cache: bool = False):
+        super().__init__()
+        self.scripts, self.row_cache, self.batch_sizes = scripts, row_cache, []
+
+    def forward(self, input_ids: torch.Tensor, past_key_values=None, use_cache: bool = True) -> _Out:
+        b, length = input_ids.shape
+        self.batch_sizes.append(b)
+        if self.row_cache:
+            cache = past_key_values or RowCache(0, list(range(b)))
+            assert len(cache.rows) == b
+            seen, rows = cache.seen, cache.rows
+            cache.seen += length
+        else:
+            seen, rows = (past_key_values or {"seen": 0})["seen"], list(range(b))
+            cache = {"seen": seen + length}
+        logits = torch.zeros(b, length, len(VOCAB))
+        step = seen + length - self.prompt_len
+        for pos, row in enumerate(rows):
+            script = self.scripts[row % len(self.scripts)]
+            logits[pos, -1, script[min(step, len(script) - 1)]] = 50.0
+        return _Out(logits, cache)
 
 
 def _run(model: ScriptedModel, **kw) -> list[tuple[list[int], bool]]:
@@ -77,9 +100,22 @@ def test_max_tokens_is_a_length_stop() -> None:
     assert _run(ScriptedModel([1]), max_tokens=0) == [([], False)]
 
 
-def test_samples_stop_independently() -> None:
-    out = _run(ScriptedModel([0, EOS], [1, 1, 1, EOS]), num_samples=2)
-    assert out == [([0, EOS], True), ([1, 1, 1, EOS], True)]
+@pytest.mark.parametrize("row_cache", [False, True])
+def test_samples_stop_independently(row_cache: bool) -> None:
+    # The first token comes from the one shared prefill, so every script starts alike.
+    model = ScriptedModel([0, EOS], [0, 1, 1, EOS], [0, 2, 2, 2, 2, 2], row_cache=row_cache)
+    out = _run(model, num_samples=3, max_tokens=6)
+    assert out == [([0, EOS], True), ([0, 1, 1, EOS], True), ([0, 2, 2, 2, 2, 2], False)]
+    if row_cache:  # one prefill, then finished rows leave the batch
+        assert model.batch_sizes == [1, 3, 2, 2, 1, 1]
+
+
+def test_top_k_sample_logprobs_rank_the_distribution_at_each_step() -> None:
+    params = SampleParams(prompt=(0, 1), max_tokens=3, topk_sample_logprobs=2, stop_tokens=(), stop_strings=())
+    seq = sample(ScriptedModel([4, 5, 6]), params, eos_ids=[EOS], decode=str, device=torch.device("cpu")).sequences[0]
+    assert seq.topk_ids is not None and seq.topk_ids.shape == (3, 2)
+    assert seq.topk_ids[:, 0].tolist() == [4, 5, 6]
+    assert (seq.topk_logprobs[:, 0] >= seq.topk_logprobs[:, 1]).all()
 
 
 def test_greedy_at_temperature_zero() -> None:
