@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import re
@@ -20,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tinkerkube_contract import env as contract_env
 from tinkerkube_contract import launch
 from tinkerkube_contract.resource import FuturesStatus, TrainingSessionSpec
 from tinkerkube_gateway.backends.base import TrainerHandle, TrainerStartFailed
@@ -72,8 +74,11 @@ class LocalBackend:
     def _kill_orphans(self) -> None:
         for pid_file in self._config.logs_dir.glob("*.pid"):
             with contextlib.suppress(ValueError, OSError):
-                os.killpg(int(pid_file.read_text().strip()), signal.SIGKILL)
-                log.warning("killed orphan trainer %s from a previous gateway", pid_file.stem)
+                pid = int(pid_file.read_text().strip())
+                if _is_ours(pid):
+                    os.killpg(pid, signal.SIGKILL)
+                    log.warning("killed orphan trainer %s from a previous gateway", pid_file.stem)
+            _kill_workers(pid_file.with_suffix(".log"))
             pid_file.unlink(missing_ok=True)
 
     def _argv_env(self, spec: TrainingSessionSpec, port: int) -> tuple[list[str], dict[str, str]]:
@@ -81,7 +86,7 @@ class LocalBackend:
         argv = list(cfg.command) if cfg.command else launch.torchrun_argv(
             nnodes=1, nproc_per_node=cfg.nproc_per_node, node_rank=0, master_addr="127.0.0.1",
             master_port=free_port())
-        env = dict(cfg.base_env)
+        env = {k: v for k, v in cfg.base_env.items() if not k.startswith(contract_env.PREFIX)}  # launcher's only
         env.update(launch.trainer_env(
             spec, checkpoint_dir=str(cfg.checkpoint_dir), port=port, host="127.0.0.1", auth_token=cfg.token,
             model_cache_dir=str(cfg.model_cache_dir), model_aliases=cfg.model_aliases or None, device=cfg.device))
@@ -136,6 +141,7 @@ class LocalBackend:
         trainer = self._trainers.pop(model_id, None)
         if trainer is not None:
             await asyncio.to_thread(_kill_group, trainer.proc)
+            await asyncio.to_thread(_kill_workers, trainer.log_path)
             trainer.pid_path.unlink(missing_ok=True)
 
     async def mirror_futures(self, model_id: str, futures: FuturesStatus) -> None:
@@ -156,6 +162,30 @@ def _kill_group(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(grace)
+
+
+def _is_ours(pid: int) -> bool:
+    """Only kill what is still a trainer (a pid may have been reused since it was recorded)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"tinkerkube_trainer" in cmdline or b"fake_trainer" in cmdline
+
+
+def _kill_workers(log_path: Path) -> None:
+    """torchrun starts each rank in a session of its own, so killing torchrun's group can miss them; each
+    rank logs a JSON `rank started` line with its pid."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return
+    for line in lines:
+        if line.startswith("{") and '"rank started"' in line:
+            with contextlib.suppress(ValueError, KeyError, TypeError, ProcessLookupError, PermissionError):
+                pid = int(json.loads(line)["pid"])
+                if _is_ours(pid):
+                    os.kill(pid, signal.SIGKILL)
 
 
 def _tail(path: Path, lines: int = 15) -> str:

@@ -38,3 +38,27 @@ def shared_gateway(tmp_path_factory: pytest.TempPathFactory, model_cache_dir: Pa
 def service_client(shared_gateway: GatewayProc) -> Iterator[tinker.ServiceClient]:
     client = tinker.ServiceClient(base_url=shared_gateway.url, api_key=DEV_KEY)
     yield client
+
+
+@pytest.fixture(scope="module")
+def real_gateway(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
+                 model_cache_dir: Path) -> Iterator[GatewayProc]:
+    """Real trainer process groups (torchrun + tinkerkube_trainer) on the tiny model."""
+    extra = {"TINKERKUBE_GATEWAY_FWDBWD_MAX_CHUNK_LEN": "2"}
+    gw = start_gateway(tmp_path_factory.mktemp("gw-real") / "state", model_cache_dir=model_cache_dir,
+                       real_trainer=True, extra_env=extra)
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="module")
+def real_client(real_gateway: GatewayProc) -> Iterator[tinker.ServiceClient]:
+    with tinker.ServiceClient(base_url=real_gateway.url, api_key=DEV_KEY) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def training(real_client: tinker.ServiceClient) -> tinker.TrainingClient:
+    """One LoRA run (one trainer process group) shared by a module's tests, which run in order."""
+    return real_client.create_lora_training_client(base_model=TINY, rank=8,
+                                                   user_metadata={"renderer_name": "role_colon"}).result()
