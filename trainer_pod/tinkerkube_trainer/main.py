@@ -115,7 +115,8 @@ def run_leader(settings: TrainerSettings, dist_env: DistEnv) -> int:
         ctx, engine = build_rank(settings, dist_env)
         holder["ctx"] = ctx
         return Booted(engine, partial(d.execute_everywhere, ctx, engine), partial(d.execute_local, engine),
-                      ctx.world_size, dict(engine.info()), heartbeat=partial(d.heartbeat, ctx))
+                      ctx.world_size, dict(engine.info()),
+                      heartbeat=partial(d.heartbeat, ctx) if ctx.distributed else None)
 
     def on_stop() -> None:
         ctx = holder.get("ctx")
