@@ -75,3 +75,20 @@ def collate(datums: Sequence[DatumData], pad_id: int = 0) -> Batch:
         float_inputs={k: torch.from_numpy(v) for k, v in floats.items()},
         lengths=lengths,
     )
+
+
+def micro_batches(datums: Sequence[DatumData], max_tokens: int) -> list[Sequence[DatumData]]:
+    """Consecutive groups whose padded size (rows times longest) stays within `max_tokens`: one group
+    whenever the whole shard fits, so the usual call is one forward. A datum longer than the budget
+    still gets a group of its own."""
+    groups: list[Sequence[DatumData]] = []
+    start, longest = 0, 0
+    for i, d in enumerate(datums):
+        n = int(d.tokens.shape[0])
+        if i > start and max(longest, n) * (i - start + 1) > max_tokens:
+            groups.append(datums[start:i])
+            start, longest = i, 0
+        longest = max(longest, n)
+    if start < len(datums):
+        groups.append(datums[start:])
+    return groups

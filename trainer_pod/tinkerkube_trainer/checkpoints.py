@@ -17,10 +17,11 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from peft import PeftModel
@@ -28,8 +29,10 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from tinkerkube_contract.paths import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, METADATA_FILE, OPTIMIZER_FILE
-from tinkerkube_trainer.engine_api import OpError
+from tinkerkube_contract.pod_api import ErrorCategory
+from tinkerkube_trainer.engine_api import Collective, OpError
 
+T = TypeVar("T")
 Snapshot = dict[str, torch.Tensor]  # adapter parameter name → detached copy
 
 
@@ -79,9 +82,13 @@ def read_metadata(directory: Path) -> dict[str, Any]:
     return json.loads(meta_file.read_text())
 
 
-def load_adapter(model: PeftModel, directory: Path) -> None:
-    """Copy the checkpoint's adapter weights into `model` in place; the key sets and shapes must match."""
-    tensors = load_file(str(directory / ADAPTER_WEIGHTS_FILE), device=str(next(model.parameters()).device))
+def read_adapter(directory: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's adapter tensors (PEFT key names, on the CPU)."""
+    return load_file(str(directory / ADAPTER_WEIGHTS_FILE), device="cpu")
+
+
+def apply_adapter(model: PeftModel, tensors: Mapping[str, torch.Tensor], label: str) -> None:
+    """Copy adapter tensors into `model` in place; the key sets and shapes must match first."""
     expected = get_peft_model_state_dict(model, save_embedding_layers=False)
     problem = None
     if set(tensors) != set(expected):
@@ -90,9 +97,13 @@ def load_adapter(model: PeftModel, directory: Path) -> None:
         bad = [k for k in tensors if tensors[k].shape != expected[k].shape]
         problem = f"shapes differ for {bad[:3]}" if bad else None
     if problem:
-        raise OpError(f"checkpoint {directory.name!r} does not fit this model's adapter ({problem})",
-                      code="checkpoint_mismatch")
-    set_peft_model_state_dict(model, tensors)
+        raise OpError(f"checkpoint {label!r} does not fit this model's adapter ({problem})", code="checkpoint_mismatch")
+    device = next(model.parameters()).device
+    set_peft_model_state_dict(model, {k: v.to(device) for k, v in tensors.items()})
+
+
+def load_adapter(model: PeftModel, directory: Path) -> None:
+    apply_adapter(model, read_adapter(directory), directory.name)
 
 
 def load_optimizer_state(directory: Path) -> dict[str, Any]:
@@ -125,3 +136,36 @@ def swapped_weights(model: torch.nn.Module, snapshot: Snapshot | None) -> Iterat
         with torch.no_grad():
             for n, t in saved.items():
                 params[n].copy_(t)
+
+
+@dataclass(frozen=True, slots=True)
+class Restored:
+    meta: dict[str, Any]
+    adapter: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any] | None
+
+
+def from_rank0(collective: Collective, read: Callable[[], T]) -> T:
+    """Run `read` on rank 0 alone and hand its result to every rank. Other ranks may not see rank 0's
+    checkpoint store (a per-node hostPath), and a failure must fail every rank alike, never some."""
+    outcome: tuple[bool, Any] = (True, None)
+    if collective.rank == 0:
+        try:
+            outcome = (True, read())
+        except OpError as exc:
+            outcome = (False, (exc.message, exc.code, exc.category))
+        except Exception as exc:  # e.g. a corrupt file: still fail on every rank, not only here
+            outcome = (False, (f"cannot read the checkpoint: {type(exc).__name__}: {exc}", "checkpoint_unreadable",
+                               ErrorCategory.SERVER))
+    if collective.world_size > 1:
+        outcome = collective.all_gather_object(outcome)[0]
+    ok, value = outcome
+    if not ok:
+        raise OpError(value[0], code=value[1], category=value[2])
+    return value
+
+
+def read_restore(directory: Path, with_optimizer: bool) -> Restored:
+    meta = read_metadata(directory)
+    optimizer_state = load_optimizer_state(directory) if with_optimizer else None
+    return Restored(meta, read_adapter(directory), optimizer_state)

@@ -14,7 +14,6 @@ import json
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -38,7 +37,7 @@ from tinkerkube_contract.pod_api import (
 )
 from tinkerkube_contract.resource import LoraSpec, SessionMode
 from tinkerkube_trainer import checkpoints, codec
-from tinkerkube_trainer.batching import Batch, collate, shard_bounds
+from tinkerkube_trainer.batching import Batch, collate, micro_batches, shard_bounds
 from tinkerkube_trainer.engine_api import Collective, EngineConfig, OpError, OpOutput, PreparedOp
 from tinkerkube_trainer.lora import attach_adapter, lora_parameters
 from tinkerkube_trainer.losses import LOSSES, REQUIRED_INPUTS, LossConfig, LossInputs, canonical_loss_name, reduce_sum
@@ -48,7 +47,7 @@ from tinkerkube_trainer.optim import LoraOptimizer
 from tinkerkube_trainer.sampling import sample
 
 M = TypeVar("M", bound=BaseModel)
-MAX_TOKENS_PER_FORWARD = 16384  # padded tokens per micro-batch; bounds the (B, T, V) logits
+MAX_LOGITS_PER_FORWARD = 2**28  # fp32 logits per micro-batch (1 GiB): one forward unless memory demands more
 MAX_SNAPSHOTS = 32  # oldest in-memory snapshots are dropped beyond this
 _FLOAT_FIELDS = {"weights": "weights", "logprobs": "sampling_logprobs", "advantages": "advantages",
                  "clip_low_threshold": "clip_low", "clip_high_threshold": "clip_high",
@@ -95,7 +94,7 @@ def _parse_json(cls: type[M], body: bytes) -> tuple[M, dict[str, Any]]:
 
 class TrainingEngine:
     def __init__(self, config: EngineConfig, collective: Collective, *, base_model: str, lora: LoraSpec,
-                 restore_dir: Path | None, restore_meta: dict[str, Any]):
+                 restore: checkpoints.Restored | None = None):
         self.config = config
         self.collective = collective
         self.base_model, self.lora = base_model, lora
@@ -107,19 +106,19 @@ class TrainingEngine:
         self.eos_ids = sorted(self._eos_ids(loaded.model))
         self.mode = SessionMode(config.mode)
         training = self.mode is SessionMode.TRAIN
-        self.model = attach_adapter(loaded.model, lora) if (training or restore_dir) else loaded.model
+        self.model = attach_adapter(loaded.model, lora) if (training or restore) else loaded.model
         self.params = [p for _, p in lora_parameters(self.model)]
         self.optimizer = LoraOptimizer(self.params) if training else None
         self._acc: list[torch.Tensor] | None = None  # summed gradients since the last optim_step
         self._snapshots: OrderedDict[str, checkpoints.Snapshot | None] = OrderedDict()
         self.restored_from = config.restore_from
         self.last_completed_seq_id = 0
-        if restore_dir is not None:
-            checkpoints.load_adapter(self.model, restore_dir)  # type: ignore[arg-type]
-            if self.optimizer is not None and config.restore_optimizer:
-                self.optimizer.load_state_dict(checkpoints.load_optimizer_state(restore_dir))
-            if restore_meta.get("model_id") == config.model_id:  # our own checkpoint: crash recovery
-                self.last_completed_seq_id = int(restore_meta.get("seq_id") or 0)
+        if restore is not None:
+            checkpoints.apply_adapter(self.model, restore.adapter, str(config.restore_from))  # type: ignore[arg-type]
+            if self.optimizer is not None and restore.optimizer_state is not None:
+                self.optimizer.load_state_dict(restore.optimizer_state)
+            if restore.meta.get("model_id") == config.model_id:  # our own checkpoint: crash recovery
+                self.last_completed_seq_id = int(restore.meta.get("seq_id") or 0)
             self._snapshots[str(config.restore_from)] = None  # "the weights served now"
         self._runners: dict[OpKind, Callable[[Any], OpOutput]] = {
             OpKind.FORWARD_BACKWARD: self._forward_backward,
@@ -227,20 +226,6 @@ class TrainingEngine:
 
     # ------------------------------------------------------------------ forward / backward
 
-    def _micro_batches(self, datums: Sequence[codec.DatumData]) -> list[Sequence[codec.DatumData]]:
-        """Consecutive groups whose padded size stays under the token budget (one group when it fits)."""
-        groups: list[Sequence[codec.DatumData]] = []
-        start, longest = 0, 0
-        for i, d in enumerate(datums):
-            longest_with = max(longest, int(d.tokens.shape[0]))
-            if i > start and longest_with * (i - start + 1) > MAX_TOKENS_PER_FORWARD:
-                groups.append(datums[start:i])
-                start, longest_with = i, int(d.tokens.shape[0])
-            longest = longest_with
-        if start < len(datums):
-            groups.append(datums[start:])
-        return groups
-
     def _token_logprobs(self, batch: Batch) -> torch.Tensor:
         logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
         picked = logits.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)
@@ -269,7 +254,7 @@ class TrainingEngine:
             param.grad = None
         outputs: list[dict[str, np.ndarray]] = []
         total = torch.zeros((), device=self.device)
-        for chunk in self._micro_batches(datums[start:end]):
+        for chunk in micro_batches(datums[start:end], MAX_LOGITS_PER_FORWARD // self.vocab_size):
             outs, loss = self._run_micro_batch(p, chunk, train)
             outputs.extend(outs)
             total = total + loss
@@ -337,8 +322,10 @@ class TrainingEngine:
 
     def _load_state(self, p: LoadPayload) -> OpOutput:
         directory = p.path.directory(self.config.checkpoint_dir)
-        opt_state = checkpoints.load_optimizer_state(directory) if p.with_optimizer else None
-        checkpoints.load_adapter(self.model, directory)  # type: ignore[arg-type]
+        adapter, opt_state = checkpoints.from_rank0(self.collective, lambda: (
+            checkpoints.read_adapter(directory),
+            checkpoints.load_optimizer_state(directory) if p.with_optimizer else None))
+        checkpoints.apply_adapter(self.model, adapter, str(p.path))  # type: ignore[arg-type]
         self.optimizer = LoraOptimizer(self.params)
         if opt_state is not None:
             self.optimizer.load_state_dict(opt_state)
@@ -359,14 +346,14 @@ class TrainingEngine:
 
 def build_engine(config: EngineConfig, collective: Collective) -> TrainingEngine:
     """Load the base model (+ adapter); with `restore_from`, the checkpoint's base model and LoRA spec win."""
-    base_model, lora, restore_dir, meta = config.base_model, config.lora, None, {}
+    base_model, lora, restore = config.base_model, config.lora, None
     if config.restore_from:
         try:
-            restore_dir = parse_tinker_path(config.restore_from).directory(config.checkpoint_dir)
+            directory = parse_tinker_path(config.restore_from).directory(config.checkpoint_dir)
         except InvalidTinkerPath as exc:
             raise OpError(str(exc), code="invalid_path") from None
-        meta = checkpoints.read_metadata(restore_dir)
-        base_model = meta.get("base_model") or base_model
-        lora = LoraSpec.model_validate(meta["lora"]) if "lora" in meta else lora
-    return TrainingEngine(config, collective, base_model=base_model, lora=lora, restore_dir=restore_dir,
-                          restore_meta=meta)
+        with_optimizer = config.restore_optimizer and SessionMode(config.mode) is SessionMode.TRAIN
+        restore = checkpoints.from_rank0(collective, lambda: checkpoints.read_restore(directory, with_optimizer))
+        base_model = restore.meta.get("base_model") or base_model
+        lora = LoraSpec.model_validate(restore.meta["lora"]) if "lora" in restore.meta else lora
+    return TrainingEngine(config, collective, base_model=base_model, lora=lora, restore=restore)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,8 @@ from transformers import AutoModelForCausalLM
 
 from tests.component.trainer.engine_fixtures import (
     MODEL_ID,
+    ThreadCollective,
+    ThreadGroup,
     assert_same_tensors,
     ce_datums,
     engine_config,
@@ -156,3 +160,42 @@ def test_bad_checkpoint_names_are_refused(saved, name) -> None:
     with pytest.raises(OpError) as err:
         prepare_json(saved, OpKind.SAVE_STATE, {"name": name})
     assert err.value.code == "invalid_path"
+
+
+def _on_ranks(calls) -> list:
+    """Run one callable per rank concurrently; each result is its value or the exception it raised."""
+    def guarded(call):
+        try:
+            return call()
+        except Exception as exc:
+            return exc
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return list(pool.map(guarded, calls))
+
+
+def test_ranks_that_cannot_see_the_store_get_checkpoints_from_rank_0(saved, tmp_path, model_cache_dir) -> None:
+    store = saved.config.checkpoint_dir.parent
+    path = f"tinker://{MODEL_ID}/weights/step2"
+    group = ThreadGroup(2)
+    configs = [engine_config(store, model_cache_dir, restore_from=path, restore_optimizer=True),
+               engine_config(tmp_path, model_cache_dir, restore_from=path, restore_optimizer=True)]  # empty store
+    ranks = _on_ranks([lambda r=r: new_engine(configs[r], ThreadCollective(group, r)) for r in range(2)])
+    for engine in ranks:
+        assert_same_tensors(engine.adapter_weights(), saved.adapter_weights(), rtol=0, atol=0)
+        assert engine.optimizer.steps == 2 and engine.info()["last_completed_seq_id"] == 9
+    load = prepare_json(ranks[0], OpKind.LOAD_STATE, {"path": f"tinker://{MODEL_ID}/sampler_weights/s2"})
+    outcomes = _on_ranks([lambda e=e: e.execute(load) for e in ranks])
+    assert not [o for o in outcomes if isinstance(o, Exception)]
+    assert_same_tensors(ranks[1].adapter_weights(), ranks[0].adapter_weights(), rtol=0, atol=0)
+
+
+def test_a_checkpoint_vanishing_before_load_fails_every_rank_alike(trained, tmp_path, model_cache_dir) -> None:
+    group = ThreadGroup(2)
+    ranks = [new_engine(engine_config(tmp_path, model_cache_dir), ThreadCollective(group, r)) for r in range(2)]
+    load = prepare_json(ranks[0], OpKind.LOAD_STATE, {"path": f"tinker://{MODEL_ID}/weights/step2"})
+    shutil.rmtree(parse_tinker_path(f"tinker://{MODEL_ID}/weights/step2").directory(trained.config.checkpoint_dir))
+    before = ranks[1].adapter_weights()
+    outcomes = _on_ranks([lambda e=e: e.execute(load) for e in ranks])
+    assert all(isinstance(o, OpError) and o.code == outcomes[0].code for o in outcomes)
+    assert_same_tensors(ranks[1].adapter_weights(), before, rtol=0, atol=0)

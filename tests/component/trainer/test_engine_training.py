@@ -24,6 +24,7 @@ from tests.component.trainer.engine_fixtures import (
     run_ranks,
 )
 from tinkerkube_contract.pod_api import OpKind
+from tinkerkube_trainer import engine as engine_module
 
 TOL = {"rtol": 1e-4, "atol": 1e-6}
 
@@ -150,3 +151,17 @@ def test_grad_clip_bounds_the_applied_gradient(config) -> None:
     sq_free = [s["exp_avg_sq"].sum() for s in free.optimizer.torch_opt.state.values()]
     assert sum(sq_clipped) < sum(sq_free) * 1e-3
     assert torch.isfinite(torch.stack(sq_clipped)).all()
+
+
+def test_micro_batching_gives_the_single_forward_result(config, monkeypatch: pytest.MonkeyPatch) -> None:
+    whole, split = new_engine(config), new_engine(config)
+    _warm_up(whole)
+    _warm_up(split)
+    data = ce_datums(6, seed=12)
+    want = run_fb(whole, data)
+    monkeypatch.setattr(engine_module, "MAX_LOGITS_PER_FORWARD", split.vocab_size * 20)  # ~2 datums a forward
+    got = run_fb(split, data)
+    assert got.metrics["loss:sum"] == pytest.approx(want.metrics["loss:sum"], rel=1e-5)
+    for g, w in zip(got.loss_fn_outputs, want.loss_fn_outputs, strict=True):
+        np.testing.assert_allclose(g["logprobs"].data, w["logprobs"].data, rtol=1e-5, atol=1e-6)
+    assert_same_tensors(split.accumulated_grads(), whole.accumulated_grads(), **TOL)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tinkerkube_contract.pod_api import AdamParams
-from tinkerkube_trainer.batching import collate, shard_bounds
+from tinkerkube_trainer.batching import collate, micro_batches, shard_bounds
 from tinkerkube_trainer.codec import DatumData
 from tinkerkube_trainer.optim import LoraOptimizer
 
@@ -90,3 +90,12 @@ def test_optimizer_state_round_trips() -> None:
     for a, b in zip(clone.torch_opt.state.values(), opt.torch_opt.state.values(), strict=True):
         torch.testing.assert_close(a["exp_avg"], b["exp_avg"])
         torch.testing.assert_close(a["exp_avg_sq"], b["exp_avg_sq"])
+
+
+def test_micro_batches_keep_order_and_respect_the_budget() -> None:
+    datums = [_datum(list(range(n))) for n in (3, 5, 2, 8, 4)]
+    assert micro_batches(datums, 1000) == [datums]  # fits: one forward
+    groups = micro_batches(datums, 10)
+    assert [d for g in groups for d in g] == datums
+    assert all(len(g) * max(len(d.tokens) for d in g) <= 10 or len(g) == 1 for g in groups)
+    assert [len(g) for g in groups] == [2, 1, 1, 1]
