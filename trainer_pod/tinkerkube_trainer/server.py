@@ -329,9 +329,32 @@ async def _prepare(runtime: TrainerRuntime, kind: OpKind, body: bytes, content_t
         raise ApiError(400, "invalid_request", f"could not decode the {kind} request: {exc}") from exc
 
 
-def _seq_error(exc: Exception) -> ApiError:
-    code = "seq_id_reused" if isinstance(exc, SeqIdReused) else "seq_id_stale"
-    return ApiError(400, code, str(exc))
+async def _submit(runtime: TrainerRuntime, request: Request, kind: OpKind, key: int | str) -> Response:
+    """Read, dedupe, prepare (off the loop), enqueue. Nothing is enqueued when any step refuses."""
+    queue = _queue(runtime)
+    body = await _read_body(request, runtime.options.max_body_bytes)
+    fp = fingerprint(kind, body)
+    is_sample = kind is OpKind.SAMPLE
+    try:
+        existing = queue.check_sample(str(key), fp) if is_sample else queue.check_op(int(key), fp)
+        if existing is not None:
+            return _state_response(queue, existing)
+        prepared = await _prepare(runtime, kind, body, request.headers.get("content-type", ""),
+                                  None if is_sample else int(key))
+        entry = queue.submit_sample(str(key), fp, prepared) if is_sample else queue.submit_op(int(key), kind, fp,
+                                                                                               prepared)
+    except (SeqIdReused, SeqIdStale) as exc:
+        code = "seq_id_reused" if isinstance(exc, SeqIdReused) else "seq_id_stale"
+        raise ApiError(400, code, str(exc)) from exc
+    return _state_response(queue, entry)
+
+
+async def _poll(runtime: TrainerRuntime, entry: Entry | None, what: str, wait: float) -> Response:
+    queue = _queue(runtime)
+    if entry is None:
+        raise ApiError(404, f"unknown_{what}", f"no such {what} (never submitted, or expired)")
+    await queue.wait(entry, min(wait, runtime.options.max_wait_seconds))
+    return _state_response(queue, entry)
 
 
 def _add_op_routes(app: FastAPI, runtime: TrainerRuntime) -> None:
@@ -349,28 +372,12 @@ def _add_op_routes(app: FastAPI, runtime: TrainerRuntime) -> None:
             raise ApiError(400, "invalid_request", f"{api.HEADER_OP} must name an op kind, got {raw_kind!r}") from None
         if kind is OpKind.SAMPLE:
             raise ApiError(400, "invalid_request", "samples go to the sample path, not the op path")
-        queue = _queue(runtime)
-        body = await _read_body(request, runtime.options.max_body_bytes)
-        fp = fingerprint(kind, body)
-        try:
-            existing = queue.check_op(seq_id, fp)
-            if existing is not None:
-                return _state_response(queue, existing)
-            prepared = await _prepare(runtime, kind, body, request.headers.get("content-type", ""), seq_id)
-            entry = queue.submit_op(seq_id, kind, fp, prepared)
-        except (SeqIdReused, SeqIdStale) as exc:
-            raise _seq_error(exc) from exc
-        return _state_response(queue, entry)
+        return await _submit(runtime, request, kind, seq_id)
 
     @app.get(path)
     async def get_op(model_id: str, seq_id: int, wait: float = Query(0.0, ge=0)) -> Response:
         _check_model(runtime, model_id)
-        queue = _queue(runtime)
-        entry = queue.get_op(seq_id)
-        if entry is None:
-            raise ApiError(404, "unknown_op", f"no op with seq_id {seq_id} (never submitted, or expired)")
-        await queue.wait(entry, min(wait, runtime.options.max_wait_seconds))
-        return _state_response(queue, entry)
+        return await _poll(runtime, _queue(runtime).get_op(seq_id), "op", wait)
 
 
 def _add_sample_routes(app: FastAPI, runtime: TrainerRuntime) -> None:
@@ -383,24 +390,8 @@ def _add_sample_routes(app: FastAPI, runtime: TrainerRuntime) -> None:
             raise ApiError(400, "invalid_request", f"the sample path takes {api.HEADER_OP}: sample, not {raw_kind!r}")
         if not request_id:
             raise ApiError(400, "invalid_request", "empty request_id")
-        queue = _queue(runtime)
-        body = await _read_body(request, runtime.options.max_body_bytes)
-        fp = fingerprint(OpKind.SAMPLE, body)
-        try:
-            existing = queue.check_sample(request_id, fp)
-            if existing is not None:
-                return _state_response(queue, existing)
-            prepared = await _prepare(runtime, OpKind.SAMPLE, body, request.headers.get("content-type", ""))
-            entry = queue.submit_sample(request_id, fp, prepared)
-        except SeqIdReused as exc:
-            raise _seq_error(exc) from exc
-        return _state_response(queue, entry)
+        return await _submit(runtime, request, OpKind.SAMPLE, request_id)
 
     @app.get(path)
     async def get_sample(request_id: str, wait: float = Query(0.0, ge=0)) -> Response:
-        queue = _queue(runtime)
-        entry = queue.get_sample(request_id)
-        if entry is None:
-            raise ApiError(404, "unknown_sample", f"no sample {request_id!r} (never submitted, or expired)")
-        await queue.wait(entry, min(wait, runtime.options.max_wait_seconds))
-        return _state_response(queue, entry)
+        return await _poll(runtime, _queue(runtime).get_sample(request_id), "sample", wait)
