@@ -55,6 +55,6 @@ OPERATOR_CLUSTER_RULES: tuple[Rule, ...] = (
     _rule(CORE, "namespaces", "list watch", "kopf's namespace observation", Scope.CLUSTER),
 )
 GATEWAY_RULES: tuple[Rule, ...] = (
-    _rule(GROUP, SESSIONS, "create delete get list watch", "one TrainingSession per training run / sampler"),
-    _rule(GROUP, SESSIONS_STATUS, "patch", "mirrors futures aggregates into status.futures"),
+    _rule(GROUP, SESSIONS, "create delete get", "one TrainingSession per training run / sampler; polls its status"),
+    _rule(GROUP, SESSIONS_STATUS, "patch", "mirrors futures aggregates and lastCheckpoint into status"),
 )
