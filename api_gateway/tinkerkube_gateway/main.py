@@ -17,6 +17,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from tinkerkube_contract.models import BUILTIN_MODELS
+from tinkerkube_contract.resource import Resources
 from tinkerkube_gateway.app import create_app
 from tinkerkube_gateway.backends.base import SessionBackend
 from tinkerkube_gateway.backends.local import LocalBackend, LocalBackendConfig
@@ -25,6 +26,7 @@ from tinkerkube_gateway.deps import Services
 from tinkerkube_gateway.dispatcher import Dispatcher
 from tinkerkube_gateway.metrics import Metrics
 from tinkerkube_gateway.services.futures import FuturesService
+from tinkerkube_gateway.services.mirror import FuturesMirror
 from tinkerkube_gateway.services.models import ModelsService
 from tinkerkube_gateway.services.ops import OpsService
 from tinkerkube_gateway.services.registry import RegistryService
@@ -42,10 +44,20 @@ def make_backend(settings: GatewaySettings, pods: PodClient) -> SessionBackend:
         return module.KubernetesBackend.from_settings(settings)  # type: ignore[no-any-return]
     config = LocalBackendConfig(
         checkpoint_dir=settings.effective_checkpoint_dir, logs_dir=settings.logs_dir,
-        model_cache_dir=settings.model_cache_dir.resolve(), token=secrets.token_urlsafe(24),
+        model_cache_dir=settings.model_cache_dir.resolve(), token=settings.kube_token or secrets.token_urlsafe(24),
         base_env=inherited_environment(), nproc_per_node=settings.trainer_nproc_per_node,
         device=settings.trainer_device, model_aliases=settings.model_aliases, command=settings.trainer_command)
     return LocalBackend(config, pods)
+
+
+def spec_defaults(settings: GatewaySettings) -> dict[str, Any]:
+    """TrainingSessionSpec placement fields from settings (the Kubernetes backend renders them)."""
+    return {"replicas": settings.trainer_replicas, "procs_per_pod": settings.trainer_nproc_per_node,
+            "resources": Resources(gpus=settings.trainer_gpus, cpu=settings.trainer_cpu,
+                                   memory=settings.trainer_memory),
+            "image": settings.trainer_image, "node_selector": settings.trainer_node_selector,
+            "tolerations": settings.trainer_tolerations, "priority_class_name": settings.trainer_priority_class_name,
+            "idle_timeout_seconds": settings.kube_idle_timeout_seconds}
 
 
 def capabilities(settings: GatewaySettings) -> list[str]:
@@ -65,11 +77,12 @@ async def compose(settings: GatewaySettings) -> AsyncIterator[Services]:
     dispatcher = Dispatcher(repo=repo, backend=backend, pods=pods,
                             start_timeout=settings.trainer_start_timeout_seconds)
     futures = FuturesService(repo, metrics, long_poll_seconds=settings.long_poll_seconds)
+    futures.mirror = FuturesMirror(backend)
     sessions = SessionsService(repo, metrics, idle_timeout=settings.session_idle_timeout_seconds,
                                reap_interval=settings.reaper_interval_seconds)
     models = ModelsService(repo=repo, futures=futures, sessions=sessions, dispatcher=dispatcher, backend=backend,
                            model_cache_dir=settings.model_cache_dir.resolve(), model_aliases=settings.model_aliases,
-                           idle_timeout=settings.session_idle_timeout_seconds)
+                           idle_timeout=settings.session_idle_timeout_seconds, spec_defaults=spec_defaults(settings))
     registry = RegistryService(repo, settings.effective_checkpoint_dir)
     ops = OpsService(futures=futures, models=models, registry=registry, dispatcher=dispatcher)
     sampling = SamplingService(futures=futures, sessions=sessions, models=models, registry=registry,

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tinkerkube_contract.models import DEFAULT_MODEL
@@ -52,6 +53,21 @@ class GatewaySettings(BaseSettings):
     trainer_start_timeout_seconds: float = Field(300.0, gt=0, description="longest wait for a trainer's readiness")
     trainer_command: list[str] | None = Field(
         None, description="JSON argv replacing torchrun for local trainers (tests use a fake trainer)")
+    # Trainer placement (kubernetes backend; local mode uses nproc_per_node and the token only).
+    namespace: str = Field("default", description="namespace of the TrainingSession resources (kubernetes backend)")
+    kubeconfig: str | None = Field(None, description="kubeconfig path; default: in-cluster config")
+    trainer_auth_token: SecretStr | None = Field(
+        None, description="token trainers require (X-Tinkerkube-Token); default: random per gateway (local)")
+    trainer_image: str | None = Field(None, description="trainer image override for TrainingSessions")
+    trainer_replicas: int = Field(1, ge=1, le=64, description="trainer pods per run")
+    trainer_gpus: int = Field(0, ge=0, le=8, description="GPUs per trainer pod")
+    trainer_cpu: str | None = Field(None, description="CPU request/limit per trainer pod, e.g. '4'")
+    trainer_memory: str | None = Field(None, description="memory per trainer pod, e.g. '16Gi'")
+    trainer_node_selector: dict[str, str] = Field(default_factory=dict, description="JSON nodeSelector for trainers")
+    trainer_tolerations: list[dict[str, Any]] = Field(default_factory=list, description="JSON tolerations")
+    trainer_priority_class_name: str | None = Field(None, description="priorityClassName of trainer pods")
+    trainer_idle_timeout_seconds: int | None = Field(
+        None, ge=0, description="TrainingSession idleTimeoutSeconds; default: the session idle timeout")
     fwdbwd_max_chunk_len: int = Field(1024, ge=1, description="datums per forward_backward request (client config)")
     trainer_request_timeout_seconds: float = Field(60.0, gt=0, description="HTTP timeout for gateway→trainer calls")
 
@@ -74,6 +90,23 @@ class GatewaySettings(BaseSettings):
     @property
     def logs_dir(self) -> Path:
         return (self.state_dir / "logs").resolve()
+
+    # The names KubernetesBackend.from_settings reads (kube_*), mapped onto the chart's variables.
+    @property
+    def kube_namespace(self) -> str:
+        return self.namespace
+
+    @property
+    def kube_kubeconfig(self) -> str | None:
+        return self.kubeconfig
+
+    @property
+    def kube_token(self) -> str | None:
+        return self.trainer_auth_token.get_secret_value() if self.trainer_auth_token else None
+
+    @property
+    def kube_idle_timeout_seconds(self) -> int:
+        return self.trainer_idle_timeout_seconds or int(self.session_idle_timeout_seconds)
 
     def tenant_keys(self) -> dict[str, str]:
         """Key → tenant. With no keys configured anywhere, the local dev key `tml-local` → `local`."""

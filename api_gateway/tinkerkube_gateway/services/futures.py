@@ -15,6 +15,7 @@ import uuid
 from tinkerkube_contract.pod_api import ErrorCategory
 from tinkerkube_gateway.errors import SeqIdReused, UnknownFuture
 from tinkerkube_gateway.metrics import Metrics
+from tinkerkube_gateway.services.mirror import FuturesMirror
 from tinkerkube_gateway.store.records import FutureRecord, FutureState
 from tinkerkube_gateway.store.repo import AsyncRepo
 
@@ -55,6 +56,7 @@ class FuturesService:
         self.notifier = Notifier()
         self.metrics = metrics
         self.long_poll_seconds = long_poll_seconds
+        self.mirror: FuturesMirror | None = None
 
     async def create(self, *, tenant: str, session_id: str | None, target_id: str, seq_id: int | None, op: str,
                      body: bytes | None = None, body_type: str | None = None,
@@ -70,6 +72,8 @@ class FuturesService:
                               f"({stored.op}); every request needs the next seq_id")
         if created:
             self.metrics.queue_depth.inc()
+            if self.mirror is not None:
+                await self.mirror.changed(stored, FutureState.PENDING)
         return stored, created
 
     async def complete(self, record: FutureRecord, result: bytes, result_type: str) -> None:
@@ -85,6 +89,8 @@ class FuturesService:
             self.metrics.queue_depth.dec()
             self.metrics.future_seconds.labels(op=record.op).observe(max(0.0, now - record.created_at))
             self.metrics.futures_total.labels(op=record.op, outcome=state.value).inc()
+            if self.mirror is not None:
+                await self.mirror.changed(record, state)
         self.notifier.notify(record.request_id)
 
     async def get_owned(self, tenant: str, request_id: str) -> FutureRecord:

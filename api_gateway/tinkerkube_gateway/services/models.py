@@ -34,7 +34,7 @@ CREATE_OPS = ("create_model", "load_weights_create", "start_sampler")
 class ModelsService:
     def __init__(self, *, repo: AsyncRepo, futures: FuturesService, sessions: SessionsService,
                  dispatcher: Dispatcher, backend: SessionBackend, model_cache_dir: Path,
-                 model_aliases: dict[str, str], idle_timeout: float):
+                 model_aliases: dict[str, str], idle_timeout: float, spec_defaults: dict[str, Any] | None = None):
         self.repo = repo
         self.futures = futures
         self.sessions = sessions
@@ -43,6 +43,7 @@ class ModelsService:
         self.model_cache_dir = model_cache_dir
         self.model_aliases = model_aliases
         self.idle_timeout = idle_timeout
+        self.spec_defaults = spec_defaults or {}  # placement: replicas, procs_per_pod, resources, ...
 
     async def get_owned(self, tenant: str, model_id: str, *, kind: str = "train") -> ModelRecord:
         record = await self.repo.get_model(model_id)
@@ -56,7 +57,7 @@ class ModelsService:
         return TrainingSessionSpec(
             base_model=base_model, lora=lora, mode=mode, model_id=model_id, restore_from=restore_from,
             restore_optimizer=restore_optimizer, owner=tenant, tinker_session=session_id,
-            idle_timeout_seconds=int(self.idle_timeout))
+            **{"idle_timeout_seconds": int(self.idle_timeout), **self.spec_defaults})
 
     async def create_model(self, tenant: str, req: CreateModelRequest) -> FutureRecord:
         await self.sessions.get_active(tenant, req.session_id)

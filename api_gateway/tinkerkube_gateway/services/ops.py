@@ -197,6 +197,9 @@ class OpsService:
         if saved.checkpoint is None:
             raise ValueError("no checkpoint in the save result")
         await self.registry.register(fut, saved.checkpoint, meta)
+        mirror = getattr(self.dispatcher.backend, "mirror_checkpoint", None)  # optional backend hook
+        if mirror is not None:
+            await mirror(fut.target_id, saved.checkpoint.tinker_path)
         kind = "save_weights" if fut.op == OpKind.SAVE_STATE else "save_weights_for_sampler"
         return json_bytes({"path": saved.checkpoint.tinker_path, "type": kind}), JSON
 

@@ -1,6 +1,6 @@
 """Gateway component fixtures: a real gateway process (uvicorn, free port) + the real tinker SDK.
 
-`shared_gateway` is module-scoped (starting a gateway costs seconds on 2 cores); tests that restart
+`shared_gateway` is session-scoped (starting a gateway costs seconds on 2 cores); tests that restart
 or reap use the function-scoped `gateway`. Trainers are the fake trainer unless a test asks for the
 real one.
 """
@@ -25,9 +25,10 @@ def gateway(tmp_path: Path, model_cache_dir: Path) -> Iterator[GatewayProc]:
     gw.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def shared_gateway(tmp_path_factory: pytest.TempPathFactory, model_cache_dir: Path) -> Iterator[GatewayProc]:
     extra = {"TINKERKUBE_GATEWAY_FWDBWD_MAX_CHUNK_LEN": "2", "TINKERKUBE_GATEWAY_MAX_BODY_BYTES": "2000000",
+             "TINKERKUBE_GATEWAY_REAPER_INTERVAL_SECONDS": "0.5",
              "TINKERKUBE_GATEWAY_API_KEYS": '{"tml-alice": "alice", "tml-bob": "bob", "tml-local": "local"}'}
     gw = start_gateway(tmp_path_factory.mktemp("gw") / "state", model_cache_dir=model_cache_dir, extra_env=extra)
     yield gw
