@@ -43,6 +43,33 @@ def test_operator_settings_accept_the_rendered_values(helm: Helm, monkeypatch: p
         assert settings.trainer_image and settings.namespaces == ["tinkerkube"]
 
 
+@pytest.mark.parametrize("values_set", sorted(VALUES_SETS))
+def test_gateway_settings_accept_the_rendered_values(helm: Helm, monkeypatch: pytest.MonkeyPatch,
+                                                     values_set: str) -> None:
+    from tinkerkube_gateway.settings import BackendKind, GatewaySettings
+
+    render = helm.render(values_set)
+    for name, value in render.env("gateway").items():
+        if isinstance(value, str) and name.startswith("TINKERKUBE_GATEWAY_"):
+            monkeypatch.setenv(name, value)
+    settings = GatewaySettings()
+    assert settings.backend is BackendKind.KUBERNETES
+    assert settings.port == render.container("gateway")["ports"][0]["containerPort"]
+
+
+def test_gpu_defaults_reach_the_gateway_settings(helm: Helm, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tinkerkube_gateway.settings import GatewaySettings
+
+    for name, value in helm.render("values-gpu").env("gateway").items():
+        if isinstance(value, str):
+            monkeypatch.setenv(name, value)
+    settings = GatewaySettings()
+    assert (settings.trainer_gpus, settings.trainer_nproc_per_node) == (4, 4)
+    assert settings.trainer_node_selector == {"nvidia.com/gpu.present": "true"}
+    assert settings.trainer_tolerations[0]["key"] == "nvidia.com/gpu"
+    assert settings.trainer_priority_class_name == "training"
+
+
 def test_kind_values_point_the_operator_at_the_local_cpu_trainer_image(helm: Helm) -> None:
     env = helm.render("kind").env("operator")
     assert env["TINKERKUBE_OPERATOR_TRAINER_IMAGE"] == "tinkerkube/trainer:local-cpu"
