@@ -104,6 +104,9 @@ class ModelWorker:
                 sent = await self._forward(fut)
                 if sent is False:
                     return
+                if self.dead is not None:  # the trainer died while this op was being forwarded
+                    await self.d.sink.on_failure(fut, self.dead, ErrorCategory.SERVER)
+                    return
                 if sent:
                     self.trainer_next += 1
                     self.inflight.append(fut)

@@ -1,0 +1,65 @@
+"""Long-poll waiting: one shared notifier wakes every waiter; waiters never poll the database."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+from tinkerkube_contract.pod_api import ErrorCategory
+from tinkerkube_gateway.metrics import Metrics
+from tinkerkube_gateway.services.futures import FuturesService
+from tinkerkube_gateway.store.records import FutureState
+from tinkerkube_gateway.store.repo import AsyncRepo, Repo
+
+
+class CountingRepo(AsyncRepo):
+    def __init__(self, repo: Repo):
+        super().__init__(repo)
+        self.reads = 0
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "get_future":
+            self.reads += 1
+        return super().__getattr__(name)
+
+
+async def _service(tmp_path: Path) -> tuple[FuturesService, CountingRepo]:
+    repo = CountingRepo(Repo(f"sqlite:///{tmp_path / 'gw.db'}"))
+    return FuturesService(repo, Metrics(), long_poll_seconds=0.3), repo
+
+
+async def test_one_completion_wakes_every_waiter_with_two_reads_each(tmp_path: Path) -> None:
+    futures, repo = await _service(tmp_path)
+    fut, _ = await futures.create(tenant="t", session_id="s", target_id="m", seq_id=1, op="optim_step")
+    waiters = [asyncio.create_task(futures.wait("t", fut.request_id, timeout=20)) for _ in range(50)]
+    await asyncio.sleep(0.5)  # everyone is asleep on the notifier now; no reads happen meanwhile
+    reads_while_waiting = repo.reads
+    await asyncio.sleep(0.5)
+    assert repo.reads == reads_while_waiting == 50
+    started = time.monotonic()
+    await futures.complete(fut, b'{"metrics": {}}', "application/json")
+    results = await asyncio.gather(*waiters)
+    assert time.monotonic() - started < 2
+    assert {r.state for r in results} == {FutureState.COMPLETE}
+    assert repo.reads == 100
+    assert futures.notifier.waiting == 0
+
+
+async def test_a_pending_future_is_returned_pending_after_the_hold(tmp_path: Path) -> None:
+    futures, _ = await _service(tmp_path)
+    fut, _ = await futures.create(tenant="t", session_id="s", target_id="m", seq_id=1, op="optim_step")
+    started = time.monotonic()
+    record = await futures.wait("t", fut.request_id)
+    assert record.state == FutureState.PENDING and 0.25 < time.monotonic() - started < 2
+    assert futures.notifier.waiting == 0
+
+
+async def test_a_finished_future_is_re_readable(tmp_path: Path) -> None:
+    futures, _ = await _service(tmp_path)
+    fut, _ = await futures.create(tenant="t", session_id="s", target_id="m", seq_id=1, op="optim_step")
+    await futures.fail(fut, "boom", ErrorCategory.USER)
+    for _ in range(3):
+        record = await futures.wait("t", fut.request_id)
+        assert record.state == FutureState.FAILED and record.error == "boom"
