@@ -227,7 +227,9 @@ class TrainingEngine:
     # ------------------------------------------------------------------ forward / backward
 
     def _token_logprobs(self, batch: Batch) -> torch.Tensor:
-        logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+        # No padding (equal lengths): no mask, so attention can take its plain causal fast path.
+        mask = None if min(batch.lengths) == max(batch.lengths) else batch.attention_mask
+        logits = self.model(input_ids=batch.input_ids, attention_mask=mask).logits.float()
         picked = logits.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)
         return picked - torch.logsumexp(logits, dim=-1)
 
