@@ -107,3 +107,16 @@ def test_crashed_trainer_fails_the_next_future_clearly(tmp_path: Path, model_cac
 
 
 pytestmark = pytest.mark.slow
+
+
+def test_finishing_a_session_stops_its_trainers_and_fails_its_runs(shared_gateway: GatewayProc) -> None:
+    with shared_gateway.http() as http:
+        session_id = new_session(http)
+        before = set(shared_gateway.trainer_pids())
+        model_id = new_model(http, session_id, TINY)
+        (name,) = set(shared_gateway.trainer_pids()) - before
+        pid = shared_gateway.trainer_pids()[name]
+        assert http.post(f"/api/v1/sessions/{session_id}/finish", json={"reason": {"type": "success"}}).is_success
+        eventually_sync(lambda: _alive(pid), lambda alive: not alive, timeout=15, what="trainer stopped")
+        late = retrieve(http, post_fwdbwd(http, fwdbwd_body(model_id, 1)).json()["request_id"]).json()
+        assert "finished" in late["error"]
