@@ -56,6 +56,7 @@ class GatewaySettings(BaseSettings):
     # Trainer placement (kubernetes backend; local mode uses nproc_per_node and the token only).
     namespace: str = Field("default", description="namespace of the TrainingSession resources (kubernetes backend)")
     kubeconfig: str | None = Field(None, description="kubeconfig path; default: in-cluster config")
+    kube_api_url: str | None = Field(None, description="Kubernetes API URL override (tests: an emulator)")
     trainer_auth_token: SecretStr | None = Field(
         None, description="token trainers require (X-Tinkerkube-Token); default: random per gateway (local)")
     trainer_image: str | None = Field(None, description="trainer image override for TrainingSessions")

@@ -69,6 +69,7 @@ class Coalescer:
         self._last_write: dict[str, float] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.writes = 0
+        self.min_spacing = math.inf  # the shortest gap seen between two writes of one key (≥ interval)
 
     def offer(self, key: str, value: Any) -> None:
         self._latest[key] = value
@@ -82,7 +83,10 @@ class Coalescer:
                 if wait > 0:
                     await self._sleep(wait)
                 value = self._latest.pop(key)
-                self._last_write[key] = self._clock()
+                now = self._clock()
+                if key in self._last_write:
+                    self.min_spacing = min(self.min_spacing, now - self._last_write[key])
+                self._last_write[key] = now
                 self.writes += 1
                 try:
                     await self._write(key, value)

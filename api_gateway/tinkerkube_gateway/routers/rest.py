@@ -67,13 +67,9 @@ async def weights_info(svc: Svc, tenant: Tenant, body: Body) -> dict[str, Any]:
 
 @router.get("/sessions", summary="The tenant's sessions")
 async def list_sessions(svc: Svc, tenant: Tenant, limit: int = Limit, offset: int = Offset) -> dict[str, Any]:
-    return {"sessions": [s.session_id for s in await svc.sessions.repo.list_sessions(tenant, limit, offset)]}
+    return {"sessions": await svc.sessions.list_ids(tenant, limit, offset)}
 
 
 @router.get("/sessions/{session_id}", summary="A session's runs and samplers")
 async def get_session(svc: Svc, tenant: Tenant, session_id: str) -> dict[str, Any]:
-    session = await svc.sessions.get_owned(tenant, session_id)
-    runs = await svc.sessions.repo.list_models(session_id=session_id, kind="train")
-    samplers = await svc.sessions.repo.list_samplers(session_id)
-    return {"training_run_ids": [r.model_id for r in runs], "sampler_ids": [s.sampler_id for s in samplers],
-            "user_metadata": session.user_metadata, "display_name": session.display_name}
+    return await svc.sessions.describe(tenant, session_id)

@@ -20,7 +20,7 @@ from tinkerkube_gateway.backends.base import SessionBackend, TrainerHandle
 from tinkerkube_gateway.dispatcher import Dispatcher
 from tinkerkube_gateway.errors import InvalidRequest, UnknownCheckpoint, UnknownModel
 from tinkerkube_gateway.scheduling import first_expected_seq
-from tinkerkube_gateway.schemas import CreateModelRequest, LoadWeightsRequest
+from tinkerkube_gateway.schemas import CreateModelRequest, LoadWeightsRequest, LoraConfig
 from tinkerkube_gateway.services.futures import FuturesService
 from tinkerkube_gateway.services.sessions import SessionsService
 from tinkerkube_gateway.store.records import FutureRecord, FutureState, ModelRecord, ModelStatus
@@ -62,12 +62,12 @@ class ModelsService:
     async def create_model(self, tenant: str, req: CreateModelRequest) -> FutureRecord:
         await self.sessions.get_active(tenant, req.session_id)
         model_id = paths.model_id_for(req.session_id, req.model_seq_id)
-        lora_cfg = req.lora_config or _default_lora()
+        lora_cfg = req.lora_config or LoraConfig()
         lora = LoraSpec(rank=lora_cfg.rank, alpha=float(lora_cfg.rank), train_mlp=lora_cfg.train_mlp,
                         train_attn=lora_cfg.train_attn, train_unembed=lora_cfg.train_unembed, seed=lora_cfg.seed)
         spec = self.spec_for(model_id=model_id, tenant=tenant, session_id=req.session_id,
                              base_model=req.base_model, lora=lora)
-        return await self._launch(tenant, spec, "create_model", req.user_metadata, req.optimizer_config)
+        return await self.launch(tenant, spec, "create_model", req.user_metadata, req.optimizer_config)
 
     async def create_from_checkpoint(self, tenant: str, req: LoadWeightsRequest, resolve: Any) -> FutureRecord:
         """Create-via-load: the new run takes base model and LoRA config from the checkpoint's run."""
@@ -83,9 +83,9 @@ class ModelsService:
                              base_model=source.base_model, lora=LoraSpec.model_validate(source.lora or {}),
                              restore_from=checkpoint.tinker_path, restore_optimizer=req.optimizer)
         metadata = req.user_metadata if req.user_metadata is not None else source.user_metadata
-        return await self._launch(tenant, spec, "load_weights_create", metadata, source.optimizer_config)
+        return await self.launch(tenant, spec, "load_weights_create", metadata, source.optimizer_config)
 
-    async def _launch(self, tenant: str, spec: TrainingSessionSpec, op: str, user_metadata: dict[str, Any] | None,
+    async def launch(self, tenant: str, spec: TrainingSessionSpec, op: str, user_metadata: dict[str, Any] | None,
                       optimizer_config: dict[str, Any] | None, weights_key: str | None = None) -> FutureRecord:
         fut, created = await self.futures.create(tenant=tenant, session_id=spec.tinker_session,
                                                  target_id=spec.model_id, seq_id=0, op=op,
@@ -163,9 +163,3 @@ class ModelsService:
                                         trainer_next=await self.repo.max_trainer_seq(target_id) + 1, resend=resend)
         for fut in fresh:
             worker.enqueue(fut)
-
-
-def _default_lora() -> Any:
-    from tinkerkube_gateway.schemas import LoraConfig
-
-    return LoraConfig()

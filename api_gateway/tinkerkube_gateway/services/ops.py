@@ -213,7 +213,3 @@ def _failure(body: bytes) -> pod_api.OpFailure:
         except (ValueError, AttributeError):
             detail = body.decode(errors="replace")
         return pod_api.OpFailure(error=str(detail)[:4000], category=ErrorCategory.SERVER)
-
-
-def model_is_live(model: ModelRecord) -> bool:
-    return model.status in (ModelStatus.STARTING, ModelStatus.READY)

@@ -81,7 +81,7 @@ class SamplingService:
         process_id = sampler_id.replace(":sample:", ":sampler:")  # sample futures are keyed by sampler_id
         spec = self.models.spec_for(model_id=process_id, tenant=tenant, session_id=session_id, base_model=base_model,
                                     lora=lora, mode=SessionMode.SAMPLE, restore_from=restore_from)
-        await self.models._launch(tenant, spec, "start_sampler", None, None, weights_key=key)
+        await self.models.launch(tenant, spec, "start_sampler", None, None, weights_key=key)
         record = await self.models.repo.get_model(process_id)
         assert record is not None
         return record

@@ -12,6 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from tinkerkube_gateway.errors import SessionGone, UnknownSession
 from tinkerkube_gateway.metrics import Metrics
@@ -78,6 +79,17 @@ class SessionsService:
                             f"no heartbeat for {self.idle_timeout:.0f}s (idle timeout)")
             reaped.append(record.session_id)
         return reaped
+
+    async def list_ids(self, tenant: str, limit: int, offset: int) -> list[str]:
+        return [s.session_id for s in await self.repo.list_sessions(tenant, limit, offset)]
+
+    async def describe(self, tenant: str, session_id: str) -> dict[str, Any]:
+        session = await self.get_owned(tenant, session_id)
+        runs = await self.repo.list_models(session_id=session_id, kind="train")
+        samplers = await self.repo.list_samplers(session_id)
+        metadata = None if session.user_metadata is None else {k: str(v) for k, v in session.user_metadata.items()}
+        return {"training_run_ids": [r.model_id for r in runs], "sampler_ids": [s.sampler_id for s in samplers],
+                "user_metadata": metadata, "display_name": session.display_name}
 
     async def refresh_gauge(self) -> None:
         self.metrics.active_sessions.set(await self.repo.count_active_sessions())
