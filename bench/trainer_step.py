@@ -133,6 +133,15 @@ class Service:
         return sum(len(s.tokens) for s in resp.sequences)
 
 
+def op_seconds(client: PodClient) -> float:
+    """Seconds the trainer spent executing ops (its tinkerkube_trainer_op_seconds histogram)."""
+    total = 0.0
+    for line in client.http.get(api.METRICS_PATH).text.splitlines():
+        if line.startswith("tinkerkube_trainer_op_seconds_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
@@ -183,11 +192,15 @@ def main() -> int:
         for _ in range(args.warmup):
             service.train_step()
             bare.train_step(batch_t)
+        before = op_seconds(client)
         s, b = interleave(args.rounds, args.steps, lambda: timed(service.train_step),
                           lambda: timed(lambda: bare.train_step(batch_t)))
+        engine_s = op_seconds(client) - before
         tok = tokens_per_step * args.steps
         print(f"train  service {tok / s:9.1f} tok/s   bare peft loop {tok / b:9.1f} tok/s   "
               f"ratio {b / s:.3f}  (goal >= 0.95; {args.steps} steps of fb+optim each)")
+        print(f"       service wall {s:.2f}s = engine compute {engine_s:.2f}s (trainer's op_seconds) + runtime "
+              f"{s - engine_s:.3f}s (HTTP, queue, decode: {100 * (s - engine_s) / s:.2f}%)")
         if not args.no_sample:
             bench_sampling(args, service, bare, vocab, rng)
         client.close()
