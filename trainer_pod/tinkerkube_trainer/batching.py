@@ -22,7 +22,7 @@ from tinkerkube_trainer.losses import FLOAT_INPUTS
 class Batch:
     input_ids: torch.Tensor  # int64 (B, T), pads are `pad_id`
     attention_mask: torch.Tensor  # int64 (B, T), 1 on real tokens
-    targets: torch.Tensor  # int64 (B, T), pads are 0 (a valid index, masked out)
+    targets: torch.Tensor  # int64 (B, T) or (B, T, K); pads are 0 (a valid index, masked out)
     mask: torch.Tensor  # float32 (B, T), 1.0 on real tokens
     float_inputs: dict[str, torch.Tensor]  # e.g. weights, logprobs, advantages: float32 (B, T)
     lengths: list[int]
@@ -50,23 +50,25 @@ def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
 
 def collate(datums: Sequence[DatumData], pad_id: int = 0) -> Batch:
     """Pad datums to the longest; float inputs present on any datum are padded with 0 on all.
-    An empty sequence of datums gives a `(0, 0)` batch (a rank with no shard still joins collectives)."""
+    `(N, K)` target_tokens/weights (top-K distillation) become `(B, T, K)`. An empty sequence of
+    datums gives a `(0, 0)` batch (a rank with no shard still joins the collectives)."""
     lengths = [int(d.tokens.shape[0]) for d in datums]
     b, t = len(datums), max(lengths, default=0)
+    trailing = next((d.inputs["target_tokens"].shape[1:] for d in datums if "target_tokens" in d.inputs), ())
     input_ids = np.full((b, t), pad_id, dtype=np.int64)
-    targets = np.zeros((b, t), dtype=np.int64)
+    targets = np.zeros((b, t, *trailing), dtype=np.int64)
     mask = np.zeros((b, t), dtype=np.float32)
     names = sorted({k for d in datums for k in d.inputs if k in FLOAT_INPUTS})
-    floats = {k: np.zeros((b, t), dtype=np.float32) for k in names}
+    floats = {k: np.zeros((b, t, *(trailing if k == "weights" else ())), dtype=np.float32) for k in names}
     for i, d in enumerate(datums):
         n = lengths[i]
         input_ids[i, :n] = d.tokens
         mask[i, :n] = 1.0
         if "target_tokens" in d.inputs:
-            targets[i, :n] = d.inputs["target_tokens"].reshape(-1)
+            targets[i, :n] = d.inputs["target_tokens"]
         for k in names:
             if k in d.inputs:
-                floats[k][i, :n] = d.inputs[k].reshape(-1)
+                floats[k][i, :n] = d.inputs[k]
     return Batch(
         input_ids=torch.from_numpy(input_ids),
         attention_mask=torch.from_numpy((mask > 0).astype(np.int64)),

@@ -159,19 +159,24 @@ def decode_forward_backward(body: bytes) -> ForwardBackwardPayload:
 
 
 def _batched(arrays: Sequence[np.ndarray], dtype: np.dtype, pb_dtype: int) -> pb.BatchedTensor:
+    """Per-datum arrays of one trailing shape (e.g. `(N,)` or `(N, K)`) → one BatchedTensor."""
+    trailing = {tuple(a.shape[1:]) for a in arrays}
+    if len(trailing) > 1:
+        raise ValueError(f"one field needs one trailing shape per record, got {sorted(trailing)}")
     parts = [np.ascontiguousarray(a, dtype=dtype).reshape(-1) for a in arrays]
     sizes = np.array([0] + [p.nbytes for p in parts], dtype=np.int64)
     return pb.BatchedTensor(
         data=b"".join(p.tobytes() for p in parts),
         offsets=np.cumsum(sizes).astype("<i8").tobytes(),
         dtype=pb_dtype,
+        trailing_shape=list(trailing.pop()) if trailing else [],
     )
 
 
 def encode_forward_backward_output(
     outputs: Sequence[Mapping[str, np.ndarray]], metrics: Mapping[str, float]
 ) -> bytes:
-    """Per-datum float32 `(N,)` fields (in request order) + `name:reduction` metrics → protobuf bytes."""
+    """Per-datum float32 `(N,)` or `(N, K)` fields (in request order) + `name:reduction` metrics → bytes."""
     for key in metrics:
         if key.count(":") != 1:
             raise ValueError(f"metric key {key!r} must be name:reduction")
@@ -314,11 +319,18 @@ def _topk(ids: np.ndarray, logprobs: np.ndarray) -> pb.TopkLogprobs:
 # ---------------------------------------------------------------- validation
 
 
-def validate_forward_backward(payload: ForwardBackwardPayload, required: Sequence[str], vocab_size: int) -> None:
-    """Shapes, ids and required inputs, checked before anything runs (one bad datum fails the call)."""
+TOPK_INPUTS = ("target_tokens", "weights")  # may be (N, K) for cross_entropy: top-K distillation
+
+
+def validate_forward_backward(
+    payload: ForwardBackwardPayload, required: Sequence[str], vocab_size: int, *, allow_topk: bool = False
+) -> None:
+    """Shapes, ids and required inputs, checked before anything runs (one bad datum fails the call).
+    With `allow_topk`, target_tokens/weights may be `(N, K)`, with one K for the whole call."""
     if not payload.datums:
         raise OpError("forward_backward needs at least one datum", code="empty_data")
     present: dict[str, int] = {}
+    trailing: set[tuple[int, ...]] = set()
     for i, d in enumerate(payload.datums):
         n = int(d.tokens.shape[0])
         if n == 0:
@@ -331,14 +343,9 @@ def validate_forward_backward(payload: ForwardBackwardPayload, required: Sequenc
                               code="missing_loss_input")
         for name, arr in d.inputs.items():
             present[name] = present.get(name, 0) + 1
-            if arr.ndim != 1:
-                raise OpError(f"datum {i}: loss_fn_inputs[{name!r}] has shape {list(arr.shape)}; only 1-D (N,) "
-                              "inputs are supported", code="bad_shape")
-            if arr.shape[0] != n:
-                raise OpError(f"datum {i}: loss_fn_inputs[{name!r}] has length {arr.shape[0]} but model_input has "
-                              f"{n} tokens (position i predicts target i)", code="bad_shape")
-            if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
-                raise OpError(f"datum {i}: loss_fn_inputs[{name!r}] contains NaN or infinity", code="bad_value")
+            _check_input(i, name, arr, n, allow_topk and name in TOPK_INPUTS)
+            if name in TOPK_INPUTS:
+                trailing.add(tuple(arr.shape[1:]))
         targets = d.inputs.get("target_tokens")
         if targets is not None and (not np.issubdtype(targets.dtype, np.integer) or targets.min() < 0
                                     or targets.max() >= vocab_size):
@@ -347,3 +354,17 @@ def validate_forward_backward(payload: ForwardBackwardPayload, required: Sequenc
     partial = sorted(k for k, count in present.items() if count != len(payload.datums))
     if partial:
         raise OpError(f"loss_fn_inputs {partial} must be given for every datum or for none", code="bad_shape")
+    if len(trailing) > 1:
+        raise OpError("target_tokens and weights must all be (N,) or all (N, K) with one K per call", code="bad_shape")
+
+
+def _check_input(i: int, name: str, arr: np.ndarray, n: int, may_be_2d: bool) -> None:
+    if arr.ndim != 1 and not (may_be_2d and arr.ndim == 2 and arr.shape[1] > 0):
+        allowed = "(N,) or (N, K)" if may_be_2d else "(N,)"
+        raise OpError(f"datum {i}: loss_fn_inputs[{name!r}] has shape {list(arr.shape)}; expected {allowed}",
+                      code="bad_shape")
+    if arr.shape[0] != n:
+        raise OpError(f"datum {i}: loss_fn_inputs[{name!r}] has length {arr.shape[0]} but model_input has "
+                      f"{n} tokens (position i predicts target i)", code="bad_shape")
+    if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+        raise OpError(f"datum {i}: loss_fn_inputs[{name!r}] contains NaN or infinity", code="bad_value")

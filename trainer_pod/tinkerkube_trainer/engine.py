@@ -172,7 +172,8 @@ class TrainingEngine:
         if kind is OpKind.FORWARD_BACKWARD:
             request = codec.decode_forward_backward(body)
             loss = canonical_loss_name(request.loss_fn)
-            codec.validate_forward_backward(request, REQUIRED_INPUTS[loss], self.vocab_size)
+            codec.validate_forward_backward(request, REQUIRED_INPUTS[loss], self.vocab_size,
+                                            allow_topk=loss == "cross_entropy")
             return FbPayload(request, loss, parse_loss_config(request.config, request.legacy_config))
         if kind is OpKind.OPTIM_STEP:
             return _parse_json(OptimStepOp, body)[0]
@@ -230,8 +231,10 @@ class TrainingEngine:
         # No padding (equal lengths): no mask, so attention can take its plain causal fast path.
         mask = None if min(batch.lengths) == max(batch.lengths) else batch.attention_mask
         logits = self.model(input_ids=batch.input_ids, attention_mask=mask).logits.float()
-        picked = logits.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)
-        return picked - torch.logsumexp(logits, dim=-1)
+        norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+        if batch.targets.dim() == 3:  # (B, T, K) top-K targets: logprobs per slot
+            return logits.gather(-1, batch.targets) - norm
+        return (logits.gather(-1, batch.targets.unsqueeze(-1)) - norm).squeeze(-1)
 
     def _run_micro_batch(self, p: FbPayload, chunk: Sequence[codec.DatumData], train: bool):
         batch = collate(chunk, self.pad_id).to(self.device)

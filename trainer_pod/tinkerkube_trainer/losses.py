@@ -115,9 +115,11 @@ def _clipped_surrogate(ratio: torch.Tensor, adv: torch.Tensor, lo: torch.Tensor 
 
 
 def cross_entropy(x: LossInputs, cfg: LossConfig) -> torch.Tensor:
-    """`-lp·w`; missing weights mean 1 (a plain call); any real weights are allowed (custom losses)."""
+    """`-lp·w`; missing weights mean 1 (a plain call); any real weights are allowed (custom losses).
+    With `(B, T, K)` top-K targets the loss is per slot, `(B, T, K)`."""
     w = x.weights if x.weights is not None else torch.ones_like(x.target_logprobs)
-    return -x.target_logprobs * w * x.mask
+    mask = x.mask if x.mask.dim() == x.target_logprobs.dim() else x.mask.unsqueeze(-1)
+    return -x.target_logprobs * w * mask
 
 
 def importance_sampling(x: LossInputs, cfg: LossConfig) -> torch.Tensor:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tinker import types
 from tinker.proto.response_conv import deserialize_forward_backward_output
 
 from tests.component.trainer.engine_fixtures import (
@@ -165,3 +166,30 @@ def test_micro_batching_gives_the_single_forward_result(config, monkeypatch: pyt
     for g, w in zip(got.loss_fn_outputs, want.loss_fn_outputs, strict=True):
         np.testing.assert_allclose(g["logprobs"].data, w["logprobs"].data, rtol=1e-5, atol=1e-6)
     assert_same_tensors(split.accumulated_grads(), whole.accumulated_grads(), **TOL)
+
+
+def test_top_k_cross_entropy_is_the_sum_of_its_columns(config) -> None:
+    """(N, K) target_tokens/weights (the cookbook's top-K distillation) = K plain calls, one per slot."""
+    topk, columns = new_engine(config), new_engine(config)
+    _warm_up(topk)
+    _warm_up(columns)
+    rng = np.random.default_rng(13)
+    k = 3
+    inputs = [rng.integers(3, 500, size=int(n)).tolist() for n in (4, 7)]
+    targets = [rng.integers(3, 500, size=(len(x), k)) for x in inputs]
+    weights = [rng.uniform(0, 1, size=(len(x), k)).astype(np.float32) for x in inputs]
+    datum = lambda x, t, w: types.Datum(  # noqa: E731
+        model_input=types.ModelInput.from_ints(x),
+        loss_fn_inputs={"target_tokens": types.TensorData.from_numpy(t), "weights": types.TensorData.from_numpy(w)})
+    out = run_fb(topk, [datum(x, t, w) for x, t, w in zip(inputs, targets, weights, strict=True)])
+    assert [o["logprobs"].shape for o in out.loss_fn_outputs] == [[4, k], [7, k]]
+    total = 0.0
+    for j in range(k):
+        col = run_fb(columns, [datum(x, t[:, j].copy(), w[:, j].copy()) for x, t, w in zip(inputs, targets, weights,
+                                                                                            strict=True)])
+        total += col.metrics["loss:sum"]
+        for got, want in zip(out.loss_fn_outputs, col.loss_fn_outputs, strict=True):
+            np.testing.assert_allclose(np.asarray(got["logprobs"].data).reshape(-1, k)[:, j], want["logprobs"].data,
+                                       rtol=1e-5, atol=1e-6)
+    assert out.metrics["loss:sum"] == pytest.approx(total, rel=1e-5)
+    assert_same_tensors(topk.accumulated_grads(), columns.accumulated_grads(), **TOL)
