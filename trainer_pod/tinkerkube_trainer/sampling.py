@@ -139,6 +139,9 @@ def sample(
     gen = _generator(params.seed, device)
     stop_ids = torch.tensor(sorted(stop_token_set(params, eos_ids)), dtype=torch.long, device=device)
     stop_strings = tuple(s for s in params.stop_strings or () if s)  # "" would match before any token
+    # Every earlier step was checked, so a new match ends in the newest token: decoding a tail that
+    # can hold the longest stop string (<= 4 bytes a char, >= 1 byte a token) is enough, and O(1).
+    window = 4 * max((len(s) for s in stop_strings), default=0) + 8
     rows = _Rows([[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)], [False] * n, list(range(n)))
     k = min(params.topk_sample_logprobs, last.shape[-1])
     for step in range(params.max_tokens):
@@ -154,7 +157,8 @@ def sample(
             rows.logprobs[i].append(chosen[b])
             if top is not None:
                 rows.topk[i].append((top.indices[b].cpu().numpy(), top.values[b].cpu().numpy()))
-            rows.stopped[i] = bool(hit[b]) or bool(stop_strings and _contains_any(decode(rows.tokens[i]), stop_strings))
+            rows.stopped[i] = bool(hit[b]) or bool(stop_strings and _contains_any(
+                decode(rows.tokens[i][-window:]), stop_strings))
         keep = [b for b, i in enumerate(rows.live) if not rows.stopped[i]]
         if not keep or step == params.max_tokens - 1:
             break

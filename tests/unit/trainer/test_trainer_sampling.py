@@ -157,3 +157,9 @@ def test_returned_logprobs_are_the_temperature_one_logprobs(temperature: float) 
     seq = sample(Fixed([0]), params, eos_ids=[EOS], decode=str, device=torch.device("cpu")).sequences[0]
     expected = torch.log_softmax(torch.log(torch.tensor([0.4, 0.3, 0.2, 0.05, 0.05, 0, 0, 0]) + 1e-30), -1)
     assert seq.logprobs == pytest.approx([expected[t].item() for t in seq.tokens], rel=1e-6)
+
+
+def test_stop_string_is_found_late_in_a_long_generation() -> None:
+    script = [0, 1, 2] * 20 + [3, 4, 6]
+    tokens, stopped = _run(ScriptedModel(script), stop_strings=("\n\nUser:",), max_tokens=100)[0]
+    assert tokens == script[:-1] and stopped
