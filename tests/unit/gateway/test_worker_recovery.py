@@ -144,7 +144,7 @@ async def test_replay_without_a_restore_point_fails_pending_futures_retryably(tm
 @pytest.mark.parametrize("gone_at", [1, 2])
 async def test_a_trainer_that_is_gone_fails_every_pending_future_clearly(tmp_path: Path, gone_at: int) -> None:
     sink = await _run(tmp_path, FakeTrainer(gone_on_poll=gone_at), [1, 2, 3])
-    failed = [s for s, outcome in sink.results.items() if outcome.startswith("failed")]
+    failed = sorted(s for s, outcome in sink.results.items() if outcome.startswith("failed"))
     assert failed == list(range(gone_at, 4))
     assert all("is gone" in sink.results[s] and "exited with code -9" in sink.results[s] for s in failed)
 
