@@ -56,7 +56,7 @@ def train(training_client: tinker.TrainingClient) -> list[float]:
 
 
 def sample(training_client: tinker.TrainingClient) -> None:
-    sampler = training_client.save_weights_and_get_sampling_client(name="e2e-sampler")
+    sampler = training_client.save_weights_and_get_sampling_client(name="e2e-sampler").result()
     response = sampler.sample(
         prompt=types.ModelInput.from_ints([10, 17, 24, 31]),
         num_samples=2,
@@ -67,12 +67,17 @@ def sample(training_client: tinker.TrainingClient) -> None:
     print(f"sampled: {[seq.tokens for seq in response.sequences]}", flush=True)
 
 
-def checkpoint(training_client: tinker.TrainingClient) -> str:
+def checkpoint(service: tinker.ServiceClient, training_client: tinker.TrainingClient) -> str:
+    """save_state, then a new training run restored from it (in a cluster: a second TrainingSession)."""
     path = training_client.save_state("e2e-state").result(timeout=TIMEOUT).path
     if not path.startswith("tinker://"):
         raise AssertionError(f"save_state returned {path!r}, not a tinker:// path")
-    training_client.load_state(path).result(timeout=TIMEOUT)
-    print(f"checkpoint saved and reloaded: {path}", flush=True)
+    expected = _loss(training_client.forward_backward(_batch(), "cross_entropy").result(timeout=TIMEOUT))
+    restored = service.create_training_client_from_state_with_optimizer(path).result()
+    loss = _loss(restored.forward_backward(_batch(), "cross_entropy").result(timeout=TIMEOUT))
+    if not abs(loss - expected) <= 1e-3 * abs(expected):
+        raise AssertionError(f"the restored run computes loss {loss}, the saved one {expected}")
+    print(f"checkpoint saved and restored into a new run: {path} (loss:sum={loss:.4f})", flush=True)
     return path
 
 
@@ -81,10 +86,10 @@ def main() -> int:
     service = tinker.ServiceClient()
     capabilities = service.get_server_capabilities()
     print(f"server models: {[m.model_name for m in capabilities.supported_models]}", flush=True)
-    training_client = service.create_lora_training_client(base_model=BASE_MODEL, rank=8)
+    training_client = service.create_lora_training_client(base_model=BASE_MODEL, rank=8).result()
     train(training_client)
     sample(training_client)
-    checkpoint(training_client)
+    checkpoint(service, training_client)
     print(f"SDK smoke passed in {time.monotonic() - start:.0f} s", flush=True)
     return 0
 
