@@ -184,3 +184,66 @@ def test_dockerignore_keeps_the_context_small() -> None:
     assert not dockerignore_allows(".git/HEAD")
     assert dockerignore_allows("pyproject.toml")
     assert dockerignore_allows("crds/tinkerkube_contract/resource.py")
+
+
+# --- every image installs what its code imports -------------------------------------------------------
+EXTRA_OF = {"gateway": ("api_gateway/tinkerkube_gateway", "gateway"),
+            "operator": ("operator/tinkerkube_operator", "operator"),
+            "trainer": ("trainer_pod/tinkerkube_trainer", "trainer")}
+
+
+def _third_party_imports(package: Path) -> set[str]:
+    import ast
+    import sys
+
+    found: set[str] = set()
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+    return {m for m in found if m not in sys.stdlib_module_names and not m.startswith("tinkerkube_")}
+
+
+def _closure(requirements: list[str]) -> set[str]:
+    """Distribution names reachable from these requirement strings (markers for extras we do not ask ignored)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    seen: set[str] = set()
+    todo = [Requirement(r) for r in requirements]
+    while todo:
+        req = todo.pop()
+        name = req.name.lower().replace("_", "-")
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            dist = metadata.distribution(req.name)
+        except metadata.PackageNotFoundError:
+            continue
+        for raw in dist.requires or []:
+            sub = Requirement(raw)
+            wanted = any(sub.marker is None or sub.marker.evaluate({"extra": e}) for e in ("", *req.extras))
+            if wanted and (sub.marker is None or "extra" not in str(sub.marker) or req.extras):
+                todo.append(sub)
+    return seen
+
+
+@pytest.mark.parametrize("component", sorted(EXTRA_OF))
+def test_the_image_installs_every_distribution_the_code_imports(component: str) -> None:
+    import tomllib
+    from importlib import metadata
+
+    folder, extra = EXTRA_OF[component]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    installed = _closure(project["dependencies"] + project["optional-dependencies"][extra])
+    providers = metadata.packages_distributions()
+    missing = {}
+    for module in sorted(_third_party_imports(ROOT / folder) | _third_party_imports(ROOT / "crds/tinkerkube_contract")):
+        dists = {d.lower().replace("_", "-") for d in providers.get(module, [])}
+        if not dists & installed:
+            missing[module] = sorted(dists)
+    assert not missing, f"the {component} image (pip install '.[{extra}]') lacks {missing}"
