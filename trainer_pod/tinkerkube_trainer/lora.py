@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from tinkerkube_contract.resource import LoraSpec
 
@@ -24,12 +25,15 @@ _MLP_HINTS = ("mlp", "fc", "ffn", "feed_forward", "c_fc", "w1", "w2", "w3", "den
 
 
 def _linear_names(model: nn.Module) -> list[str]:
-    return [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    # transformers' Conv1D is GPT-2's Linear (weights transposed); peft adapts both.
+    return [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear | Conv1D)]
 
 
 def target_modules(model: nn.Module, spec: LoraSpec) -> list[str]:
-    """Leaf module names to adapt. Llama/Qwen-family names first; otherwise every Linear layer whose
-    path matches attention or MLP hints. Raises ValueError when the spec selects nothing."""
+    """Module names to adapt. Llama/Qwen-family leaf names when the model has them; otherwise the full
+    path of every Linear layer under an attention or MLP block (full paths, because other families
+    reuse leaf names across blocks, e.g. GPT-2's `attn.c_proj` and `mlp.c_proj`). Raises ValueError
+    when the spec selects nothing."""
     linear = _linear_names(model)
     leaves = {name.rsplit(".", 1)[-1] for name in linear}
     chosen: list[str] = []
@@ -40,13 +44,13 @@ def target_modules(model: nn.Module, spec: LoraSpec) -> list[str]:
             chosen += [m for m in MLP_MODULES if m in leaves]
     else:
         for name in linear:
-            leaf, lower = name.rsplit(".", 1)[-1], name.lower()
-            if leaf in UNEMBED_MODULES or leaf in chosen:
+            parts = name.lower().split(".")
+            if parts[-1] in UNEMBED_MODULES:
                 continue
-            is_mlp = any(h in lower for h in _MLP_HINTS)
-            is_attn = not is_mlp and any(h in lower for h in _ATTN_HINTS)
+            is_mlp = any(h in part for part in parts for h in _MLP_HINTS)
+            is_attn = not is_mlp and any(h in part for part in parts for h in _ATTN_HINTS)
             if (spec.train_mlp and is_mlp) or (spec.train_attn and is_attn):
-                chosen.append(leaf)
+                chosen.append(name)
     if spec.train_unembed:
         chosen += [m for m in UNEMBED_MODULES if m in leaves]
     if not chosen:
