@@ -97,7 +97,8 @@ async def compose(settings: GatewaySettings) -> AsyncIterator[Services]:
         yield Services(sessions=sessions, futures=futures, models=models, ops=ops, sampling=sampling,
                        registry=registry, metrics=metrics, tenant_keys=settings.tenant_keys(),
                        max_body_bytes=settings.max_body_bytes, capabilities=capabilities(settings),
-                       client_config={"fwdbwd_max_chunk_len": settings.fwdbwd_max_chunk_len})
+                       client_config={"fwdbwd_max_chunk_len": settings.fwdbwd_max_chunk_len,
+                                      "proto_compress_fwdbwd": settings.proto_compress_fwdbwd})
     finally:
         await sessions.close()
         await dispatcher.close()

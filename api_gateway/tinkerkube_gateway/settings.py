@@ -69,6 +69,7 @@ class GatewaySettings(BaseSettings):
     trainer_priority_class_name: str | None = Field(None, description="priorityClassName of trainer pods")
     trainer_idle_timeout_seconds: int | None = Field(
         None, ge=0, description="TrainingSession idleTimeoutSeconds; default: the session idle timeout")
+    proto_compress_fwdbwd: bool = Field(False, description="ask the SDK to zstd-compress forward_backward bodies")
     fwdbwd_max_chunk_len: int = Field(1024, ge=1, description="datums per forward_backward request (client config)")
     trainer_request_timeout_seconds: float = Field(60.0, gt=0, description="HTTP timeout for gateway→trainer calls")
 

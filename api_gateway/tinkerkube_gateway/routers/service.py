@@ -12,7 +12,7 @@ from tinkerkube_gateway.schemas import CreateSessionRequest, FinishSessionReques
 
 router = APIRouter(prefix="/api/v1", tags=["service"])
 
-CLIENT_CONFIG = {"pjwt_auth_enabled": False, "proto_compress_fwdbwd": False, "parallel_fwdbwd_chunks": True,
+CLIENT_CONFIG = {"pjwt_auth_enabled": False, "parallel_fwdbwd_chunks": True,
                  "sample_use_retrieve_futures": False, "custom_loss_server_side": False,
                  "sample_join_sampling_session": False}
 

@@ -45,7 +45,7 @@ def service_client(shared_gateway: GatewayProc) -> Iterator[tinker.ServiceClient
 def real_gateway(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
                  model_cache_dir: Path) -> Iterator[GatewayProc]:
     """Real trainer process groups (torchrun + tinkerkube_trainer) on the tiny model."""
-    extra = {"TINKERKUBE_GATEWAY_FWDBWD_MAX_CHUNK_LEN": "2"}
+    extra = {"TINKERKUBE_GATEWAY_FWDBWD_MAX_CHUNK_LEN": "2", "TINKERKUBE_GATEWAY_PROTO_COMPRESS_FWDBWD": "true"}
     gw = start_gateway(tmp_path_factory.mktemp("gw-real") / "state", model_cache_dir=model_cache_dir,
                        real_trainer=True, extra_env=extra)
     yield gw
