@@ -47,6 +47,7 @@ docker info >/dev/null 2>&1 || skip "docker is installed but no Docker engine an
 
 # ---- teardown and diagnostics ---------------------------------------------------------------------
 PF_PID=""
+WATCH_PID=""
 collect() {
   mkdir -p "$ARTIFACTS"
   echo "collecting diagnostics into $ARTIFACTS"
@@ -66,7 +67,7 @@ collect() {
 }
 cleanup() {
   status=$?
-  [ -n "$PF_PID" ] && kill "$PF_PID" 2>/dev/null || true
+  for pid in $PF_PID $WATCH_PID; do kill "$pid" 2>/dev/null || true; done
   if [ "$status" -ne 0 ]; then
     echo "FAILED: kind e2e (exit $status)"
     collect
@@ -138,13 +139,20 @@ done
 curl -fsS "$BASE_URL/api/v1/healthz"; echo
 
 log "running the tinker SDK smoke test"
+# Record every phase the TrainingSessions pass through (the gateway may delete them once its session ends).
+kubectl -n "$NAMESPACE" get ts --watch --no-headers \
+  -o custom-columns=NAME:.metadata.name,PHASE:.status.phase >"$ROOT/var/e2e-ts-watch.txt" 2>&1 &
+WATCH_PID=$!
 TINKER_BASE_URL=$BASE_URL TINKER_API_KEY=$API_KEY "$PYTHON" tests/kind/sdk_smoke.py
+sleep 2
+kill "$WATCH_PID" 2>/dev/null || true
 
 log "checking the cluster saw it"
 kubectl -n "$NAMESPACE" get ts -o wide
-kubectl -n "$NAMESPACE" get ts -o jsonpath='{range .items[*]}{.metadata.name} {.status.phase}{"\n"}{end}' \
-  | tee "$ROOT/var/e2e-sessions.txt"
-grep -Eq ' (Ready|Terminated)$' "$ROOT/var/e2e-sessions.txt" \
-  || { echo "no TrainingSession reached Ready/Terminated"; exit 1; }
+sort -u "$ROOT/var/e2e-ts-watch.txt"
+sessions=$(awk '$2 == "Ready" {print $1}' "$ROOT/var/e2e-ts-watch.txt" | sort -u | wc -l)
+# Two runs: the trained one, and the one restored from its checkpoint.
+[ "$sessions" -ge 2 ] || { echo "expected 2 TrainingSessions to reach Ready, saw $sessions"; exit 1; }
+kubectl -n "$NAMESPACE" get pods -l tinkerkube.dev/role=trainer -o wide
 
 echo "PASSED: kind e2e"
