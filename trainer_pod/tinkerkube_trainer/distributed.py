@@ -39,7 +39,7 @@ _PING = "ping"
 
 def fatal(message: str, *, code: int = 1, **fields: Any) -> None:
     """Log and leave now, without unwinding: threads blocked in collectives must not keep us alive."""
-    log.critical(message, extra=fields)
+    log.log(logging.CRITICAL if code else logging.INFO, message, extra=fields)
     for handler in logging.getLogger().handlers:
         with contextlib.suppress(Exception):
             handler.flush()

@@ -144,7 +144,9 @@ def run_leader(settings: TrainerSettings, dist_env: DistEnv) -> int:
         tmp.write_text(str(port))
         tmp.replace(settings.port_file)
     asyncio.run(server.serve(sockets=[sock]))
-    log.info("stopped", extra={"signals": received})
+    log.info("stopped", extra={"signals": received, "ready": runtime.ready})
+    if not runtime.ready:  # stopped mid-boot: the boot thread may sit in a rendezvous or a load; never wait
+        d.fatal("stopped before the group was ready; failing the group so torchrun stops every rank", code=143)
     return 0
 
 

@@ -107,6 +107,8 @@ class TrainerRuntime:
         started = time.monotonic()
         try:
             booted = await loop.run_in_executor(self.op_executor, self._boot)
+        except asyncio.CancelledError:  # stopped while booting: not a failure
+            raise
         except BaseException as exc:
             self.boot_error = repr(exc)
             log.exception("boot failed")
