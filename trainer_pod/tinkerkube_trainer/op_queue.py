@@ -191,8 +191,9 @@ class OpQueue:
     @property
     def depth(self) -> int:
         """Ops submitted and not finished (running included)."""
-        waiting_ops = sum(1 for seq in self._ops if seq >= self.next_seq)
-        return waiting_ops + len(self._pending_samples) + (1 if self.running is not None else 0)
+        ops = sum(1 for seq in self._ops if seq >= self.next_seq)  # a running op is still at next_seq
+        sample_running = 1 if self.running is not None and self.running.is_sample else 0
+        return ops + len(self._pending_samples) + sample_running
 
     def position(self, entry: Entry) -> int | None:
         """0 = running or next to run; None when finished."""

@@ -173,6 +173,18 @@ async def test_one_completion_wakes_every_waiter(queue: OpQueue, recorder: Recor
     assert all(r is entry and r.state is OpState.COMPLETE for r in results)
 
 
+async def test_queue_depth_counts_running_and_waiting_work_once(queue: OpQueue, recorder: Recorder) -> None:
+    recorder.gate.clear()
+    entries = [submit(queue, 1), submit(queue, 2)]
+    await asyncio.sleep(0.05)  # seq 1 is running now
+    assert queue.depth == 2
+    entries.append(sample(queue, "s"))
+    assert queue.depth == 3
+    recorder.gate.set()
+    await done(queue, *entries)
+    assert queue.depth == 0
+
+
 async def test_a_long_poll_returns_pending_when_its_time_is_up(queue: OpQueue, recorder: Recorder) -> None:
     recorder.gate.clear()
     entry = submit(queue, 1)
