@@ -142,6 +142,12 @@ class ModelsService:
         for target_id, futs in targets.items():
             await self._recover_target(target_id, futs)
 
+    async def adopt(self, model_id: str) -> None:
+        """A live run whose worker is on no replica here (another gateway replica died, or took it): take
+        it over from the store, exactly as after a restart. Needs per-session affinity to stay ordered."""
+        if model_id not in self.dispatcher.workers:
+            await self._recover_target(model_id, await self.repo.futures_for_target(model_id, pending_only=True))
+
     async def _recover_target(self, target_id: str, futs: list[FutureRecord]) -> None:
         record = await self.repo.get_model(target_id)
         alive = record is not None and await self.backend.handle(target_id) is not None

@@ -57,6 +57,9 @@ class OpsService:
             await self.futures.fail(fut, model.error or f"model {model_id} is {model.status}", ErrorCategory.USER)
             return fut
         await self.models.touch(model_id)
+        if model_id not in self.dispatcher.workers:
+            await self.models.adopt(model_id)  # enqueues every pending op of the run, this one included
+            return fut
         self.dispatcher.enqueue(fut)
         return fut
 

@@ -104,6 +104,7 @@ class SamplingService:
                                                  target_id=sampler.sampler_id, seq_id=req.seq_id, op="sample",
                                                  body=json_bytes(raw), body_type=pod_api.CONTENT_JSON)
         if created:
+            await self.models.adopt(sampler.backing_model_id)
             op = pod_api.SampleOp(request=raw, snapshot_id=sampler.snapshot_id)
             self.dispatcher.submit_sample(fut, sampler.backing_model_id, op)
         return fut, [f"{fut.request_id}:{i}" for i in range(req.num_samples)]
