@@ -29,10 +29,11 @@ from tinkerkube_contract import env, paths, pod_api
 from tinkerkube_contract.pod_api import OpKind
 
 E = os.environ
-MODEL_ID = E[env.MODEL_ID]
+MODEL_ID = E.get(env.MODEL_ID, "")
 TOKEN = E.get(env.AUTH_TOKEN)
 CKPT = Path(E.get(env.CHECKPOINT_DIR, "var/checkpoints"))
 BOOT_ID = uuid.uuid4().hex
+BROKEN_MODEL = "broken/model"  # a base model this fake trainer fails to load (exit code 3)
 EXEC_DELAY = float(E.get("FAKE_TRAINER_OP_DELAY", "0"))
 
 @contextlib.asynccontextmanager
@@ -231,6 +232,9 @@ async def get_sample(request_id: str, request: Request, wait: float = 0.0) -> Re
 
 
 async def _start() -> None:
+    if E[env.BASE_MODEL] == BROKEN_MODEL:
+        print(f"cannot load {BROKEN_MODEL}: no such model", file=sys.stderr, flush=True)
+        os._exit(3)
     restore = E.get(env.RESTORE_FROM)
     if restore:
         directory = paths.parse_tinker_path(restore).directory(CKPT)
