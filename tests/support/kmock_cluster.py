@@ -16,10 +16,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import itertools
 import threading
 import uuid
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Coroutine, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,6 +33,7 @@ from kmock import action
 from tinkerkube_contract.resource import GROUP, KIND, PLURAL, SHORT_NAME, SINGULAR, VERSION
 
 T = TypeVar("T")
+_MATCHING: contextvars.ContextVar[kmock.Request | None] = contextvars.ContextVar("kmock_matching", default=None)
 REPO = Path(__file__).resolve().parents[2]
 CRD_PATH = REPO / "crds" / "trainingsession.yaml"
 VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
@@ -52,7 +54,26 @@ class StampingEmulator(kmock.KubernetesEmulator):
         except KeyError:
             return None
 
+    def __iter__(self) -> Iterator[kmock.Request]:
+        """NB: kmock matches each request against its reactions by scanning *every* request served so
+        far (`request in payload._source`), which is quadratic over a test; we declare no reactions of
+        our own, so the request being matched is the only one that can matter."""
+        current = _MATCHING.get()
+        if current is not None:
+            yield current
+        else:
+            yield from super().__iter__()
+
     async def _handle(self, request: kmock.Request) -> Any:  # type: ignore[override]
+        token = _MATCHING.set(request)
+        try:
+            return await self._handle_stamped(request)
+        finally:
+            _MATCHING.reset(token)
+            if len(self._requests) > 1000:  # nothing reads old requests back; keep memory flat
+                del self._requests[:-100]
+
+    async def _handle_stamped(self, request: kmock.Request) -> Any:
         if request.resource is not None and request.action == action.CREATE and isinstance(request.data, dict):
             meta = request.data.setdefault("metadata", {})
             meta.update(uid=str(uuid.uuid4()), resourceVersion=str(next(self._rv)), generation=1,
@@ -64,7 +85,15 @@ class StampingEmulator(kmock.KubernetesEmulator):
         try:
             return await super()._handle(request)
         except jsonpatch.JsonPatchTestFailed as exc:  # a stale resourceVersion: the API server says 422
+            await self._nudge(request)
             raise kmock.KubernetesError(status=422, reason="Invalid", message=str(exc)) from exc
+
+    async def _nudge(self, request: kmock.Request) -> None:
+        """kmock's watch replays a snapshot of old states on (re)connect, so a client can act on a stale
+        version and wait for a "next" event that never comes; re-announce the current state instead."""
+        current = self._current(request)
+        if current is not None and request.resource is not None:
+            await self._buses[request.resource].put({"type": "MODIFIED", "object": current.raw})
 
     def _stamp_update(self, request: kmock.Request) -> None:
         rv = str(next(self._rv))
