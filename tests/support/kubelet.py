@@ -312,6 +312,8 @@ class Kubelet:
             for proc in alive:
                 with contextlib.suppress(psutil.Error):
                     proc.kill()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(rp.proc.wait(), 5)  # reap it on this loop
         if rp.task is not None:
             rp.task.cancel()
 
