@@ -1,11 +1,14 @@
 """Two "pods": two torchrun processes on 127.0.0.1 (`--nnodes=2`, node ranks 0 and 1), real engine.
 
-The group they form trains exactly like one in-process engine on one rank fed the same ops.
+The group they form trains exactly like one in-process engine on one rank fed the same ops, and when
+the second pod's rank is killed, both pods exit non-zero (rank 0's idle heartbeat notices).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,7 @@ from tinker.proto.response_conv import deserialize_forward_backward_output
 from tests.support.fakes import forward_backward_body, json_body
 from tests.support.trainer_proc import trainer_group
 from tinkerkube_contract import pod_api as api
+from tinkerkube_contract.env import PREFIX
 from tinkerkube_contract.models import TINY_QWEN3
 from tinkerkube_contract.pod_api import CONTENT_JSON, CONTENT_PROTOBUF, OpKind
 from tinkerkube_contract.resource import LoraSpec, TrainingSessionSpec
@@ -47,9 +51,11 @@ def reference(model_cache_dir: Path, checkpoint_dir: Path) -> list[bytes]:
     return out
 
 
-def test_two_torchrun_pods_train_like_one_rank(tmp_path: Path, model_cache_dir: Path, tiny_model_dir: Path) -> None:
+def test_two_torchrun_pods_train_like_one_rank_and_fail_together(
+        tmp_path: Path, model_cache_dir: Path, tiny_model_dir: Path) -> None:
     with trainer_group(SPEC, checkpoint_dir=tmp_path / "ckpt", model_cache_dir=model_cache_dir, nnodes=2,
-                       nproc_per_node=1, log_dir=tmp_path / "logs", ready_timeout=150) as group:
+                       nproc_per_node=1, log_dir=tmp_path / "logs", ready_timeout=150,
+                       extra_env={PREFIX + "HEARTBEAT_SECONDS": "0.5"}) as group:
         client = group.client()
         info = client.http.get(api.INFO_PATH).json()
         assert info["world_size"] == 2 and info["ready"]
@@ -58,7 +64,11 @@ def test_two_torchrun_pods_train_like_one_rank(tmp_path: Path, model_cache_dir: 
         got = [client.result(seq).content for seq in range(1, len(OPS) + 1)]
         nodes = {e["node_rank"] for e in group.events("rank started")}
         client.close()
-    assert nodes == {0, 1}
+        assert nodes == {0, 1}
+
+        os.kill(group.worker_pids()[1], signal.SIGKILL)
+        codes = group.wait_exit(30)
+        assert all(c is not None and c != 0 for c in codes), f"{codes}\n{group.logs()[-3000:]}"
 
     want = reference(model_cache_dir, tmp_path / "ref")
     for i, (kind, _) in enumerate(OPS):
