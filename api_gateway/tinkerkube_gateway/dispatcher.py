@@ -50,7 +50,7 @@ class Dispatcher:
     def enqueue(self, fut: FutureRecord) -> None:
         worker = self.workers.get(fut.target_id)
         if worker is None:
-            self.spawn(self.sink.on_failure(fut, f"no trainer is running for {fut.target_id}", ErrorCategory.USER))
+            self.spawn(self.sink.on_failure(fut, f"no trainer is running for {fut.target_id}", ErrorCategory.SERVER))
             return
         worker.enqueue(fut)
 

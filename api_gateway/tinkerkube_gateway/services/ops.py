@@ -54,7 +54,8 @@ class OpsService:
         if not created:
             return fut
         if model.status in (ModelStatus.FAILED, ModelStatus.STOPPED):
-            await self.futures.fail(fut, model.error or f"model {model_id} is {model.status}", ErrorCategory.USER)
+            category = ErrorCategory.SERVER if model.status == ModelStatus.FAILED else ErrorCategory.USER
+            await self.futures.fail(fut, model.error or f"model {model_id} is {model.status}", category)
             return fut
         await self.models.touch(model_id)
         if model_id not in self.dispatcher.workers:
