@@ -169,9 +169,10 @@ class TrainerRuntime:
         if self.queue is not None:
             extra["last_completed_seq_id"] = self.queue.last_finished_seq
         fields = {k: extra.get(k) for k in ("tokenizer_dir", "vocab_size", "last_completed_seq_id", "restored_from")}
-        return api.TrainerInfo(model_id=o.model_id, base_model=o.base_model, mode=o.mode, lora=o.lora,
-                               world_size=self.booted.world_size if self.booted else o.world_size,
-                               ready=self.ready, boot_id=self.boot_id, **fields)
+        return api.TrainerInfo(  # a restored checkpoint's base model / LoRA win, when the engine reports them
+            model_id=o.model_id, base_model=extra.get("base_model") or o.base_model, mode=o.mode,
+            lora=extra.get("lora") or o.lora, world_size=self.booted.world_size if self.booted else o.world_size,
+            ready=self.ready, boot_id=self.boot_id, **fields)
 
 
 class ApiError(Exception):
