@@ -3,7 +3,8 @@
 One rank and two ranks (`--nproc_per_node=2`, gloo) get the same forward_backward + optim_step, and
 must give the same loss, the same logprobs, and the same weights afterwards (seen through a forward
 pass after the step). The two-rank run receives its ops out of order, and must still run them in
-seq order: had the forward run before the optim_step, its logprobs would be the base model's.
+seq order: had the forward run before the optim_step, its logprobs would be the base model's. A greedy
+sample afterwards (rank 0 alone, the other rank idle) gives the same tokens from both groups.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tinker.proto.response_conv import deserialize_forward_backward_output
+from tinker.proto.response_conv import deserialize_forward_backward_output, deserialize_sample_response
 
 from tests.support.fakes import forward_backward_body, json_body
 from tests.support.trainer_proc import TrainerGroup, start_trainer
@@ -43,6 +44,20 @@ def logprobs(body: bytes) -> list[np.ndarray]:
 
 def loss_sum(body: bytes) -> float:
     return float(deserialize_forward_backward_output(body).metrics["loss:sum"])
+
+
+SAMPLE = api.SampleOp(request={"prompt": {"chunks": [{"type": "encoded_text", "tokens": DATA[0]}]},
+                                "num_samples": 2, "sampling_params": {"max_tokens": 6, "temperature": 0.0, "stop": []}})
+
+
+def greedy_tokens(group: TrainerGroup) -> list[list[int]]:
+    """A sample after training: rank 0 alone runs it while the other rank waits, and it sees the trained weights."""
+    client = group.client()
+    try:
+        client.put_sample("after-step", SAMPLE.model_dump_json().encode())
+        return [s.tokens for s in deserialize_sample_response(client.sample_result("after-step").content).sequences]
+    finally:
+        client.close()
 
 
 def run_in_order(group: TrainerGroup) -> dict[int, bytes]:
@@ -88,6 +103,7 @@ def test_two_ranks_give_the_one_rank_result_and_run_out_of_order_ops_in_order(
             client.close()
 
         ref, dp = run_in_order(one), run_out_of_order(two)
+        sampled = [greedy_tokens(one), greedy_tokens(two)]
 
     assert loss_sum(dp[1]) == pytest.approx(loss_sum(ref[1]), rel=1e-5)
     grad_norm = [json.loads(r[2])["metrics"]["grad_norm"] for r in (ref, dp)]
@@ -97,4 +113,5 @@ def test_two_ranks_give_the_one_rank_result_and_run_out_of_order_ops_in_order(
             np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
     # the step changed the weights (so seq 3 really ran after seq 2 on both)
     assert not np.allclose(np.concatenate(logprobs(ref[1])), np.concatenate(logprobs(ref[3])), atol=1e-4)
+    assert sampled[0] == sampled[1] and len(sampled[0]) == 2 and all(len(t) == 6 for t in sampled[0])
     assert two.returncodes() != [None]  # torn down
