@@ -32,7 +32,7 @@ def build_context(settings: OperatorSettings) -> Context:
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    """kopf's own settings: our finalizer/annotation prefixes, event level, watch timeouts, peering."""
+    """kopf's own settings: our finalizer/annotation prefixes, event level, watch timeouts."""
     if getattr(memo, "ctx", None) is None:  # `kopf run -m`: read our settings here, once
         memo.ctx = build_context(OperatorSettings())
     ours: OperatorSettings = memo.ctx.settings
@@ -43,10 +43,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.posting.level = logging.getLevelName(ours.posting_level)
     settings.watching.server_timeout = ours.watch_server_timeout
     settings.watching.client_timeout = ours.watch_client_timeout
-    settings.peering.name = ours.peering_name
-    settings.peering.standalone = ours.standalone
-    settings.peering.mandatory = not ours.standalone  # replicas must see each other, or none may run
-    settings.peering.priority = _priority(ours)
+    # Peering (standalone, name, priority) comes from kopf.operator()'s arguments in `run()`, or from
+    # `kopf run`'s own flags (--standalone | --peering=NAME --priority=N): not overridden here.
     settings.execution.max_workers = 16
     if ours.metrics_port and ours.metrics_port not in _metrics_started:
         prometheus_client.start_http_server(ours.metrics_port)

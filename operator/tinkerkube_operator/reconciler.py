@@ -8,6 +8,7 @@ changed, with an Event on each phase change. One lock per session serialises han
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -81,6 +82,7 @@ async def _reconcile_locked(ctx: Context, namespace: str, name: str, pods: Itera
     except ValidationError as exc:
         await _write(ctx, body, old, _invalid(old, str(exc)))
         return
+    from_index = pods is not None
     if pods is None:
         pods = [observe(p) for p in await ctx.kube.list_session_pods(namespace, name)]
     meta = body["metadata"]
@@ -88,6 +90,10 @@ async def _reconcile_locked(ctx: Context, namespace: str, name: str, pods: Itera
                       now=ctx.clock(), generation=meta.get("generation"),
                       created=parse_time(meta.get("creationTimestamp")))
     decision = status.derive(obs, ctx.policy)
+    if decision.action == Action.RECREATE and from_index:
+        # The watch-fed index may lag (operator start, failover): confirm a failure against the API.
+        fresh = [observe(p) for p in await ctx.kube.list_session_pods(namespace, name)]
+        decision = status.derive(dataclasses.replace(obs, pods=fresh), ctx.policy)
     await _act(ctx, body, spec, decision)
     await _write(ctx, body, old, decision.status)
 

@@ -76,6 +76,8 @@ class StampingEmulator(kmock.KubernetesEmulator):
     async def _handle_stamped(self, request: kmock.Request) -> Any:
         if request.resource is not None and request.action == action.CREATE and isinstance(request.data, dict):
             meta = request.data.setdefault("metadata", {})
+            if not meta.get("name") and meta.get("generateName"):
+                meta["name"] = f"{meta['generateName']}{uuid.uuid4().hex[:5]}"
             meta.update(uid=str(uuid.uuid4()), resourceVersion=str(next(self._rv)), generation=1,
                         creationTimestamp=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
             if request.namespace and not meta.get("namespace"):
@@ -196,6 +198,17 @@ class EmulatedCluster:
     async def arun(self, coro: Coroutine[Any, Any, T]) -> T:
         """From another event loop (an async test): await a coroutine that runs on the cluster's loop."""
         return await asyncio.wrap_future(self.submit(coro))
+
+    def add_peering(self, name: str) -> None:
+        """kopf's cluster-wide peering resource and one object: operator replicas elect a leader in it."""
+        async def add() -> None:
+            assert self.emulator is not None
+            self.emulator.resources["kopf.dev/v1/clusterkopfpeerings"] = {
+                "kind": "ClusterKopfPeering", "singular": "clusterkopfpeering", "namespaced": False, "verbs": VERBS}
+            self.emulator.objects["kopf.dev/v1/clusterkopfpeerings", None, name] = {
+                "apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering",
+                "metadata": {"name": name, "uid": str(uuid.uuid4()), "resourceVersion": "1"}}
+        self.run(add())
 
     def add_namespace(self, name: str) -> None:
         async def add() -> None:

@@ -166,6 +166,7 @@ class KubernetesBackend:
             await self._delete_and_wait(name)
             existing = None
         if existing is None:
+            await self._wait_gone(name)  # an earlier life may still be finalizing
             try:
                 await asyncio.to_thread(self._api.create_namespaced_custom_object, GROUP, VERSION, self.namespace,
                                         PLURAL, body, _preload_content=False)
@@ -270,20 +271,28 @@ class KubernetesBackend:
         return reason
 
     async def _get(self, name: str) -> dict[str, Any] | None:
+        """The resource, or None when it is absent or being deleted (finalizers still running)."""
         try:
             resp = await self._call(self._api.get_namespaced_custom_object, name)
         except _NotFound:
             return None
-        return resp
+        return None if (resp or {}).get("metadata", {}).get("deletionTimestamp") else resp
 
     async def _delete(self, name: str) -> None:
         with contextlib.suppress(_NotFound):
             await self._call(self._api.delete_namespaced_custom_object, name)
 
-    async def _delete_and_wait(self, name: str, timeout: float = 60.0) -> None:
+    async def _delete_and_wait(self, name: str) -> None:
         await self._delete(name)
+        await self._wait_gone(name)
+
+    async def _wait_gone(self, name: str, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
-        while await self._get(name) is not None and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            try:
+                await self._call(self._api.get_namespaced_custom_object, name)
+            except _NotFound:
+                return
             await asyncio.sleep(self._poll)
 
     async def _call(self, fn: Callable[..., Any], name: str, *body: Any) -> Any:

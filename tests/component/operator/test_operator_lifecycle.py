@@ -139,3 +139,12 @@ def test_events_are_posted_on_phase_changes(api: Api, namespace: str, operator: 
                                       if e.get("involvedObject", {}).get("name") == "kappa"],
                              lambda es: any(e.get("reason") == "TrainerReady" for e in es), what="Ready event")
     assert all(len(e.get("message", "")) <= 1024 for e in events)
+
+
+def test_a_spec_the_schema_would_reject_ends_failed_not_crash_looping(
+        api: Api, namespace: str, operator: OperatorProcess) -> None:
+    # The emulator does not validate like an API server would: this stands for anything that slips past.
+    api.create(TS, namespace, session_body("lambda", replicas=0))
+    obj = _wait_phase(api, namespace, "lambda", "Failed")
+    assert _condition(obj, "Failed")["reason"] == "InvalidSpec" and "replicas" in _condition(obj, "Failed")["message"]
+    assert _pods(api, namespace, "lambda") == []
