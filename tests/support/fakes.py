@@ -47,7 +47,7 @@ class FakeEngine:
 
     # ---- engine_api.Engine ---------------------------------------------------------------------
 
-    def prepare(self, kind: OpKind, body: bytes, content_type: str) -> PreparedOp:
+    def prepare(self, kind: OpKind, body: bytes, content_type: str, *, seq_id: int | None = None) -> PreparedOp:
         self.prepared.append(str(kind))
         if kind is OpKind.FORWARD_BACKWARD:
             return PreparedOp(kind, _decode_fb(body))

@@ -82,8 +82,10 @@ class LocalCollective:
 class Engine(Protocol):
     config: EngineConfig
 
-    def prepare(self, kind: OpKind, body: bytes, content_type: str) -> PreparedOp:
-        """Decode + validate; raise OpError (category user) on bad input. Must not touch state."""
+    def prepare(self, kind: OpKind, body: bytes, content_type: str, *, seq_id: int | None = None) -> PreparedOp:
+        """Decode + validate; raise OpError (category user) on bad input. Must not touch state.
+        `seq_id` is the op's place in the model's order; checkpoints record it so a restore knows
+        which ops it already contains."""
         ...
 
     def execute(self, op: PreparedOp) -> OpOutput:
@@ -92,5 +94,6 @@ class Engine(Protocol):
 
     def info(self) -> dict[str, Any]:
         """Fields for pod_api.TrainerInfo that only the engine knows: tokenizer_dir, vocab_size,
-        restored_from, last_completed_seq_id (the checkpoint's seq_id when restored, else 0)."""
+        restored_from, last_completed_seq_id (the checkpoint's seq_id when restored, else 0), and
+        base_model/lora when a restored checkpoint's own values replaced the configured ones."""
         ...

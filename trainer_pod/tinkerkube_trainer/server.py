@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import inspect
 import logging
 import time
 import uuid
@@ -80,7 +79,6 @@ class TrainerRuntime:
         self.queue: OpQueue | None = None
         self.boot_error: str | None = None
         self._boot_task: asyncio.Task[None] | None = None
-        self.prepare_takes_seq_id = False
 
     @classmethod
     def for_engine(cls, engine: Engine, options: RuntimeOptions, **kwargs: Any) -> TrainerRuntime:
@@ -122,7 +120,6 @@ class TrainerRuntime:
             executor=self.op_executor, next_seq=int(last) + 1, ttl=self.options.result_ttl_seconds,
             max_retained=self.options.max_retained_results, on_finish=self._finished,
             idle_task=booted.heartbeat, idle_interval=self.options.heartbeat_seconds)
-        self.prepare_takes_seq_id = "seq_id" in inspect.signature(booted.engine.prepare).parameters
         self.queue.start()
         self.metrics.ready.set(1)
         self.metrics.queue_depth.set_function(lambda: float(self.queue.depth if self.queue else 0))
@@ -318,11 +315,9 @@ def _check_model(runtime: TrainerRuntime, model_id: str) -> None:
 
 async def _prepare(runtime: TrainerRuntime, kind: OpKind, body: bytes, content_type: str,
                    seq_id: int | None = None) -> PreparedOp:
-    """On the prepare pool. Engines whose prepare takes `seq_id` get it (they record it in checkpoints)."""
+    """On the prepare pool: decoding a large body must not stall the event loop."""
     assert runtime.booted is not None
-    engine = runtime.booted.engine
-    call = partial(engine.prepare, seq_id=seq_id) if runtime.prepare_takes_seq_id and seq_id is not None \
-        else engine.prepare
+    call = partial(runtime.booted.engine.prepare, seq_id=seq_id)
     try:
         return await asyncio.get_running_loop().run_in_executor(runtime.prepare_pool, call, kind, body, content_type)
     except OpError as exc:
