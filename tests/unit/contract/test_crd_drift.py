@@ -93,10 +93,18 @@ def test_identity_matches_the_contract() -> None:
     assert crd_schema.version()["subresources"] == {"status": {}}
 
 
-@pytest.mark.parametrize("field", ["baseModel", "lora", "mode"])
-def test_identity_fields_are_immutable(field: str) -> None:
+@pytest.mark.parametrize("field", ["baseModel", "lora", "mode", "modelId", "owner", "replicas", "procsPerPod",
+                                   "resources", "checkpointStore"])
+def test_identity_and_pod_shape_fields_are_immutable(field: str) -> None:
     rules = [v["rule"] for v in SPEC["properties"][field].get("x-kubernetes-validations", [])]
     assert "self == oldSelf" in rules
+
+
+@pytest.mark.parametrize("field", ["image", "restoreFrom"])
+def test_optional_fields_are_immutable_through_whole_spec_rules(field: str) -> None:
+    rules = [v["rule"] for v in SPEC.get("x-kubernetes-validations", [])]
+    assert any(f"has(self.{field}) == has(oldSelf.{field})" in r and f"self.{field} == oldSelf.{field}" in r
+               for r in rules)
 
 
 def test_printer_columns_are_the_documented_ones() -> None:
