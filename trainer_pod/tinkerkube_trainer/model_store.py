@@ -31,7 +31,9 @@ TINY_SEED = 1234
 TINY_VOCAB_SIZE = 512
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 _SEED_LOCK = threading.Lock()
-COMPLETE_MARKER = "config.json"  # every finished model dir has one; a temp dir is never at the final path
+BUILD_MARKER = ".tinkerkube-build"  # written last; holds the builder version that made the directory
+# Bump a model's version when its builder changes what it writes: older copies are rebuilt on next use.
+BUILD_VERSIONS = {TINY_QWEN3: "1", SMOLLM2_135M: "2"}  # SmolLM2 v2: tokenizer rebuilt from the GGUF vocab
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -62,19 +64,33 @@ def _arithmetic_lines() -> list[str]:
     return lines
 
 
-def _atomic_build(final: Path, build: Callable[[Path], None]) -> Path:
-    """Build into a temp dir beside `final`, then rename; a concurrent winner's copy is kept."""
-    if (final / COMPLETE_MARKER).exists():
+def _is_current(final: Path, version: str) -> bool:
+    marker = final / BUILD_MARKER
+    return marker.exists() and marker.read_text().strip() == version
+
+
+def _atomic_build(final: Path, build: Callable[[Path], None], version: str) -> Path:
+    """Build into a temp dir beside `final`, then rename; a concurrent winner's copy is kept.
+    A copy made by an older builder version is swapped out for a fresh build."""
+    if _is_current(final, version):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         build(tmp)
+        (tmp / BUILD_MARKER).write_text(version)
         tmp.chmod(0o755)  # mkdtemp makes it 0700; other users (the gateway) read tokenizers
+        if final.exists() and not _is_current(final, version):
+            stale = final.with_name(f".{final.name}.stale-{os.getpid()}-{threading.get_ident()}")
+            try:
+                os.rename(final, stale)
+                shutil.rmtree(stale, ignore_errors=True)
+            except OSError:
+                pass  # another process swapped it first
         try:
             os.rename(tmp, final)
         except OSError:
-            if not (final / COMPLETE_MARKER).exists():
+            if not _is_current(final, version):
                 raise
     finally:
         if tmp.exists():
@@ -149,16 +165,17 @@ def find_smollm2_gguf() -> Path:
 
 
 def _build_smollm2(out: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    from tinkerkube_trainer.gguf_tokenizer import tokenizer_from_gguf
 
     gguf = find_smollm2_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # save_pretrained on a GGUF-loaded model fails; a fresh model with the same weights saves fine.
     model = LlamaForCausalLM(loaded.config)
     model.load_state_dict(loaded.state_dict())
     model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    tokenizer_from_gguf(gguf).save_pretrained(out)
 
 
 _BUILDERS: dict[str, Callable[[Path], None]] = {TINY_QWEN3: _build_tiny_qwen3, SMOLLM2_135M: _build_smollm2}
@@ -168,7 +185,7 @@ def prepare(name: str, cache_dir: Path) -> Path:
     """Return the directory of built-in model `name`, building it first if needed (idempotent)."""
     if name not in _BUILDERS:
         raise ValueError(f"{name!r} is not a built-in model; built-ins are {', '.join(BUILTIN_MODELS)}")
-    return _atomic_build(builtin_dir(cache_dir, name), _BUILDERS[name])
+    return _atomic_build(builtin_dir(cache_dir, name), _BUILDERS[name], BUILD_VERSIONS[name])
 
 
 class StoreSettings(BaseSettings):
