@@ -20,6 +20,7 @@ import math
 import re
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -128,20 +129,69 @@ def api_client(api_url: str | None, kubeconfig: str | None) -> kubernetes.client
     return kubernetes.client.ApiClient(config)
 
 
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """What the gateway's deployment decides for every session's pods (the core knows nothing of pods);
+    None keeps what the spec says."""
+
+    image: str | None = None
+    replicas: int | None = None
+    procs_per_pod: int | None = None
+    gpus: int | None = None
+    cpu: str | None = None
+    memory: str | None = None
+    node_selector: dict[str, str] | None = None
+    tolerations: list[dict[str, Any]] | None = None
+    priority_class_name: str | None = None
+    checkpoint_pvc: str | None = None
+    checkpoint_host_path: str | None = None
+    checkpoint_mount_path: str = "/checkpoints"
+    idle_timeout_seconds: int | None = None
+
+    def apply(self, spec: TrainingSessionSpec) -> TrainingSessionSpec:
+        plain = {"image": self.image, "replicas": self.replicas, "procs_per_pod": self.procs_per_pod,
+                 "node_selector": self.node_selector or None, "tolerations": self.tolerations or None,
+                 "priority_class_name": self.priority_class_name, "idle_timeout_seconds": self.idle_timeout_seconds}
+        update: dict[str, Any] = {k: v for k, v in plain.items() if v is not None}
+        res = {"gpus": self.gpus, "cpu": self.cpu, "memory": self.memory}
+        if any(v is not None for v in res.values()):
+            update["resources"] = spec.resources.model_copy(update={k: v for k, v in res.items() if v is not None})
+        if self.checkpoint_pvc or self.checkpoint_host_path:
+            update["checkpoint_store"] = CheckpointStore(pvc_name=self.checkpoint_pvc,
+                                                         host_path=self.checkpoint_host_path,
+                                                         mount_path=self.checkpoint_mount_path)
+        return spec.model_copy(update=update)
+
+
+# from_settings: the backend's argument ← the gateway settings attribute read when no `kube_<arg>` exists.
+_SETTINGS_FALLBACKS = {"trainer_image": "trainer_image", "replicas": "trainer_replicas", "gpus": "trainer_gpus",
+                       "cpu": "trainer_cpu", "memory": "trainer_memory", "node_selector": "trainer_node_selector",
+                       "tolerations": "trainer_tolerations", "priority_class_name": "trainer_priority_class_name",
+                       "procs_per_pod": "trainer_nproc_per_node"}
+_SETTINGS_NAMES = ("namespace", "api_url", "kubeconfig", "token", "trainer_image", "checkpoint_pvc",
+                   "checkpoint_host_path", "checkpoint_mount_path", "replicas", "procs_per_pod", "gpus", "cpu",
+                   "memory", "node_selector", "tolerations", "priority_class_name", "idle_timeout_seconds",
+                   "status_interval_seconds", "recover_timeout_seconds", "delete_on_close")
+
+
 class KubernetesBackend:
     def __init__(self, *, namespace: str = "default", api_url: str | None = None, kubeconfig: str | None = None,
                  token: str | None = None, trainer_image: str | None = None, checkpoint_pvc: str | None = None,
                  checkpoint_host_path: str | None = None, checkpoint_mount_path: str = "/checkpoints",
                  replicas: int | None = None, procs_per_pod: int | None = None, gpus: int | None = None,
+                 cpu: str | None = None, memory: str | None = None, node_selector: dict[str, str] | None = None,
+                 tolerations: list[dict[str, Any]] | None = None, priority_class_name: str | None = None,
                  idle_timeout_seconds: int | None = None, status_interval_seconds: float = 1.0,
                  poll_interval_seconds: float = 0.5, recover_timeout_seconds: float = 600.0,
                  delete_on_close: bool = False, client: kubernetes.client.ApiClient | None = None) -> None:
         self.namespace, self.token = namespace, token
         self._client = client or api_client(api_url, kubeconfig)
         self._api = kubernetes.client.CustomObjectsApi(self._client)
-        self._overrides = _overrides(trainer_image, checkpoint_pvc, checkpoint_host_path, checkpoint_mount_path,
-                                     replicas, procs_per_pod, idle_timeout_seconds)
-        self._gpus = gpus
+        self.placement = Placement(
+            image=trainer_image, replicas=replicas, procs_per_pod=procs_per_pod, gpus=gpus, cpu=cpu, memory=memory,
+            node_selector=node_selector, tolerations=tolerations, priority_class_name=priority_class_name,
+            checkpoint_pvc=checkpoint_pvc, checkpoint_host_path=checkpoint_host_path,
+            checkpoint_mount_path=checkpoint_mount_path, idle_timeout_seconds=idle_timeout_seconds)
         self._poll, self._recover_timeout = poll_interval_seconds, recover_timeout_seconds
         self._delete_on_close = delete_on_close
         self._started: set[str] = set()
@@ -150,11 +200,15 @@ class KubernetesBackend:
 
     @classmethod
     def from_settings(cls, settings: Any) -> KubernetesBackend:
-        """From the gateway's settings object: every `kube_*` attribute it has (see __init__ for names)."""
-        names = ("namespace", "api_url", "kubeconfig", "token", "trainer_image", "checkpoint_pvc",
-                 "checkpoint_host_path", "checkpoint_mount_path", "replicas", "procs_per_pod", "gpus",
-                 "idle_timeout_seconds", "status_interval_seconds", "recover_timeout_seconds", "delete_on_close")
-        kwargs = {n: getattr(settings, f"kube_{n}") for n in names if getattr(settings, f"kube_{n}", None) is not None}
+        """From the gateway's settings object: `kube_<arg>` for each constructor argument it has, else the
+        gateway's own `trainer_*` names (see _SETTINGS_FALLBACKS); absent or None keeps the default."""
+        kwargs: dict[str, Any] = {}
+        for name in _SETTINGS_NAMES:
+            value = getattr(settings, f"kube_{name}", None)
+            if value is None and name in _SETTINGS_FALLBACKS:
+                value = getattr(settings, _SETTINGS_FALLBACKS[name], None)
+            if value is not None:
+                kwargs[name] = value
         return cls(**kwargs)
 
     # --- SessionBackend --------------------------------------------------------------------------
@@ -176,10 +230,7 @@ class KubernetesBackend:
         self._started.add(spec.model_id)
 
     def render(self, spec: TrainingSessionSpec) -> dict[str, Any]:
-        effective = spec.model_copy(update=self._overrides)
-        if self._gpus is not None:
-            resources = spec.resources.model_copy(update={"gpus": self._gpus})
-            effective = effective.model_copy(update={"resources": resources})
+        effective = self.placement.apply(spec)
         labels = {LABEL_TENANT: label_value(spec.owner)}
         if spec.tinker_session:
             labels[LABEL_TINKER_SESSION] = label_value(spec.tinker_session)
@@ -322,20 +373,3 @@ def _phase(body: dict[str, Any] | None) -> str | None:
 def _condition(body: dict[str, Any] | None, kind: ConditionType) -> dict[str, Any] | None:
     conditions = ((body or {}).get("status") or {}).get("conditions") or []
     return next((c for c in conditions if c.get("type") == kind), None)
-
-
-def _overrides(image: str | None, pvc: str | None, host_path: str | None, mount_path: str, replicas: int | None,
-               procs: int | None, idle: int | None) -> dict[str, Any]:
-    """What the gateway's deployment decides for every session (the core knows nothing of pods)."""
-    out: dict[str, Any] = {}
-    if image:
-        out["image"] = image
-    if pvc or host_path:
-        out["checkpoint_store"] = CheckpointStore(pvc_name=pvc, host_path=host_path, mount_path=mount_path)
-    if replicas:
-        out["replicas"] = replicas
-    if procs:
-        out["procs_per_pod"] = procs
-    if idle is not None:
-        out["idle_timeout_seconds"] = idle
-    return out

@@ -142,3 +142,17 @@ async def test_a_failing_write_does_not_stop_later_ones() -> None:
 def test_futures_status_renders_for_the_patch() -> None:
     body = FuturesStatus(submitted=2, pending=1, last_seq_id=5).to_k8s()
     assert body == {"submitted": 2, "completed": 0, "failed": 0, "pending": 1, "lastSeqId": 5, "recent": []}
+
+
+def test_from_settings_reads_the_gateway_settings_names() -> None:
+    from tinkerkube_gateway.settings import GatewaySettings
+
+    settings = GatewaySettings(backend="kubernetes", kube_api_url="http://127.0.0.1:1", namespace="team",
+                               trainer_auth_token="s3cret", trainer_image="reg/t:2", trainer_replicas=2,
+                               trainer_gpus=1, trainer_memory="8Gi", trainer_node_selector={"pool": "gpu"},
+                               trainer_idle_timeout_seconds=900)
+    backend = KubernetesBackend.from_settings(settings)
+    assert backend.namespace == "team" and backend.token == "s3cret"
+    spec = backend.render(TrainingSessionSpec(base_model="tiny", model_id="s:train:0", owner="t"))["spec"]
+    assert (spec["image"], spec["replicas"], spec["resources"], spec["nodeSelector"], spec["idleTimeoutSeconds"]) == (
+        "reg/t:2", 2, {"gpus": 1, "memory": "8Gi"}, {"pool": "gpu"}, 900)
