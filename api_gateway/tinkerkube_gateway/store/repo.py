@@ -16,6 +16,7 @@ from sqlalchemy import Engine, create_engine, delete, event, func, insert, selec
 from sqlalchemy.exc import IntegrityError
 
 from tinkerkube_gateway.store import tables as t
+from tinkerkube_gateway.store.coordination import CoordinationQueries
 from tinkerkube_gateway.store.records import (
     CheckpointRecord,
     FutureRecord,
@@ -45,7 +46,7 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
-class Repo:
+class Repo(CoordinationQueries):
     def __init__(self, url: str):
         self.engine = make_engine(url)
         t.metadata.create_all(self.engine)
@@ -170,13 +171,19 @@ class Repo:
         return self._one(select(t.futures).where(t.futures.c.request_id == request_id), FutureRecord)
 
     def finish_future(self, request_id: str, *, state: FutureState, now: float, result: bytes | None = None,
-                      result_type: str | None = None, error: str | None = None, category: str | None = None) -> bool:
-        """Only a pending future changes: a second completion (a replay, a race) is ignored."""
+                      result_type: str | None = None, error: str | None = None, category: str | None = None,
+                      notify: str | None = None) -> bool:
+        """Only a pending future changes: a second completion (a replay, a race) is ignored. `notify`:
+        a NOTIFY payload sent with the change's commit (PostgreSQL)."""
         stmt = (update(t.futures).where(t.futures.c.request_id == request_id,
                                         t.futures.c.state == FutureState.PENDING)
                 .values(state=state, result=result, result_type=result_type, error=error, category=category,
                         completed_at=now))
-        return self._write(stmt) > 0
+        with self.engine.begin() as conn:
+            changed = conn.execute(stmt).rowcount > 0
+            if changed:
+                self.notify_in(conn, notify)
+        return changed
 
     def set_trainer_seq(self, request_id: str, trainer_seq: int | None) -> None:
         self._write(update(t.futures).where(t.futures.c.request_id == request_id).values(trainer_seq=trainer_seq))

@@ -90,6 +90,16 @@ futures = Table(
     Index("ix_futures_state", "state"),
 )
 
+# Which gateway replica dispatches a run (model) now. `epoch` grows at every takeover and fences the
+# op log: a replica writes a trainer seq only while it still holds the lease at its epoch.
+run_leases = Table(
+    "run_leases", metadata,
+    Column("model_id", String(250), primary_key=True),
+    Column("owner", String(64), nullable=False),
+    Column("epoch", Integer, nullable=False),
+    Column("expires_at", Float, nullable=False),
+)
+
 checkpoints = Table(
     "checkpoints", metadata,
     Column("tinker_path", String(500), primary_key=True),

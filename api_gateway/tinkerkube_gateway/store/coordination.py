@@ -1,0 +1,135 @@
+"""Queries that let several gateway replicas share one database (a mixin of `Repo`).
+
+- Run leases: exactly one replica dispatches a run. A lease is taken when absent or expired (or by
+  force on SQLite, where the one gateway process is the only replica), renewed by heartbeat, and every
+  takeover bumps its `epoch`. `assign_trainer_seq` is the fence: the op log gets a trainer seq only
+  while the writer still holds the lease at its epoch (the lease row is share-locked in the same
+  transaction, so a takeover waits for it and then sees the assignment).
+- Futures aggregates and the sampler reference count, derived from the rows themselves, so they are
+  right after a restart and on every replica.
+- `notify`: PostgreSQL NOTIFY on the gateway's channel (no-op on SQLite).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Engine, case, delete, distinct, func, insert, literal, or_, select, update
+from sqlalchemy.exc import IntegrityError
+
+from tinkerkube_gateway.store import tables as t
+from tinkerkube_gateway.store.records import FutureState, SessionStatus
+
+CHANNEL = "tinkerkube_gateway"
+LIVE = ("starting", "ready")
+
+
+class CoordinationQueries:
+    engine: Engine
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.engine.dialect.name == "postgresql"
+
+    # --- run leases -----------------------------------------------------------------------------------
+    def claim_lease(self, model_id: str, owner: str, now: float, ttl: float, *, force: bool = False) -> int | None:
+        """The new epoch when `owner` now holds the run's lease, None when another replica holds it."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(t.run_leases).values(model_id=model_id, owner=owner, epoch=1,
+                                                         expires_at=now + ttl))
+            return 1
+        except IntegrityError:
+            pass
+        lease = t.run_leases.c
+        stmt = update(t.run_leases).where(lease.model_id == model_id)
+        if not force:
+            stmt = stmt.where(or_(lease.expires_at < now, lease.owner == owner))
+        with self.engine.begin() as conn:
+            if conn.execute(stmt.values(owner=owner, epoch=lease.epoch + 1, expires_at=now + ttl)).rowcount == 0:
+                return None
+            return int(conn.execute(select(lease.epoch).where(lease.model_id == model_id)).scalar_one())
+
+    def renew_leases(self, owner: str, now: float, ttl: float) -> dict[str, int]:
+        """Extends every lease `owner` holds; returns what it holds (model id → epoch)."""
+        lease = t.run_leases.c
+        with self.engine.begin() as conn:
+            conn.execute(update(t.run_leases).where(lease.owner == owner).values(expires_at=now + ttl))
+            rows = conn.execute(select(lease.model_id, lease.epoch).where(lease.owner == owner))
+            return {r.model_id: int(r.epoch) for r in rows}
+
+    def release_lease(self, model_id: str, owner: str, epoch: int | None = None) -> None:
+        stmt = delete(t.run_leases).where(t.run_leases.c.model_id == model_id, t.run_leases.c.owner == owner)
+        if epoch is not None:
+            stmt = stmt.where(t.run_leases.c.epoch == epoch)
+        with self.engine.begin() as conn:
+            conn.execute(stmt)
+
+    def lease_of(self, model_id: str) -> tuple[str, int, float] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(t.run_leases).where(t.run_leases.c.model_id == model_id)).first()
+        return None if row is None else (row.owner, int(row.epoch), float(row.expires_at))
+
+    def orphaned_runs(self, now: float) -> list[str]:
+        """Live runs whose lease is missing or expired: a replica stopped or died while dispatching them."""
+        m, lease = t.models.c, t.run_leases.c
+        stmt = (select(m.model_id).select_from(t.models.outerjoin(t.run_leases, lease.model_id == m.model_id))
+                .where(m.status.in_(LIVE), or_(lease.model_id.is_(None), lease.expires_at < now)))
+        with self.engine.connect() as conn:
+            return [r.model_id for r in conn.execute(stmt)]
+
+    def assign_trainer_seq(self, request_id: str, trainer_seq: int | None, *, model_id: str, owner: str,
+                           epoch: int) -> bool:
+        """Records the op's trainer seq only while `owner` holds the run at `epoch` (the fence)."""
+        lease = t.run_leases.c
+        held = (select(lease.epoch).where(lease.model_id == model_id, lease.owner == owner, lease.epoch == epoch)
+                .with_for_update(read=True))
+        with self.engine.begin() as conn:
+            if conn.execute(held).first() is None:
+                return False
+            conn.execute(update(t.futures).where(t.futures.c.request_id == request_id)
+                         .values(trainer_seq=trainer_seq))
+            return True
+
+    # --- notifications --------------------------------------------------------------------------------
+    def notify(self, payload: str) -> None:
+        if self.is_postgres:
+            with self.engine.begin() as conn:
+                conn.execute(select(func.pg_notify(literal(CHANNEL), literal(payload))))
+
+    def notify_in(self, conn: Any, payload: str | None) -> None:
+        """Within a write's transaction: delivered to listeners when (and only if) it commits."""
+        if payload is not None and self.is_postgres:
+            conn.execute(select(func.pg_notify(literal(CHANNEL), literal(payload))))
+
+    # --- derived aggregates ---------------------------------------------------------------------------
+    def run_aggregates(self, target_id: str) -> dict[str, int]:
+        f = t.futures.c
+        done = f.state != FutureState.PENDING
+        stmt = select(func.count(), func.sum(case((f.state == FutureState.COMPLETE, 1), else_=0)),
+                      func.sum(case((f.state == FutureState.FAILED, 1), else_=0)),
+                      func.max(f.seq_id), func.max(case((done, f.seq_id), else_=None))).where(f.target_id == target_id)
+        with self.engine.connect() as conn:
+            total, complete, failed, last, last_done = conn.execute(stmt).one()
+        total, complete, failed = int(total or 0), int(complete or 0), int(failed or 0)
+        return {"submitted": total, "completed": complete, "failed": failed, "pending": total - complete - failed,
+                "last_seq_id": int(last or 0), "last_completed_seq_id": int(last_done or 0)}
+
+    def recent_futures(self, target_id: str, limit: int) -> list[tuple[str, str, int | None, str, float]]:
+        """(request_id, op, seq_id, state, changed_at), the `limit` most recently changed, oldest first."""
+        f = t.futures.c
+        changed = func.coalesce(f.completed_at, f.created_at)
+        stmt = (select(f.request_id, f.op, f.seq_id, f.state, changed.label("changed"))
+                .where(f.target_id == target_id).order_by(changed.desc()).limit(limit))
+        with self.engine.connect() as conn:
+            rows = [(r.request_id, r.op, r.seq_id, r.state, float(r.changed)) for r in conn.execute(stmt)]
+        return rows[::-1]
+
+    def sampler_users(self, backing_model_id: str) -> int:
+        """Active sessions holding a sampling client on a (shared) sampler process."""
+        s = t.samplers.c
+        stmt = (select(func.count(distinct(s.session_id)))
+                .select_from(t.samplers.join(t.sessions, t.sessions.c.session_id == s.session_id))
+                .where(s.backing_model_id == backing_model_id, t.sessions.c.status == SessionStatus.ACTIVE))
+        with self.engine.connect() as conn:
+            return int(conn.execute(stmt).scalar_one())
