@@ -34,18 +34,36 @@ class Dispatcher:
         self.start_timeout = start_timeout
         self.sink: ResultSink
         self.workers: dict[str, ModelWorker] = {}
+        self.replica_id = "local"  # whose lease a worker launched with an epoch dispatches under
         self._samples: set[asyncio.Task[None]] = set()
 
     def bind(self, sink: ResultSink) -> None:
         self.sink = sink
 
     def launch(self, model_id: str, first: list[FutureRecord], *, next_seq: int = 1, trainer_next: int = 1,
-               resend: list[FutureRecord] | None = None) -> ModelWorker:
+               resend: list[FutureRecord] | None = None, epoch: int | None = None) -> ModelWorker:
+        """`epoch`: the run's lease epoch this replica holds (None: no fencing, tests)."""
         worker = self.workers.get(model_id)
         if worker is None:
-            worker = self.workers[model_id] = ModelWorker(model_id, self, next_seq, trainer_next)
+            worker = self.workers[model_id] = ModelWorker(model_id, self, next_seq, trainer_next, epoch=epoch)
             worker.start(first, resend or [])
         return worker
+
+    def refill(self, model_id: str) -> None:
+        """Ops for `model_id` were persisted by another replica: the worker here reads them in."""
+        worker = self.workers.get(model_id)
+        if worker is not None:
+            self.spawn(worker.refill())
+
+    def refill_all(self) -> None:
+        for model_id in list(self.workers):
+            self.refill(model_id)
+
+    async def drop(self, model_id: str) -> None:
+        """Another replica took the run over: stop dispatching it here, failing nothing."""
+        worker = self.workers.pop(model_id, None)
+        if worker is not None:
+            await worker.cancel()
 
     def enqueue(self, fut: FutureRecord) -> None:
         worker = self.workers.get(fut.target_id)
@@ -65,9 +83,11 @@ class Dispatcher:
     async def _run_sample(self, fut: FutureRecord, backing_model_id: str, op: SampleOp) -> None:
         worker = self.workers.get(backing_model_id)
         try:
-            if worker is None:
+            # another replica may dispatch the run's training ops; samples need no order, only the trainer
+            handle = await (worker.get_handle(self.start_timeout) if worker is not None
+                            else self.backend.handle(backing_model_id))
+            if handle is None:
                 raise TrainerUnreachable(f"the trainer serving {fut.target_id} is not running")
-            handle = await worker.get_handle(self.start_timeout)
             await self.pods.submit_sample(handle, fut.request_id, op)
             while True:
                 result = await self.pods.poll_sample(handle, fut.request_id)

@@ -30,6 +30,7 @@ from tinkerkube_gateway.services.mirror import FuturesMirror
 from tinkerkube_gateway.services.models import ModelsService
 from tinkerkube_gateway.services.ops import OpsService
 from tinkerkube_gateway.services.registry import RegistryService
+from tinkerkube_gateway.services.replicas import Replicas
 from tinkerkube_gateway.services.sampling import SamplingService
 from tinkerkube_gateway.services.sessions import SessionsService
 from tinkerkube_gateway.settings import BackendKind, GatewaySettings, inherited_environment
@@ -67,30 +68,56 @@ def capabilities(settings: GatewaySettings) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def wire_replicas(replicas: Replicas, futures: FuturesService, dispatcher: Dispatcher, models: ModelsService) -> None:
+    """Cross-replica events into this replica's notifier and dispatcher (no-ops on SQLite)."""
+    dispatcher.replica_id = replicas.replica_id
+    futures.broadcast = replicas.completed_payload
+    replicas.on_completed = futures.notifier.notify
+    replicas.on_submitted = dispatcher.refill
+    replicas.on_lost = dispatcher.drop
+
+    async def take_over(model_id: str) -> None:
+        await models.adopt(model_id)
+
+    replicas.on_orphan = take_over
+
+    def resync() -> None:
+        futures.notifier.notify_all()
+        dispatcher.refill_all()
+
+    replicas.on_resync = resync
+
+
 @asynccontextmanager
-async def compose(settings: GatewaySettings) -> AsyncIterator[Services]:
+async def compose(settings: GatewaySettings, backend: SessionBackend | None = None) -> AsyncIterator[Services]:
+    """`backend`: where trainers run; default from settings (tests pass one shared by replicas)."""
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     metrics = Metrics()
     repo = AsyncRepo(Repo(settings.effective_database_url))
     pods = PodClient(timeout=settings.trainer_request_timeout_seconds)
-    backend = make_backend(settings, pods)
+    backend = backend or make_backend(settings, pods)
     dispatcher = Dispatcher(repo=repo, backend=backend, pods=pods,
                             start_timeout=settings.trainer_start_timeout_seconds)
     futures = FuturesService(repo, metrics, long_poll_seconds=settings.long_poll_seconds)
-    futures.mirror = FuturesMirror(backend)
+    futures.mirror = FuturesMirror(backend, repo)
+    replicas = Replicas(repo, multi=settings.multi_replica, lease_seconds=settings.lease_seconds,
+                        database_url=settings.effective_database_url)
     sessions = SessionsService(repo, metrics, idle_timeout=settings.session_idle_timeout_seconds,
                                reap_interval=settings.reaper_interval_seconds)
     models = ModelsService(repo=repo, futures=futures, sessions=sessions, dispatcher=dispatcher, backend=backend,
                            model_cache_dir=settings.model_cache_dir.resolve(), model_aliases=settings.model_aliases,
-                           idle_timeout=settings.session_idle_timeout_seconds, spec_defaults=spec_defaults(settings))
+                           idle_timeout=settings.session_idle_timeout_seconds, spec_defaults=spec_defaults(settings),
+                           replicas=replicas)
     registry = RegistryService(repo, settings.effective_checkpoint_dir)
     ops = OpsService(futures=futures, models=models, registry=registry, dispatcher=dispatcher)
     sampling = SamplingService(futures=futures, sessions=sessions, models=models, registry=registry,
                                dispatcher=dispatcher)
     sessions.stop_runs = models.stop_session_runs
     sessions.periodic.append(registry.sweep_expired)
+    wire_replicas(replicas, futures, dispatcher, models)
     metrics.queue_depth.set(await repo.count_pending())
     await sessions.refresh_gauge()
+    replicas.start()
     await models.recover()
     sessions.start()
     try:
@@ -101,7 +128,9 @@ async def compose(settings: GatewaySettings) -> AsyncIterator[Services]:
                                       "proto_compress_fwdbwd": settings.proto_compress_fwdbwd})
     finally:
         await sessions.close()
+        await replicas.close()
         await dispatcher.close()
+        await futures.mirror.close()
         await backend.close()
         await pods.close()
         repo.close()

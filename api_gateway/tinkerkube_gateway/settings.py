@@ -72,6 +72,9 @@ class GatewaySettings(BaseSettings):
     proto_compress_fwdbwd: bool = Field(False, description="ask the SDK to zstd-compress forward_backward bodies")
     fwdbwd_max_chunk_len: int = Field(1024, ge=1, description="datums per forward_backward request (client config)")
     trainer_request_timeout_seconds: float = Field(60.0, gt=0, description="HTTP timeout for gateway→trainer calls")
+    lease_seconds: float = Field(
+        15.0, ge=1, le=300, description="PostgreSQL (several replicas): a run's dispatching replica renews its "
+        "lease every third of this; another replica takes the run over once it has expired")
 
     @field_validator("api_keys")
     @classmethod
@@ -84,6 +87,11 @@ class GatewaySettings(BaseSettings):
     @property
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.state_dir / 'gateway.db').resolve()}"
+
+    @property
+    def multi_replica(self) -> bool:
+        """PostgreSQL: replicas may share the store (leases, LISTEN/NOTIFY). SQLite: one process."""
+        return self.effective_database_url.startswith("postgresql")
 
     @property
     def effective_checkpoint_dir(self) -> Path:

@@ -36,8 +36,10 @@ CREATED = OpResult(OpState.COMPLETE, "application/json", b"{}")
 
 
 class ModelWorker:
-    def __init__(self, model_id: str, dispatcher: Dispatcher, next_seq: int = 1, trainer_next: int = 1):
+    def __init__(self, model_id: str, dispatcher: Dispatcher, next_seq: int = 1, trainer_next: int = 1, *,
+                 epoch: int | None = None):
         self.model_id = model_id
+        self.epoch = epoch  # the lease epoch: an op gets a trainer seq only while this replica holds it
         self.d = dispatcher
         self.next_seq = next_seq
         self.trainer_next = trainer_next
@@ -51,6 +53,7 @@ class ModelWorker:
         self._poll_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.first: list[FutureRecord] = []  # create futures, completed when the trainer is ready
+        self._refilling = asyncio.Lock()
 
     def start(self, first: list[FutureRecord], resend: list[FutureRecord]) -> None:
         self.first = list(first)
@@ -65,6 +68,24 @@ class ModelWorker:
             return
         self.waiting[fut.seq_id] = fut
         self._wake.set()
+
+    async def refill(self) -> None:
+        """Read ops persisted by any replica (from `next_seq` on) into the queue; idempotent."""
+        async with self._refilling:
+            rows = await self.d.repo.futures_for_target(self.model_id, after_seq=self.next_seq - 1)
+        for fut in rows:
+            if fut.state == FutureState.PENDING and (fut.meta or {}).get("rejected"):
+                continue  # being failed at submit (skip): its notification follows
+            if fut.seq_id is not None and fut.seq_id not in self.waiting:
+                self.enqueue(fut)
+
+    async def _assign(self, fut: FutureRecord, trainer_seq: int | None) -> bool:
+        """Records the op's trainer seq (the op log); False when this replica lost the run's lease."""
+        if self.epoch is None:
+            await self.d.repo.set_trainer_seq(fut.request_id, trainer_seq)
+            return True
+        return bool(await self.d.repo.assign_trainer_seq(fut.request_id, trainer_seq, model_id=self.model_id,
+                                                         owner=self.d.replica_id, epoch=self.epoch))
 
     async def get_handle(self, timeout: float) -> TrainerHandle:
         await asyncio.wait_for(self.ready.wait(), timeout)
@@ -100,7 +121,11 @@ class ModelWorker:
                 if fut.state != FutureState.PENDING:
                     continue  # rejected at submit: takes no trainer seq
                 fut = dataclasses.replace(fut, trainer_seq=self.trainer_next)
-                await self.d.repo.set_trainer_seq(fut.request_id, fut.trainer_seq)
+                if not await self._assign(fut, fut.trainer_seq):
+                    log.warning("lost the lease of %s before forwarding seq %s; another replica goes on",
+                                self.model_id, seq)
+                    self.d.spawn(self.d.drop(self.model_id))
+                    return
                 sent = await self._forward(fut)
                 if sent is False:
                     return
@@ -124,7 +149,7 @@ class ModelWorker:
                                             fut.body_type or "application/json")
                 return True
             except OpRejected as exc:
-                await self.d.repo.set_trainer_seq(fut.request_id, None)
+                await self._assign(fut, None)
                 await self.d.sink.on_failure(fut, exc.detail, exc.category)
                 return None
             except TrainerUnreachable as exc:

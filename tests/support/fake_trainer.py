@@ -35,6 +35,7 @@ CKPT = Path(E.get(env.CHECKPOINT_DIR, "var/checkpoints"))
 BOOT_ID = uuid.uuid4().hex
 BROKEN_MODEL = "broken/model"  # a base model this fake trainer fails to load (exit code 3)
 EXEC_DELAY = float(E.get("FAKE_TRAINER_OP_DELAY", "0"))
+RECORD = E.get("FAKE_TRAINER_RECORD")  # a file: one JSON line per op PUT, in arrival order (ordering tests)
 
 @contextlib.asynccontextmanager
 async def _lifespan(_: FastAPI) -> Any:
@@ -159,6 +160,10 @@ async def put_op(model_id: str, seq_id: int, request: Request) -> Response:
         return denied
     kind = request.headers.get(pod_api.HEADER_OP, "")
     body = await request.body()
+    if RECORD:
+        text = body.decode(errors="replace") if kind != OpKind.FORWARD_BACKWARD else ""
+        with open(RECORD, "a") as out:
+            out.write(json.dumps({"model_id": model_id, "seq": seq_id, "op": kind, "body": text}) + "\n")
     if seq_id < state["next"] or seq_id in ops:
         return JSONResponse({"state": "accepted"})
     problem = _validate(kind, body)

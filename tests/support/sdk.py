@@ -60,7 +60,8 @@ class GatewayProc:
 
 
 def start_gateway(state_dir: Path, *, model_cache_dir: Path, real_trainer: bool = False,
-                  extra_env: dict[str, str] | None = None, port: int | None = None) -> GatewayProc:
+                  extra_env: dict[str, str] | None = None, port: int | None = None,
+                  module: str = "tinkerkube_gateway.main") -> GatewayProc:
     port = port or free_port()
     env = dict(os.environ)
     env.update({
@@ -77,7 +78,7 @@ def start_gateway(state_dir: Path, *, model_cache_dir: Path, real_trainer: bool 
     state_dir.mkdir(parents=True, exist_ok=True)
     log_path = state_dir / f"gateway-{port}.log"
     with open(log_path, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tinkerkube_gateway.main"], cwd=ROOT, env=env,
+        proc = subprocess.Popen([sys.executable, "-m", module], cwd=ROOT, env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
     gw = GatewayProc(f"http://127.0.0.1:{port}", state_dir, env, proc, log_path, dict(extra_env or {}))
     deadline = time.monotonic() + 30

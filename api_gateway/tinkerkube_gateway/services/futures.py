@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections.abc import Callable
 
 from tinkerkube_contract.pod_api import ErrorCategory
 from tinkerkube_gateway.errors import SeqIdReused, UnknownFuture
@@ -41,6 +42,11 @@ class Notifier:
             if not fut.done():
                 fut.set_result(None)
 
+    def notify_all(self) -> None:
+        """Every waiter re-reads the store (after notifications may have been missed)."""
+        for request_id in list(self._waiters):
+            self.notify(request_id)
+
     @property
     def waiting(self) -> int:
         return sum(len(w) for w in self._waiters.values())
@@ -57,6 +63,7 @@ class FuturesService:
         self.metrics = metrics
         self.long_poll_seconds = long_poll_seconds
         self.mirror: FuturesMirror | None = None
+        self.broadcast: Callable[[str], str | None] = lambda _request_id: None  # NOTIFY payload (replicas)
 
     async def create(self, *, tenant: str, session_id: str | None, target_id: str, seq_id: int | None, op: str,
                      body: bytes | None = None, body_type: str | None = None,
@@ -84,7 +91,8 @@ class FuturesService:
 
     async def _finish(self, record: FutureRecord, state: FutureState, **values: object) -> None:
         now = time.time()
-        changed = await self.repo.finish_future(record.request_id, state=state, now=now, **values)
+        changed = await self.repo.finish_future(record.request_id, state=state, now=now,
+                                                notify=self.broadcast(record.request_id), **values)
         if changed:
             self.metrics.queue_depth.dec()
             self.metrics.future_seconds.labels(op=record.op).observe(max(0.0, now - record.created_at))

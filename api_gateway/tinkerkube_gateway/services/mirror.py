@@ -1,49 +1,79 @@
 """Futures aggregates per training run, handed to the backend (the CR's `status.futures`).
 
-Counts since this gateway started, plus a short window of the most recent futures: etcd objects are
-small and status writes are dear, so the backend coalesces (about one write per second per run).
+Derived from the store on each flush (one aggregate query and one for the short window of the most
+recent futures), never counted in memory: they are right after a gateway restart and whichever
+replica writes them. Changes are coalesced per run here (at most one derivation per `interval`, the
+last change always flushed) and again by the backend (about one status write per second per run).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from datetime import UTC, datetime
 
 from tinkerkube_contract.resource import RECENT_FUTURES_WINDOW, FuturesStatus, RecentFuture
 from tinkerkube_gateway.backends.base import SessionBackend
 from tinkerkube_gateway.store.records import FutureRecord, FutureState
+from tinkerkube_gateway.store.repo import AsyncRepo
 
 log = logging.getLogger(__name__)
 
 
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat()
+
+
 class FuturesMirror:
-    def __init__(self, backend: SessionBackend):
+    def __init__(self, backend: SessionBackend, repo: AsyncRepo, *, interval: float = 0.25):
         self.backend = backend
-        self._status: dict[str, FuturesStatus] = {}
+        self.repo = repo
+        self.interval = interval
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._again: set[str] = set()
 
     async def changed(self, fut: FutureRecord, state: FutureState) -> None:
         if ":train:" not in fut.target_id:
             return  # samples are mirrored by nobody: their sampler may be shared
-        old = self._status.get(fut.target_id) or FuturesStatus()
-        now = datetime.now(UTC).isoformat()
-        recent = [r for r in old.recent if r.request_id != fut.request_id]
-        recent.append(RecentFuture(request_id=fut.request_id, op=fut.op, seq_id=fut.seq_id, state=state.value,
-                                   updated_at=now))
-        done = state is not FutureState.PENDING
-        new = old.model_copy(update={
-            "submitted": old.submitted + (0 if done else 1),
-            "completed": old.completed + (state is FutureState.COMPLETE),
-            "failed": old.failed + (state is FutureState.FAILED),
-            "pending": max(0, old.pending + (-1 if done else 1)),
-            "last_seq_id": max(old.last_seq_id or 0, fut.seq_id or 0),
-            "last_completed_seq_id": max(old.last_completed_seq_id or 0, fut.seq_id or 0) if done
-            else old.last_completed_seq_id,
-            "updated_at": now, "recent": recent[-RECENT_FUTURES_WINDOW:]})
-        self._status[fut.target_id] = new
+        self.touch(fut.target_id)
+
+    def touch(self, model_id: str) -> None:
+        if model_id in self._tasks:
+            self._again.add(model_id)
+            return
+        self._tasks[model_id] = asyncio.get_running_loop().create_task(self._flush(model_id))
+
+    async def derive(self, model_id: str) -> FuturesStatus:
+        counts = await self.repo.run_aggregates(model_id)
+        recent = [RecentFuture(request_id=rid, op=op, seq_id=seq, state=state, updated_at=_iso(at))
+                  for rid, op, seq, state, at in await self.repo.recent_futures(model_id, RECENT_FUTURES_WINDOW)]
+        return FuturesStatus(**counts, updated_at=datetime.now(UTC).isoformat(), recent=recent)
+
+    async def _flush(self, model_id: str) -> None:
         try:
-            await self.backend.mirror_futures(fut.target_id, new)
-        except Exception:
-            log.warning("could not mirror futures of %s", fut.target_id, exc_info=True)
+            while True:
+                self._again.discard(model_id)
+                try:
+                    await self.backend.mirror_futures(model_id, await self.derive(model_id))
+                except Exception:
+                    log.warning("could not mirror futures of %s", model_id, exc_info=True)
+                await asyncio.sleep(self.interval)
+                if model_id not in self._again:
+                    return
+        finally:
+            self._tasks.pop(model_id, None)
+
+    async def drain(self) -> None:
+        """Until every pending flush is written (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks.values()), return_exceptions=True)
 
     def forget(self, model_id: str) -> None:
-        self._status.pop(model_id, None)
+        self._again.discard(model_id)
+
+    async def close(self) -> None:
+        for task in list(self._tasks.values()):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task

@@ -22,6 +22,7 @@ from tinkerkube_gateway.errors import InvalidRequest, UnknownCheckpoint, Unknown
 from tinkerkube_gateway.scheduling import first_expected_seq
 from tinkerkube_gateway.schemas import CreateModelRequest, LoadWeightsRequest, LoraConfig
 from tinkerkube_gateway.services.futures import FuturesService
+from tinkerkube_gateway.services.replicas import Replicas
 from tinkerkube_gateway.services.sessions import SessionsService
 from tinkerkube_gateway.store.records import FutureRecord, FutureState, ModelRecord, ModelStatus
 from tinkerkube_gateway.store.repo import AsyncRepo
@@ -29,13 +30,16 @@ from tinkerkube_gateway.store.repo import AsyncRepo
 log = logging.getLogger(__name__)
 
 CREATE_OPS = ("create_model", "load_weights_create", "start_sampler")
+LIVE = (ModelStatus.STARTING, ModelStatus.READY)
 
 
 class ModelsService:
     def __init__(self, *, repo: AsyncRepo, futures: FuturesService, sessions: SessionsService,
                  dispatcher: Dispatcher, backend: SessionBackend, model_cache_dir: Path,
-                 model_aliases: dict[str, str], idle_timeout: float, spec_defaults: dict[str, Any] | None = None):
+                 model_aliases: dict[str, str], idle_timeout: float, spec_defaults: dict[str, Any] | None = None,
+                 replicas: Replicas | None = None):
         self.repo = repo
+        self.replicas = replicas or Replicas(repo, replica_id=dispatcher.replica_id)  # the only replica
         self.futures = futures
         self.sessions = sessions
         self.dispatcher = dispatcher
@@ -92,6 +96,7 @@ class ModelsService:
                                                  meta={"path": spec.restore_from})
         if not created:
             return fut
+        epoch = await self.replicas.claim(spec.model_id)  # before the run is live: no replica takes it over
         now = time.time()
         await self.repo.insert_model(
             model_id=spec.model_id, session_id=spec.tinker_session, tenant=tenant, kind=spec.mode.value,
@@ -99,7 +104,7 @@ class ModelsService:
             optimizer_config=optimizer_config, restore_from=spec.restore_from, weights_key=weights_key,
             status=ModelStatus.STARTING, error=None, created_at=now, last_request_time=now)
         await self.backend.start(spec)
-        self.dispatcher.launch(spec.model_id, [fut])
+        self.dispatcher.launch(spec.model_id, [fut], epoch=epoch)
         return fut
 
     def model_data(self, record: ModelRecord) -> dict[str, Any]:
@@ -126,9 +131,22 @@ class ModelsService:
         await self.backend.stop(model_id)
 
     async def stop_session_runs(self, session_id: str, reason: str) -> None:
+        """The session's runs stop; a shared sampler process stops with its last user (any session that
+        holds a sampling client on it), whichever session started it."""
         for record in await self.repo.list_models(session_id=session_id, live_only=True):
-            await self.repo.update_model(record.model_id, status=ModelStatus.STOPPED, error=reason)
-            await self.dispatcher.stop_model(record.model_id, reason)
+            if record.kind == "sample" and await self.repo.sampler_users(record.model_id) > 0:
+                continue
+            await self._stop(record.model_id, reason)
+        for sampler in await self.repo.list_samplers(session_id):
+            backing = await self.repo.get_model(sampler.backing_model_id)
+            if (backing is not None and backing.kind == "sample" and backing.session_id != session_id
+                    and backing.status in LIVE and await self.repo.sampler_users(backing.model_id) == 0):
+                await self._stop(backing.model_id, f"its last sampling session ended: {reason}")
+
+    async def _stop(self, model_id: str, reason: str) -> None:
+        await self.repo.update_model(model_id, status=ModelStatus.STOPPED, error=reason)
+        await self.dispatcher.stop_model(model_id, reason)
+        await self.replicas.release(model_id)
 
     async def recover(self) -> None:
         """Gateway start: every pending future is re-dispatched (its trainer still runs: Kubernetes) or
@@ -140,15 +158,34 @@ class ModelsService:
         for record in await self.repo.list_models(live_only=True):
             targets.setdefault(record.model_id, [])
         for target_id, futs in targets.items():
-            await self._recover_target(target_id, futs)
+            if await self.repo.get_model(target_id) is None:  # samples: their task died with the gateway
+                if not self.replicas.multi:  # (with several replicas, another one may be running them)
+                    await self._recover_target(target_id, futs, None)
+            elif target_id not in self.dispatcher.workers:
+                epoch = await self.replicas.claim(target_id)  # None: another replica dispatches it
+                if epoch is not None:
+                    await self._recover_target(target_id, futs, epoch)
+                    if target_id not in self.dispatcher.workers:
+                        await self.replicas.release(target_id)
 
-    async def adopt(self, model_id: str) -> None:
-        """A live run whose worker is on no replica here (another gateway replica died, or took it): take
-        it over from the store, exactly as after a restart. Needs per-session affinity to stay ordered."""
+    async def adopt(self, model_id: str) -> bool:
+        """Whether this replica dispatches the run now. A live run with no worker here is taken over from
+        the store, as after a restart, when no other replica holds its lease (it died or stopped)."""
+        if model_id in self.dispatcher.workers:
+            return True
+        record = await self.repo.get_model(model_id)
+        if record is None or record.status not in LIVE:
+            return False
+        epoch = await self.replicas.claim(model_id)
+        if epoch is None:
+            return False
+        await self._recover_target(model_id, await self.repo.futures_for_target(model_id, pending_only=True), epoch)
         if model_id not in self.dispatcher.workers:
-            await self._recover_target(model_id, await self.repo.futures_for_target(model_id, pending_only=True))
+            await self.replicas.release(model_id)
+            return False
+        return True
 
-    async def _recover_target(self, target_id: str, futs: list[FutureRecord]) -> None:
+    async def _recover_target(self, target_id: str, futs: list[FutureRecord], epoch: int | None) -> None:
         record = await self.repo.get_model(target_id)
         alive = record is not None and await self.backend.handle(target_id) is not None
         if record is None or not alive:
@@ -166,6 +203,8 @@ class ModelsService:
         fresh = [f for f in ops if f.trainer_seq is None]
         next_seq = first_expected_seq([*done, *(f.seq_id for f in resend)], [f.seq_id for f in fresh])
         worker = self.dispatcher.launch(target_id, [f for f in futs if f.op in CREATE_OPS], next_seq=next_seq,
-                                        trainer_next=await self.repo.max_trainer_seq(target_id) + 1, resend=resend)
+                                        trainer_next=await self.repo.max_trainer_seq(target_id) + 1, resend=resend,
+                                        epoch=epoch)
         for fut in fresh:
             worker.enqueue(fut)
+        await worker.refill()  # ops another replica persisted while this one was taking over

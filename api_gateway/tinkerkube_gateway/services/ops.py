@@ -58,10 +58,10 @@ class OpsService:
             await self.futures.fail(fut, model.error or f"model {model_id} is {model.status}", category)
             return fut
         await self.models.touch(model_id)
-        if model_id not in self.dispatcher.workers:
-            await self.models.adopt(model_id)  # enqueues every pending op of the run, this one included
-            return fut
-        self.dispatcher.enqueue(fut)
+        if model_id in self.dispatcher.workers:
+            self.dispatcher.enqueue(fut)
+        elif not await self.models.adopt(model_id):  # adopted: every pending op is queued, this one included
+            await self.models.replicas.submitted(model_id)  # another replica dispatches it: wake it there
         return fut
 
     async def skip(self, tenant: str, model_id: str, seq_id: int, op: OpKind, problem: str) -> None:
@@ -74,7 +74,10 @@ class OpsService:
         if created:
             await self.futures.fail(fut, problem, ErrorCategory.USER)
             fut = dataclasses.replace(fut, state=FutureState.FAILED)
-            self.dispatcher.enqueue(fut)
+            if model_id in self.dispatcher.workers:
+                self.dispatcher.enqueue(fut)
+            else:
+                await self.models.replicas.submitted(model_id)  # the dispatching replica skips its seq_id
 
     async def repo_model(self, tenant: str, model_id: str) -> ModelRecord | None:
         try:

@@ -52,7 +52,7 @@ class SamplingService:
         if run is None:
             raise UnknownModel(f"the training run of {model_path} is unknown")
         session_id = sampler_id.rsplit(":sample:", 1)[0]
-        live = run.status in ("starting", "ready") and run.model_id in self.dispatcher.workers
+        live = await self.models.adopt(run.model_id) or await self._dispatched_elsewhere(run.model_id)
         if live and checkpoint.kind == paths.CheckpointKind.SAMPLER_WEIGHTS and run.tenant == tenant:
             await self._add(run, sampler_id, session_id, snapshot_id=checkpoint.tinker_path, model_path=model_path)
             return
@@ -76,7 +76,8 @@ class SamplingService:
                                lora: LoraSpec, restore_from: str | None) -> ModelRecord:
         key = restore_from or f"base:{base_model}"
         found = await self.models.repo.find_sampler_process(tenant, key)
-        if found is not None and found.model_id in self.dispatcher.workers:
+        if found is not None and (await self.models.adopt(found.model_id)
+                                  or await self._dispatched_elsewhere(found.model_id)):
             return found
         process_id = sampler_id.replace(":sample:", ":sampler:")  # sample futures are keyed by sampler_id
         spec = self.models.spec_for(model_id=process_id, tenant=tenant, session_id=session_id, base_model=base_model,
@@ -85,6 +86,12 @@ class SamplingService:
         record = await self.models.repo.get_model(process_id)
         assert record is not None
         return record
+
+    async def _dispatched_elsewhere(self, model_id: str) -> bool:
+        """Live, and another gateway replica holds its lease (so `adopt` did not take it)."""
+        record = await self.models.repo.get_model(model_id)
+        return (self.models.replicas.multi and record is not None and record.status in ("starting", "ready")
+                and await self.dispatcher.backend.handle(model_id) is not None)
 
     async def get_owned(self, tenant: str, sampler_id: str) -> SamplerRecord:
         record = await self.models.repo.get_sampler(sampler_id)

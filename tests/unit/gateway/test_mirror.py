@@ -1,13 +1,18 @@
-"""Futures aggregates handed to the backend: counts, last seq ids, a bounded recent window."""
+"""Futures aggregates handed to the backend: derived from the store (counts, last seq ids, a bounded
+recent window), so they are right after a gateway restart and whichever replica writes them."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
+from tinkerkube_contract.pod_api import ErrorCategory
 from tinkerkube_contract.resource import RECENT_FUTURES_WINDOW, FuturesStatus
+from tinkerkube_gateway.metrics import Metrics
+from tinkerkube_gateway.services.futures import FuturesService
 from tinkerkube_gateway.services.mirror import FuturesMirror
-from tinkerkube_gateway.store.records import FutureRecord, FutureState
+from tinkerkube_gateway.store.repo import AsyncRepo, Repo
+
+RUN = "s:train:0"
 
 
 class _Backend:
@@ -21,28 +26,57 @@ class _Backend:
         raise AttributeError(name)
 
 
-def _fut(seq: int, target: str = "s:train:0") -> FutureRecord:
-    return FutureRecord(request_id=f"r{seq}", tenant="t", session_id="s", target_id=target, seq_id=seq,
-                        trainer_seq=None, op="optim_step", state="pending", body=None, body_type=None, meta=None,
-                        result=None, result_type=None, error=None, category=None, created_at=time.time(),
-                        completed_at=None)
+def _service(repo: Repo, backend: _Backend) -> FuturesService:
+    service = FuturesService(AsyncRepo(repo), Metrics())
+    service.mirror = FuturesMirror(backend, service.repo, interval=0.01)  # type: ignore[arg-type]
+    return service
 
 
-async def test_aggregates_follow_submits_and_completions() -> None:
+async def _submit(service: FuturesService, seq: int, target: str = RUN):  # type: ignore[no-untyped-def]
+    fut, _ = await service.create(tenant="t", session_id="s", target_id=target, seq_id=seq, op="optim_step",
+                                  body=b"{}", body_type="application/json")
+    return fut
+
+
+async def test_aggregates_follow_submits_and_completions(repo: Repo) -> None:
     backend = _Backend()
-    mirror = FuturesMirror(backend)  # type: ignore[arg-type]
-    for seq in range(1, 21):
-        await mirror.changed(_fut(seq), FutureState.PENDING)
-    for seq in range(1, 11):
-        await mirror.changed(_fut(seq), FutureState.COMPLETE if seq < 10 else FutureState.FAILED)
+    service = _service(repo, backend)
+    futs = [await _submit(service, seq) for seq in range(1, 21)]
+    for fut in futs[:9]:
+        await service.complete(fut, b"{}", "application/json")
+    await service.fail(futs[9], "boom", ErrorCategory.USER)
+    assert service.mirror is not None
+    await service.mirror.drain()
     model_id, status = backend.writes[-1]
-    assert model_id == "s:train:0"
+    assert model_id == RUN
     assert (status.submitted, status.completed, status.failed, status.pending) == (20, 9, 1, 10)
     assert status.last_seq_id == 20 and status.last_completed_seq_id == 10
     assert len(status.recent) == RECENT_FUTURES_WINDOW
+    assert len(backend.writes) < 31  # coalesced: fewer derivations than changes
 
 
-async def test_samples_are_not_mirrored() -> None:
+async def test_aggregates_are_right_after_a_gateway_restart(repo: Repo) -> None:
+    first = _service(repo, _Backend())
+    futs = [await _submit(first, seq) for seq in range(1, 6)]
+    for fut in futs[:3]:
+        await first.complete(fut, b"{}", "application/json")
+    assert first.mirror is not None
+    await first.mirror.drain()
+    backend = _Backend()  # a new gateway process (or another replica) on the same store
+    second = _service(repo, backend)
+    await second.complete(futs[3], b"{}", "application/json")
+    assert second.mirror is not None
+    await second.mirror.drain()
+    status = backend.writes[-1][1]
+    assert (status.submitted, status.completed, status.failed, status.pending) == (5, 4, 0, 1)
+    assert status.last_seq_id == 5 and status.last_completed_seq_id == 4
+    assert [r.seq_id for r in status.recent][-1] == 4  # the most recent change last
+
+
+async def test_samples_are_not_mirrored(repo: Repo) -> None:
     backend = _Backend()
-    await FuturesMirror(backend).changed(_fut(0, target="s:sample:0"), FutureState.PENDING)  # type: ignore[arg-type]
+    service = _service(repo, backend)
+    await _submit(service, 0, target="s:sample:0")
+    assert service.mirror is not None
+    await service.mirror.drain()
     assert backend.writes == []
