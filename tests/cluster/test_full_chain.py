@@ -85,7 +85,7 @@ def test_save_state_and_resume_start_a_second_session(
 
 
 def test_killed_trainer_is_recreated_and_training_continues(
-        training: tinker.TrainingClient, api: Api, kubelet: Kubelet, cluster: EmulatedCluster) -> None:
+        training: tinker.TrainingClient, api: Api, kubelet: Kubelet, gateway: GatewayProc) -> None:
     ts = _session_of(api, training.model_id)
     name = ts["metadata"]["name"]
     (pod,) = _pods(api, name)
@@ -93,8 +93,13 @@ def test_killed_trainer_is_recreated_and_training_continues(
     eventually_sync(lambda: _session_of(api, training.model_id)["status"], lambda s: s.get("restarts") == 1,
                     timeout=30, what="operator noticed the failure")
     batch = [datum(5), datum(4)]
-    out = training.forward_backward(batch, "cross_entropy").result(timeout=300)
-    training.optim_step(types.AdamParams(learning_rate=1e-2)).result(timeout=120)
+    try:
+        out = training.forward_backward(batch, "cross_entropy").result(timeout=240)
+        training.optim_step(types.AdamParams(learning_rate=1e-2)).result(timeout=120)
+    except Exception as exc:  # keep the evidence: which side lost the thread
+        status = _session_of(api, training.model_id).get("status")
+        raise AssertionError(f"{exc!r}\nstatus: {status}\ngateway log:\n{gateway.log()[-3000:]}\n"
+                             f"new pod log:\n{kubelet.logs(NAMESPACE, f'{name}-g1-0')[-3000:]}") from exc
     assert out.metrics["loss:sum"] > 0
     status = _session_of(api, training.model_id)["status"]
     assert status["phase"] == "Ready" and status["restarts"] == 1
