@@ -48,6 +48,8 @@ def test_defaults_and_examples_satisfy_the_schema() -> None:
     ("trainer.nodeSelector", {"gpu": True}),
     ("trainer.checkpoints.hostPath", "relative/dir"),
     ("trainer.idleTimeoutSeconds", -5),
+    ("trainer.cpu", "1Gi"),
+    ("trainer.memory", "lots"),
     ("database.postgres.url", "mysql://x"),
     ("ingress.path", "no-slash"),
     ("metrics.serviceMonitor.interval", "often"),
@@ -55,6 +57,15 @@ def test_defaults_and_examples_satisfy_the_schema() -> None:
 def test_schema_rejects_bad_values(path: str, value: object) -> None:
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(_with(path, value), SCHEMA)
+
+
+def test_trainer_cpu_and_memory_follow_the_crd_patterns(crd: dict) -> None:
+    # The gateway copies them into each TrainingSession: a value the CRD refuses would fail every session.
+    resources = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"][
+        "resources"]["properties"]
+    trainer = SCHEMA["properties"]["trainer"]["properties"]
+    assert trainer["cpu"]["anyOf"][0]["pattern"] == resources["cpu"]["pattern"]
+    assert trainer["memory"]["pattern"] == resources["memory"]["pattern"]
 
 
 def test_helm_enforces_the_schema(helm: Helm) -> None:
