@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from tinkerkube_contract.pod_api import CONTENT_PROTOBUF, ErrorCategory, OpState, SampleOp
@@ -35,6 +35,7 @@ class Dispatcher:
         self.sink: ResultSink
         self.workers: dict[str, ModelWorker] = {}
         self.replica_id = "local"  # whose lease a worker launched with an epoch dispatches under
+        self.on_sample_done: Callable[[str], Awaitable[None]] | None = None  # (request_id)
         self._samples: set[asyncio.Task[None]] = set()
 
     def bind(self, sink: ResultSink) -> None:
@@ -98,6 +99,9 @@ class Dispatcher:
             await self.sink.on_failure(fut, exc.detail, exc.category)
         except (TrainerUnreachable, TimeoutError) as exc:
             await self.sink.on_failure(fut, f"sampling failed: {exc}; retry", ErrorCategory.SERVER)
+        finally:
+            if self.on_sample_done is not None:
+                await self.on_sample_done(fut.request_id)
 
     async def stop_model(self, model_id: str, reason: str) -> None:
         worker = self.workers.pop(model_id, None)

@@ -68,18 +68,25 @@ def capabilities(settings: GatewaySettings) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def wire_replicas(replicas: Replicas, futures: FuturesService, dispatcher: Dispatcher, models: ModelsService) -> None:
+def wire_replicas(replicas: Replicas, futures: FuturesService, dispatcher: Dispatcher, models: ModelsService,
+                  sampling: SamplingService) -> None:
     """Cross-replica events into this replica's notifier and dispatcher (no-ops on SQLite)."""
     dispatcher.replica_id = replicas.replica_id
+    dispatcher.on_sample_done = replicas.untrack_sample
     futures.broadcast = replicas.completed_payload
     replicas.on_completed = futures.notifier.notify
     replicas.on_submitted = dispatcher.refill
     replicas.on_lost = dispatcher.drop
 
-    async def take_over(model_id: str) -> None:
-        await models.adopt(model_id)
+    async def take_over(model_id: str) -> None:  # in a task: the heartbeat never waits on a trainer
+        dispatcher.spawn(models.adopt(model_id, wait=False))
 
     replicas.on_orphan = take_over
+
+    async def rerun_sample(request_id: str) -> None:
+        dispatcher.spawn(sampling.resume(request_id))
+
+    replicas.on_orphan_sample = rerun_sample
 
     def resync() -> None:
         futures.notifier.notify_all()
@@ -114,7 +121,7 @@ async def compose(settings: GatewaySettings, backend: SessionBackend | None = No
                                dispatcher=dispatcher)
     sessions.stop_runs = models.stop_session_runs
     sessions.periodic.append(registry.sweep_expired)
-    wire_replicas(replicas, futures, dispatcher, models)
+    wire_replicas(replicas, futures, dispatcher, models, sampling)
     metrics.queue_depth.set(await repo.count_pending())
     await sessions.refresh_gauge()
     replicas.start()

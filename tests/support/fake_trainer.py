@@ -35,6 +35,7 @@ CKPT = Path(E.get(env.CHECKPOINT_DIR, "var/checkpoints"))
 BOOT_ID = uuid.uuid4().hex
 BROKEN_MODEL = "broken/model"  # a base model this fake trainer fails to load (exit code 3)
 EXEC_DELAY = float(E.get("FAKE_TRAINER_OP_DELAY", "0"))
+SAMPLE_DELAY = float(E.get("FAKE_TRAINER_SAMPLE_DELAY", "0"))  # a sample's result appears this much later
 RECORD = E.get("FAKE_TRAINER_RECORD")  # a file: one JSON line per op PUT, in arrival order (ordering tests)
 
 @contextlib.asynccontextmanager
@@ -47,6 +48,7 @@ app = FastAPI(lifespan=_lifespan)
 ops: dict[int, tuple[str, bytes]] = {}
 results: dict[int, tuple[str, str, bytes]] = {}  # seq → (state, content_type, body)
 samples: dict[str, tuple[str, str, bytes]] = {}
+sampling: set[str] = set()  # accepted, result not there yet (SAMPLE_DELAY)
 snapshots: set[str] = set()
 changed = asyncio.Event()
 state = {"next": 1, "step": 0}
@@ -224,8 +226,13 @@ def _sample(op: dict[str, Any]) -> tuple[str, str, bytes]:
 async def put_sample(request_id: str, request: Request) -> Response:
     if (denied := _auth(request)) is not None:
         return denied
-    if request_id not in samples:
-        samples[request_id] = _sample(json.loads(await request.body()))
+    if request_id not in samples and request_id not in sampling:
+        result = _sample(json.loads(await request.body()))
+        if SAMPLE_DELAY:
+            sampling.add(request_id)
+            asyncio.get_running_loop().call_later(SAMPLE_DELAY, samples.__setitem__, request_id, result)
+        else:
+            samples[request_id] = result
     return JSONResponse({"state": "accepted"})
 
 

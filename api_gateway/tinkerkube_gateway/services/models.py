@@ -7,6 +7,7 @@ trainer is ready. The create submit is keyed `(model_id, 0)`, so a retried creat
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from pathlib import Path
@@ -40,6 +41,7 @@ class ModelsService:
                  replicas: Replicas | None = None):
         self.repo = repo
         self.replicas = replicas or Replicas(repo, replica_id=dispatcher.replica_id)  # the only replica
+        self._taking: dict[str, asyncio.Lock] = {}
         self.futures = futures
         self.sessions = sessions
         self.dispatcher = dispatcher
@@ -129,6 +131,7 @@ class ModelsService:
     async def on_dead(self, model_id: str, reason: str) -> None:
         await self.repo.update_model(model_id, status=ModelStatus.FAILED, error=reason[:4000])
         await self.backend.stop(model_id)
+        await self.replicas.release(model_id)  # a failed run is nobody's to take over
 
     async def stop_session_runs(self, session_id: str, reason: str) -> None:
         """The session's runs stop; a shared sampler process stops with its last user (any session that
@@ -161,29 +164,41 @@ class ModelsService:
             if await self.repo.get_model(target_id) is None:  # samples: their task died with the gateway
                 if not self.replicas.multi:  # (with several replicas, another one may be running them)
                     await self._recover_target(target_id, futs, None)
-            elif target_id not in self.dispatcher.workers:
-                epoch = await self.replicas.claim(target_id)  # None: another replica dispatches it
-                if epoch is not None:
-                    await self._recover_target(target_id, futs, epoch)
-                    if target_id not in self.dispatcher.workers:
-                        await self.replicas.release(target_id)
+            else:
+                await self._take(target_id, futs)  # unless another replica dispatches it
 
-    async def adopt(self, model_id: str) -> bool:
+    async def adopt(self, model_id: str, *, wait: bool = True) -> bool:
         """Whether this replica dispatches the run now. A live run with no worker here is taken over from
-        the store, as after a restart, when no other replica holds its lease (it died or stopped)."""
+        the store, as after a restart, when no other replica holds its lease (it died or stopped).
+        `wait=False`: give up at once when this replica is already taking it over (heartbeat)."""
         if model_id in self.dispatcher.workers:
             return True
         record = await self.repo.get_model(model_id)
         if record is None or record.status not in LIVE:
             return False
-        epoch = await self.replicas.claim(model_id)
-        if epoch is None:
+        return await self._take(model_id, None, wait=wait)
+
+    async def _take(self, model_id: str, futs: list[FutureRecord] | None, *, wait: bool = True) -> bool:
+        lock = self._taking.setdefault(model_id, asyncio.Lock())
+        if lock.locked() and not wait:
             return False
-        await self._recover_target(model_id, await self.repo.futures_for_target(model_id, pending_only=True), epoch)
-        if model_id not in self.dispatcher.workers:
-            await self.replicas.release(model_id)
-            return False
-        return True
+        try:
+            async with lock:  # one takeover at a time: a second claim would fence off the first worker
+                if model_id in self.dispatcher.workers:
+                    return True
+                epoch = await self.replicas.claim(model_id)
+                if epoch is None:
+                    return False
+                if futs is None:
+                    futs = await self.repo.futures_for_target(model_id, pending_only=True)
+                await self._recover_target(model_id, futs, epoch)
+                if model_id in self.dispatcher.workers:
+                    return True
+                await self.replicas.release(model_id)
+                return False
+        finally:
+            if not lock.locked():
+                self._taking.pop(model_id, None)
 
     async def _recover_target(self, target_id: str, futs: list[FutureRecord], epoch: int | None) -> None:
         record = await self.repo.get_model(target_id)

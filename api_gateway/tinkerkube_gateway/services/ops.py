@@ -58,9 +58,9 @@ class OpsService:
             await self.futures.fail(fut, model.error or f"model {model_id} is {model.status}", category)
             return fut
         await self.models.touch(model_id)
-        if model_id in self.dispatcher.workers:
-            self.dispatcher.enqueue(fut)
-        elif not await self.models.adopt(model_id):  # adopted: every pending op is queued, this one included
+        if model_id in self.dispatcher.workers or await self.models.adopt(model_id):
+            self.dispatcher.enqueue(fut)  # idempotent: an adoption may have queued it already
+        else:
             await self.models.replicas.submitted(model_id)  # another replica dispatches it: wake it there
         return fut
 

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 
 from sqlalchemy.engine import make_url
 
-from tinkerkube_gateway.store.coordination import CHANNEL
+from tinkerkube_gateway.store.coordination import CHANNEL, SAMPLE_LEASE
 from tinkerkube_gateway.store.repo import AsyncRepo
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class Replicas:
         self.on_submitted: Callable[[str], None] = _noop_sync  # wake the run's worker here
         self.on_lost: Hook = _noop  # another replica took the run over
         self.on_orphan: Hook = _noop  # a live run nobody dispatches
+        self.on_orphan_sample: Hook = _noop  # a pending sample whose replica died: run it here
         self.on_resync: Callable[[], None] = lambda: None  # notifications may have been missed
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -68,6 +69,15 @@ class Replicas:
         if epoch is not None:
             await self.repo.release_lease(model_id, self.replica_id, epoch)
 
+    async def track_sample(self, request_id: str) -> None:
+        """A sample runs on this replica: if the replica dies, another one re-runs it (no state changes)."""
+        if self.multi:
+            await self.repo.claim_lease(SAMPLE_LEASE + request_id, self.replica_id, time.time(), self.lease_seconds)
+
+    async def untrack_sample(self, request_id: str) -> None:
+        if self.multi:
+            await self.repo.release_lease(SAMPLE_LEASE + request_id, self.replica_id)
+
     async def heartbeat(self) -> None:
         """Renew what this replica holds, let go of what it lost, take over orphaned runs."""
         held = await self.repo.renew_leases(self.replica_id, time.time(), self.lease_seconds)
@@ -79,6 +89,9 @@ class Replicas:
                 await self.on_lost(model_id)
         for model_id in await self.repo.orphaned_runs(time.time()):
             await self.on_orphan(model_id)
+        for key in await self.repo.orphaned_samples(time.time()):
+            if await self.repo.claim_lease(key, self.replica_id, time.time(), self.lease_seconds) is not None:
+                await self.on_orphan_sample(key.removeprefix(SAMPLE_LEASE))
 
     # --- notifications --------------------------------------------------------------------------------
     def completed_payload(self, request_id: str) -> str | None:

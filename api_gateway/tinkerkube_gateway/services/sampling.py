@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from typing import Any
 
 from tinkerkube_contract import paths, pod_api
@@ -19,8 +21,10 @@ from tinkerkube_gateway.services.futures import FuturesService
 from tinkerkube_gateway.services.models import ModelsService
 from tinkerkube_gateway.services.registry import RegistryService
 from tinkerkube_gateway.services.sessions import SessionsService
-from tinkerkube_gateway.store.records import FutureRecord, ModelRecord, SamplerRecord
+from tinkerkube_gateway.store.records import FutureRecord, FutureState, ModelRecord, SamplerRecord
 from tinkerkube_gateway.wire import json_bytes
+
+log = logging.getLogger(__name__)
 
 
 class SamplingService:
@@ -112,6 +116,21 @@ class SamplingService:
                                                  body=json_bytes(raw), body_type=pod_api.CONTENT_JSON)
         if created:
             await self.models.adopt(sampler.backing_model_id)
+            await self.models.replicas.track_sample(fut.request_id)
             op = pod_api.SampleOp(request=raw, snapshot_id=sampler.snapshot_id)
             self.dispatcher.submit_sample(fut, sampler.backing_model_id, op)
         return fut, [f"{fut.request_id}:{i}" for i in range(req.num_samples)]
+
+    async def resume(self, request_id: str) -> None:
+        """A sample whose gateway replica died while it ran: run it again here (sampling changes no state,
+        and the trainer answers a repeated request id from its results)."""
+        repo = self.models.repo
+        fut = await repo.get_future(request_id)
+        sampler = None if fut is None else await repo.get_sampler(fut.target_id)
+        if fut is None or sampler is None or fut.state != FutureState.PENDING or fut.body is None:
+            await self.models.replicas.untrack_sample(request_id)
+            return
+        log.warning("re-running sample %s: the gateway replica running it stopped", request_id)
+        await self.models.adopt(sampler.backing_model_id)
+        op = pod_api.SampleOp(request=json.loads(fut.body), snapshot_id=sampler.snapshot_id)
+        self.dispatcher.submit_sample(fut, sampler.backing_model_id, op)

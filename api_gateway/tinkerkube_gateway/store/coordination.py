@@ -21,6 +21,7 @@ from tinkerkube_gateway.store import tables as t
 from tinkerkube_gateway.store.records import FutureState, SessionStatus
 
 CHANNEL = "tinkerkube_gateway"
+SAMPLE_LEASE = "sample:"  # + request_id: the replica running a sample (model ids start with a session id)
 LIVE = ("starting", "ready")
 
 
@@ -75,6 +76,13 @@ class CoordinationQueries:
         m, lease = t.models.c, t.run_leases.c
         stmt = (select(m.model_id).select_from(t.models.outerjoin(t.run_leases, lease.model_id == m.model_id))
                 .where(m.status.in_(LIVE), or_(lease.model_id.is_(None), lease.expires_at < now)))
+        with self.engine.connect() as conn:
+            return [r.model_id for r in conn.execute(stmt)]
+
+    def orphaned_samples(self, now: float) -> list[str]:
+        """Lease keys of samples whose replica stopped renewing them (it died while they ran)."""
+        lease = t.run_leases.c
+        stmt = select(lease.model_id).where(lease.model_id.like(SAMPLE_LEASE + "%"), lease.expires_at < now)
         with self.engine.connect() as conn:
             return [r.model_id for r in conn.execute(stmt)]
 

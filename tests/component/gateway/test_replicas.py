@@ -1,8 +1,9 @@
 """Two gateway replicas (separate processes) on one real PostgreSQL server, trainers shared between them
 (tests.support.replica.SharedBackend, as TrainingSessions are on Kubernetes): one replica dispatches a
 run at a time (lease), the other only persists and notifies; waiters anywhere are woken by NOTIFY; a
-killed dispatching replica is taken over after its lease expires. The fake trainer records every op
-PUT in arrival order and numbers optimizer steps, so a reordered, lost or doubled op fails the test.
+killed dispatching replica is taken over after its lease expires, and a sample it was running is re-run.
+The fake trainer records every op PUT in arrival order and numbers optimizer steps, so a reordered, lost
+or doubled op fails the test.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class Cluster:
                     "TINKERKUBE_GATEWAY_TRAINER_AUTH_TOKEN": "replica-test-token",
                     "TINKERKUBE_GATEWAY_LONG_POLL_SECONDS": str(LONG_POLL),
                     "TINKERKUBE_GATEWAY_LEASE_SECONDS": "2", "FAKE_TRAINER_RECORD": str(self.record),
-                    "FAKE_TRAINER_OP_DELAY": "0.02"}
+                    "FAKE_TRAINER_OP_DELAY": "0.02", "FAKE_TRAINER_SAMPLE_DELAY": "1.0"}
         self.replicas: list[GatewayProc] = []
 
     def start(self, name: str) -> GatewayProc:
@@ -132,15 +133,30 @@ def test_a_waiter_on_one_replica_is_woken_by_a_completion_on_the_other(cluster: 
     assert body["metrics"]["step:max"] == 2
 
 
+def _sample(http: httpx.Client, session_id: str) -> str:
+    """A base-model sample (a sampler process, 1 s per sample in the fake trainer)."""
+    created = http.post("/api/v1/create_sampling_session",
+                        json={"session_id": session_id, "sampling_session_seq_id": 0, "base_model": TINY})
+    assert created.status_code == 200, created.text
+    response = http.post("/api/v1/asample", json={
+        "sampling_session_id": created.json()["sampling_session_id"], "seq_id": 0, "num_samples": 1,
+        "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]}, "sampling_params": {"max_tokens": 2}})
+    assert response.status_code == 200, response.text
+    return response.json()["request_id"]  # type: ignore[no-any-return]
+
+
 def test_a_killed_dispatching_replica_is_taken_over_in_order(cluster: Cluster) -> None:
     a, b = cluster.start("a"), cluster.start("b")
     with a.http() as ha, b.http() as hb:
-        model_id = new_model(ha, new_session(ha), TINY)
+        session_id = new_session(ha)
+        model_id = new_model(ha, session_id, TINY)
         first = [_optim(ha, model_id, seq) for seq in (1, 2, 3)]
         assert _steps(ha, first) == [1, 2, 3]
+        sample = _sample(ha, session_id)  # still running on a when a dies
         in_flight = [_optim(ha, model_id, 4), _optim(hb, model_id, 5)]
-        a.stop(kill=True)  # no clean shutdown: its lease has to expire
+        a.stop(kill=True)  # no clean shutdown: its leases have to expire
         later = [_optim(hb, model_id, seq) for seq in (6, 7, 8)]
         assert _steps(hb, in_flight + later) == [4, 5, 6, 7, 8]
         assert retrieve(hb, first[0]).json()["metrics"]["step:max"] == 1  # earlier results still readable
+        assert retrieve(hb, sample).headers["content-type"].startswith("application/x-protobuf")  # re-run on b
     _assert_exactly_once_in_order(cluster, model_id, 8)
