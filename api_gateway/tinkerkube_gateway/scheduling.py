@@ -24,14 +24,16 @@ def forwardable(next_seq: int, waiting: Mapping[int, T]) -> list[int]:
     return run
 
 
-def first_expected_seq(completed: Iterable[int], pending: Iterable[int]) -> int:
-    """After a gateway restart: where a model's dispatcher resumes. Ops finish in order, so it is the
-    lowest pending seq_id, else one past the highest finished one (create_model is seq 0)."""
-    pend = list(pending)
-    if pend:
-        return min(pend)
-    done = list(completed)
-    return max(done) + 1 if done else 1
+def first_expected_seq(passed: Iterable[int]) -> int:
+    """After a gateway restart or a takeover: where a model's dispatcher resumes. Ops are forwarded
+    strictly in order, so it is the first seq_id (from 1; create_model is 0) that has neither finished
+    nor been forwarded. Not "the lowest pending one": the chunks of one forward_backward arrive first
+    chunk last, so seq N+1 may be stored while seq N is still on its way."""
+    done = set(passed)
+    seq = 1
+    while seq in done:
+        seq += 1
+    return seq
 
 
 @dataclass(frozen=True, slots=True)

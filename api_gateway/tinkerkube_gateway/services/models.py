@@ -211,12 +211,12 @@ class ModelsService:
             if record is not None and record.status in (ModelStatus.STARTING, ModelStatus.READY):
                 await self.repo.update_model(target_id, status=ModelStatus.STOPPED, error=reason)
             return
-        done = [f.seq_id for f in await self.repo.futures_for_target(target_id)
-                if f.seq_id is not None and f.state != FutureState.PENDING]
+        passed = [f.seq_id for f in await self.repo.futures_for_target(target_id)
+                  if f.seq_id is not None and (f.state != FutureState.PENDING or f.trainer_seq is not None)]
         ops = sorted((f for f in futs if f.seq_id is not None and f.op not in CREATE_OPS), key=lambda f: f.seq_id)
         resend = sorted((f for f in ops if f.trainer_seq is not None), key=lambda f: f.trainer_seq)
         fresh = [f for f in ops if f.trainer_seq is None]
-        next_seq = first_expected_seq([*done, *(f.seq_id for f in resend)], [f.seq_id for f in fresh])
+        next_seq = first_expected_seq(passed)
         worker = self.dispatcher.launch(target_id, [f for f in futs if f.op in CREATE_OPS], next_seq=next_seq,
                                         trainer_next=await self.repo.max_trainer_seq(target_id) + 1, resend=resend,
                                         epoch=epoch)

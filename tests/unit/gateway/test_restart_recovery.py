@@ -63,3 +63,38 @@ async def test_pending_futures_are_redispatched_to_a_live_trainer(tmp_path: Path
     assert trainer.puts == [("boot-1", 2), ("boot-1", 3), ("boot-1", 4)]
     await dispatcher.close()
     sync.close()
+
+
+async def test_a_later_chunk_stored_before_an_earlier_one_waits_for_it(tmp_path: Path) -> None:
+    """forward_backward chunks arrive first chunk last: after a restart (or a replica takeover) with seq 2
+    stored and seq 1 still on its way, seq 2 must wait for seq 1."""
+    sync = Repo(f"sqlite:///{tmp_path / 'gw.db'}")
+    repo = AsyncRepo(sync)
+    now = time.time()
+    sync.insert_model(model_id=MODEL, session_id="s", tenant="t", kind="train", base_model="b", lora={},
+                      user_metadata=None, optimizer_config=None, restore_from=None, weights_key=None,
+                      status="ready", error=None, created_at=now, last_request_time=now)
+    futures = FuturesService(repo, Metrics())
+
+    async def submit(seq: int):  # type: ignore[no-untyped-def]
+        fut, _ = await futures.create(tenant="t", session_id="s", target_id=MODEL, seq_id=seq, op="optim_step",
+                                      body=f'{{"n": {seq}}}'.encode(), body_type="application/json")
+        return fut
+
+    second = await submit(2)
+    trainer = FakeTrainer()
+    backend = FakeBackend(trainer)
+    dispatcher = Dispatcher(repo=repo, backend=backend, pods=trainer, start_timeout=5)  # type: ignore[arg-type]
+    dispatcher.bind(CompletingSink(futures))  # type: ignore[arg-type]
+    sessions = SessionsService(repo, Metrics(), idle_timeout=60, reap_interval=60)
+    models = ModelsService(repo=repo, futures=futures, sessions=sessions, dispatcher=dispatcher, backend=backend,  # type: ignore[arg-type]
+                           model_cache_dir=tmp_path, model_aliases={}, idle_timeout=60)
+    await models.recover()
+    assert (await futures.wait("t", second.request_id, timeout=0.5)).state == FutureState.PENDING
+    assert trainer.puts == []
+    first = await submit(1)
+    dispatcher.enqueue(first)
+    assert (await asyncio.wait_for(futures.wait("t", second.request_id, timeout=5), 10)).state == "complete"
+    assert trainer.puts == [("boot-1", 1), ("boot-1", 2)]
+    await dispatcher.close()
+    sync.close()

@@ -19,10 +19,10 @@ def test_only_the_contiguous_run_from_the_next_seq_is_forwardable(next_seq: int,
     assert forwardable(next_seq, dict.fromkeys(present, "op")) == expected
 
 
-def test_restart_resumes_at_the_lowest_pending_or_after_the_last_done() -> None:
-    assert first_expected_seq([0, 1, 2], [4, 3]) == 3
-    assert first_expected_seq([0, 1, 2], []) == 3
-    assert first_expected_seq([], []) == 1
+def test_restart_resumes_at_the_first_seq_neither_finished_nor_forwarded() -> None:
+    assert first_expected_seq([0, 1, 2]) == 3
+    assert first_expected_seq([0, 1, 2, 5]) == 3  # 5 was failed at submit; 3 and 4 still to forward
+    assert first_expected_seq([]) == 1
 
 
 def test_replay_resends_everything_after_the_restore_point() -> None:
