@@ -99,9 +99,8 @@ class Dispatcher:
             await self.sink.on_failure(fut, exc.detail, exc.category)
         except (TrainerUnreachable, TimeoutError) as exc:
             await self.sink.on_failure(fut, f"sampling failed: {exc}; retry", ErrorCategory.SERVER)
-        finally:
-            if self.on_sample_done is not None:
-                await self.on_sample_done(fut.request_id)
+        if self.on_sample_done is not None:  # not when cancelled (shutdown): its lease expires, another re-runs it
+            await self.on_sample_done(fut.request_id)
 
     async def stop_model(self, model_id: str, reason: str) -> None:
         worker = self.workers.pop(model_id, None)
