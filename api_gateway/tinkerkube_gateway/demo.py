@@ -47,6 +47,8 @@ SFT_EXAMPLES = (
     ("What is tinkerkube?", "Tinker training on Kubernetes."),
     ("Say hello.", "Hello from tinkerkube!"),
     ("What is your name?", "My name is Tinky."),
+    ("What is 2 + 3? Answer with just the number.", "5"),
+    ("What is 4 + 4? Answer with just the number.", "8"),
 )
 PROBE_PROMPT = "Who are you?"
 
@@ -192,7 +194,7 @@ def supervised(tc: tinker.TrainingClient, tokenizer: Any, steps: int, lr: float)
 
 
 def rl_step(tc: tinker.TrainingClient, tokenizer: Any, rng: random.Random, *, groups: int, group_size: int,
-            lr: float) -> tuple[float, float | None]:
+            lr: float) -> tuple[float, float | None, str]:
     """One on-policy step: sample `group_size` answers per problem from the current weights, reward the
     right ones, center rewards per group, one importance_sampling forward_backward + optim_step."""
     sampler = tc.save_weights_and_get_sampling_client().result()
@@ -200,30 +202,31 @@ def rl_step(tc: tinker.TrainingClient, tokenizer: Any, rng: random.Random, *, gr
     params = types.SamplingParams(max_tokens=6, temperature=1.0, stop=[tokenizer.eos_token_id])
     prompts = [chat_prompt(tokenizer, f"What is {a} + {b}? Answer with just the number.") for a, b in problems]
     futures = [sampler.sample(types.ModelInput.from_ints(p), group_size, params) for p in prompts]
-    data, rewards = [], []
+    data, rewards, example = [], [], ""
     for (a, b), prompt, future in zip(problems, prompts, futures, strict=True):
         seqs = future.result().sequences
-        group = [1.0 if first_int(tokenizer.decode(s.tokens, skip_special_tokens=True)) == a + b else 0.0
-                 for s in seqs]
+        texts = [tokenizer.decode(s.tokens, skip_special_tokens=True).strip() for s in seqs]
+        example = example or f"{a} + {b} -> {texts[0]!r}"
+        group = [1.0 if first_int(text) == a + b else 0.0 for text in texts]
         rewards += group
         mean = sum(group) / len(group)
         data += [rl_datum(prompt, s, r - mean) for s, r in zip(seqs, group, strict=True) if r != mean]
     if not data:  # every group all right or all wrong: no signal this step
-        return sum(rewards) / len(rewards), None
+        return sum(rewards) / len(rewards), None, example
     fb = tc.forward_backward(data, "importance_sampling")
     opt = tc.optim_step(types.AdamParams(learning_rate=lr))
     loss = fb.result().metrics["loss:sum"] / len(data)
     opt.result()
-    return sum(rewards) / len(rewards), loss
+    return sum(rewards) / len(rewards), loss, example
 
 
 def reinforce(tc: tinker.TrainingClient, tokenizer: Any, steps: int, lr: float, seed: int) -> None:
     rng = random.Random(seed)
     for step in range(1, steps + 1):
         started = time.monotonic()
-        reward, loss = rl_step(tc, tokenizer, rng, groups=2, group_size=4, lr=lr)
+        reward, loss, example = rl_step(tc, tokenizer, rng, groups=2, group_size=4, lr=lr)
         shown = {"reward": reward, "loss": loss if loss is not None else "skipped (no signal)"}
-        progress("rl", step, steps, **shown, time=f"{time.monotonic() - started:.1f}s")
+        progress("rl", step, steps, **shown, time=f"{time.monotonic() - started:.1f}s", sample=example)
 
 
 def run(args: argparse.Namespace, gw: Gateway) -> None:
