@@ -34,6 +34,12 @@ def test_operator_watches_only_the_release_namespace(helm: Helm) -> None:
     assert json.loads(env["TINKERKUBE_OPERATOR_NAMESPACES"]) == ["tinkerkube"]
 
 
+def test_cluster_domain_reaches_the_operator(helm: Helm) -> None:
+    assert helm.render("default").env("operator")["TINKERKUBE_OPERATOR_CLUSTER_DOMAIN"] == "cluster.local"
+    custom = helm.render("domain", "--set", "operator.clusterDomain=corp.internal").env("operator")
+    assert custom["TINKERKUBE_OPERATOR_CLUSTER_DOMAIN"] == "corp.internal"
+
+
 def test_operator_runs_its_entry_point_and_exposes_metrics(helm: Helm) -> None:
     render = helm.render("default")
     container = render.container("operator")

@@ -126,6 +126,8 @@ persistentVolumeClaim:
   value: {{ ternary "false" "true" $o.peering.enabled | quote }}
 - name: TINKERKUBE_OPERATOR_PEERING_NAME
   value: {{ $o.peering.name | quote }}
+- name: TINKERKUBE_OPERATOR_CLUSTER_DOMAIN
+  value: {{ $o.clusterDomain | quote }}
 - name: TINKERKUBE_OPERATOR_METRICS_PORT
   value: {{ $o.metricsPort | quote }}
 - name: TINKERKUBE_OPERATOR_POSTING_LEVEL
