@@ -120,6 +120,7 @@ async def compose(settings: GatewaySettings, backend: SessionBackend | None = No
     sampling = SamplingService(futures=futures, sessions=sessions, models=models, registry=registry,
                                dispatcher=dispatcher)
     sessions.stop_runs = models.stop_session_runs
+    sessions.on_heartbeat = models.keep_session_alive
     sessions.periodic.append(registry.sweep_expired)
     wire_replicas(replicas, futures, dispatcher, models, sampling)
     metrics.queue_depth.set(await repo.count_pending())

@@ -67,8 +67,9 @@ class GatewaySettings(BaseSettings):
     trainer_node_selector: dict[str, str] = Field(default_factory=dict, description="JSON nodeSelector for trainers")
     trainer_tolerations: list[dict[str, Any]] = Field(default_factory=list, description="JSON tolerations")
     trainer_priority_class_name: str | None = Field(None, description="priorityClassName of trainer pods")
-    trainer_idle_timeout_seconds: int | None = Field(
-        None, ge=0, description="TrainingSession idleTimeoutSeconds; default: the session idle timeout")
+    trainer_idle_timeout_seconds: int = Field(
+        3600, ge=0, description="TrainingSession idleTimeoutSeconds: the operator's backstop for runs whose "
+        "gateway vanished (heartbeating sessions keep their runs fresh); 0 disables")
     proto_compress_fwdbwd: bool = Field(False, description="ask the SDK to zstd-compress forward_backward bodies")
     fwdbwd_max_chunk_len: int = Field(1024, ge=1, description="datums per forward_backward request (client config)")
     trainer_request_timeout_seconds: float = Field(60.0, gt=0, description="HTTP timeout for gateway→trainer calls")
@@ -116,7 +117,7 @@ class GatewaySettings(BaseSettings):
 
     @property
     def kube_idle_timeout_seconds(self) -> int:
-        return self.trainer_idle_timeout_seconds or int(self.session_idle_timeout_seconds)
+        return self.trainer_idle_timeout_seconds
 
     def tenant_keys(self) -> dict[str, str]:
         """Key → tenant. With no keys configured anywhere, the local dev key `tml-local` → `local`."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from tinkerkube_contract.resource import RECENT_FUTURES_WINDOW, FuturesStatus, RecentFuture
@@ -20,18 +22,24 @@ from tinkerkube_gateway.store.repo import AsyncRepo
 
 log = logging.getLogger(__name__)
 
+KEEPALIVE_SECONDS = 60.0  # how often a heartbeating session refreshes its runs' status.futures.updatedAt
+
 
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat()
 
 
 class FuturesMirror:
-    def __init__(self, backend: SessionBackend, repo: AsyncRepo, *, interval: float = 0.25):
+    def __init__(self, backend: SessionBackend, repo: AsyncRepo, *, interval: float = 0.25,
+                 keepalive_interval: float = KEEPALIVE_SECONDS, clock: Callable[[], float] = time.monotonic):
         self.backend = backend
         self.repo = repo
         self.interval = interval
+        self.keepalive_interval = keepalive_interval
+        self._clock = clock
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._again: set[str] = set()
+        self._last_write: dict[str, float] = {}
 
     async def changed(self, fut: FutureRecord, state: FutureState) -> None:
         if ":train:" not in fut.target_id:
@@ -44,6 +52,16 @@ class FuturesMirror:
             return
         self._tasks[model_id] = asyncio.get_running_loop().create_task(self._flush(model_id))
 
+    def keepalive(self, model_ids: list[str]) -> None:
+        """The SDK is heartbeating: refresh `updatedAt` of runs not written for a while. The operator
+        counts idleness from it, so a live session that merely pauses is never reaped as idle, while
+        a run whose gateway vanished still is. Bounded: one write per run per keepalive interval."""
+        now = self._clock()
+        for model_id in model_ids:
+            if now - self._last_write.get(model_id, float("-inf")) >= self.keepalive_interval:
+                self._last_write[model_id] = now
+                self.touch(model_id)
+
     async def derive(self, model_id: str) -> FuturesStatus:
         counts = await self.repo.run_aggregates(model_id)
         recent = [RecentFuture(request_id=rid, op=op, seq_id=seq, state=state, updated_at=_iso(at))
@@ -54,6 +72,7 @@ class FuturesMirror:
         try:
             while True:
                 self._again.discard(model_id)
+                self._last_write[model_id] = self._clock()
                 try:
                     await self.backend.mirror_futures(model_id, await self.derive(model_id))
                 except Exception:
@@ -71,6 +90,7 @@ class FuturesMirror:
 
     def forget(self, model_id: str) -> None:
         self._again.discard(model_id)
+        self._last_write.pop(model_id, None)
 
     async def close(self) -> None:
         for task in list(self._tasks.values()):

@@ -133,6 +133,13 @@ class ModelsService:
         await self.backend.stop(model_id)
         await self.replicas.release(model_id)  # a failed run is nobody's to take over
 
+    async def keep_session_alive(self, session_id: str) -> None:
+        """On heartbeat: the session's live training runs are in use even when no op is running."""
+        if self.futures.mirror is None:
+            return
+        runs = await self.repo.list_models(session_id=session_id, live_only=True)
+        self.futures.mirror.keepalive([r.model_id for r in runs if r.kind == "train"])
+
     async def stop_session_runs(self, session_id: str, reason: str) -> None:
         """The session's runs stop; a shared sampler process stops with its last user (any session that
         holds a sampling client on it), whichever session started it."""

@@ -32,6 +32,7 @@ class SessionsService:
         self.idle_timeout = idle_timeout
         self.reap_interval = reap_interval
         self.stop_runs: StopSessionRuns | None = None
+        self.on_heartbeat: Callable[[str], Awaitable[None]] | None = None  # (session_id): keep its runs alive
         self.periodic: list[Callable[[], Awaitable[None]]] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -59,6 +60,8 @@ class SessionsService:
     async def heartbeat(self, tenant: str, session_id: str) -> None:
         await self.get_active(tenant, session_id)
         await self.repo.heartbeat(session_id, time.time())
+        if self.on_heartbeat is not None:
+            await self.on_heartbeat(session_id)
 
     async def finish(self, tenant: str, session_id: str, detail: str) -> None:
         await self.get_owned(tenant, session_id)

@@ -80,3 +80,44 @@ async def test_samples_are_not_mirrored(repo: Repo) -> None:
     assert service.mirror is not None
     await service.mirror.drain()
     assert backend.writes == []
+
+
+async def test_heartbeat_keepalive_refreshes_each_run_once_per_interval(repo: Repo) -> None:
+    """The operator reaps runs whose status.futures.updatedAt goes stale; a heartbeating session must
+    keep its idle runs fresh without a status write per heartbeat."""
+    backend = _Backend()
+    service = _service(repo, backend)
+    now = [1000.0]
+    assert service.mirror is not None
+    service.mirror = FuturesMirror(backend, service.repo, interval=0.01,  # type: ignore[arg-type]
+                                   keepalive_interval=60.0, clock=lambda: now[0])
+    mirror = service.mirror
+    other = "s:train:1"
+    mirror.keepalive([RUN, other])
+    await mirror.drain()
+    assert sorted(m for m, _ in backend.writes) == [RUN, other]
+    for _ in range(5):  # heartbeats every 10 s: nothing new within the interval
+        now[0] += 10.0
+        mirror.keepalive([RUN, other])
+        await mirror.drain()
+    assert len(backend.writes) == 2
+    now[0] += 15.0  # 65 s after the first write
+    mirror.keepalive([RUN])
+    await mirror.drain()
+    assert [m for m, _ in backend.writes[2:]] == [RUN]
+    assert backend.writes[-1][1].updated_at is not None
+
+
+async def test_a_real_change_restarts_the_keepalive_clock(repo: Repo) -> None:
+    backend = _Backend()
+    service = _service(repo, backend)
+    now = [0.0]
+    service.mirror = FuturesMirror(backend, service.repo, interval=0.01,  # type: ignore[arg-type]
+                                   keepalive_interval=60.0, clock=lambda: now[0])
+    await _submit(service, 1)
+    await service.mirror.drain()
+    writes = len(backend.writes)
+    now[0] += 30.0
+    service.mirror.keepalive([RUN])  # written 30 s ago by the submit: no keepalive write yet
+    await service.mirror.drain()
+    assert len(backend.writes) == writes
