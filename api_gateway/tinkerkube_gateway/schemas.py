@@ -10,6 +10,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tinkerkube_contract.pod_api import AdamParams  # one definition, shared with the trainer
+
 
 class _Req(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -50,15 +52,6 @@ class CreateModelRequest(_Req):
 
 class ModelIdRequest(_Req):
     model_id: str
-
-
-class AdamParams(_Req):
-    learning_rate: float = Field(1e-4, ge=0)
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.95, ge=0, lt=1)
-    eps: float = Field(1e-12, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip_norm: float = Field(0.0, ge=0)
 
 
 class OptimStepRequest(_Req):

@@ -21,7 +21,6 @@ from tinkerkube_gateway.clients.pod_client import OpResult
 from tinkerkube_gateway.dispatcher import Dispatcher, is_protobuf
 from tinkerkube_gateway.errors import GatewayError, InvalidRequest, NotFound
 from tinkerkube_gateway.schemas import (
-    AdamParams,
     LoadWeightsRequest,
     OptimStepRequest,
     SaveWeightsForSamplerRequest,
@@ -108,7 +107,7 @@ class OpsService:
     async def _optim_step(self, tenant: str, req: OptimStepRequest) -> FutureRecord:
         if req.adam_params is None and req.optimizer_params is not None:
             raise InvalidRequest(f"optimizer {req.optimizer_params.get('type')!r} is not supported; use AdamParams")
-        op = pod_api.OptimStepOp(adam_params=pod_api.AdamParams(**(req.adam_params or AdamParams()).model_dump()))
+        op = pod_api.OptimStepOp(adam_params=req.adam_params or pod_api.AdamParams())
         return await self.submit(tenant, req.model_id, req.seq_id, OpKind.OPTIM_STEP, op.model_dump_json().encode(),
                                  JSON)
 
