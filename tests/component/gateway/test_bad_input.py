@@ -87,3 +87,11 @@ def test_heartbeat_after_finish_is_410(shared_gateway: GatewayProc) -> None:
         finish = http.post(f"/api/v1/sessions/{session_id}/finish", json={"reason": {"type": "success"}})
         assert finish.status_code == 200
         assert http.post("/api/v1/session_heartbeat", json={"session_id": session_id}).status_code == 410
+
+
+@pytest.mark.parametrize("field,value", [("beta1", 1.5), ("learning_rate", -1.0), ("eps", 0.0)])
+def test_out_of_range_adam_params_are_a_400_naming_the_field(model: tuple[httpx.Client, str], field: str,
+                                                             value: float) -> None:
+    http, model_id = model
+    body = {"model_id": model_id, "seq_id": 100, "adam_params": {field: value}}
+    assert field in _user_error(http.post("/api/v1/optim_step", json=body), 400)
