@@ -30,7 +30,7 @@ async def _service(tmp_path: Path) -> tuple[FuturesService, CountingRepo]:
     return FuturesService(repo, Metrics(), long_poll_seconds=0.3), repo
 
 
-async def test_one_completion_wakes_every_waiter_with_two_reads_each(tmp_path: Path) -> None:
+async def test_one_completion_wakes_every_waiter_with_one_read_each(tmp_path: Path) -> None:
     futures, repo = await _service(tmp_path)
     fut, _ = await futures.create(tenant="t", session_id="s", target_id="m", seq_id=1, op="optim_step")
     waiters = [asyncio.create_task(futures.wait("t", fut.request_id, timeout=20)) for _ in range(50)]
@@ -43,7 +43,8 @@ async def test_one_completion_wakes_every_waiter_with_two_reads_each(tmp_path: P
     results = await asyncio.gather(*waiters)
     assert time.monotonic() - started < 2
     assert {r.state for r in results} == {FutureState.COMPLETE}
-    assert repo.reads == 100
+    assert {r.result for r in results} == {b'{"metrics": {}}'}
+    assert repo.reads == 50  # the completion here hands its record over: no re-read
     assert futures.notifier.waiting == 0
 
 
@@ -63,3 +64,27 @@ async def test_a_finished_future_is_re_readable(tmp_path: Path) -> None:
     for _ in range(3):
         record = await futures.wait("t", fut.request_id)
         assert record.state == FutureState.FAILED and record.error == "boom"
+
+
+async def test_a_completion_from_another_replica_is_re_read(tmp_path: Path) -> None:
+    futures, repo = await _service(tmp_path)
+    fut, _ = await futures.create(tenant="t", session_id="s", target_id="m", seq_id=1, op="optim_step")
+    waiter = asyncio.create_task(futures.wait("t", fut.request_id, timeout=20))
+    await asyncio.sleep(0.2)
+    await repo.finish_future(fut.request_id, state=FutureState.COMPLETE, now=time.time(), result=b"{}",
+                             result_type="application/json")
+    futures.notifier.notify(fut.request_id)  # what LISTEN/NOTIFY delivers: no record
+    record = await waiter
+    assert record.state == FutureState.COMPLETE and record.result == b"{}"
+    assert repo.reads == 2
+
+
+async def test_a_result_finished_here_is_retrieved_once_without_a_read(tmp_path: Path) -> None:
+    futures, repo = await _service(tmp_path)
+    fut, _ = await futures.create(tenant="t", session_id="s", target_id="m", seq_id=1, op="optim_step")
+    await futures.complete(fut, b'{"metrics": {}}', "application/json")
+    first = await futures.wait("t", fut.request_id)
+    assert repo.reads == 0 and first.state == FutureState.COMPLETE and first.result == b'{"metrics": {}}'
+    again = await futures.wait("t", fut.request_id)
+    assert repo.reads == 1 and (again.state, again.result, again.result_type) == \
+        (first.state, first.result, first.result_type)
