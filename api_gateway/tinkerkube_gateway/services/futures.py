@@ -23,7 +23,7 @@ from tinkerkube_contract.pod_api import ErrorCategory
 from tinkerkube_gateway.errors import SeqIdReused, UnknownFuture
 from tinkerkube_gateway.metrics import Metrics
 from tinkerkube_gateway.services.mirror import FuturesMirror
-from tinkerkube_gateway.store.records import FutureRecord, FutureState
+from tinkerkube_gateway.store.records import FutureRecord, FutureState, ModelRecord
 from tinkerkube_gateway.store.repo import AsyncRepo
 
 _RECENT = 512  # finished records kept for their first retrieval
@@ -69,6 +69,14 @@ def new_request_id() -> str:
     return "req-" + uuid.uuid4().hex
 
 
+def _new_record(tenant: str, session_id: str | None, target_id: str, seq_id: int | None, op: str,
+                body: bytes | None, body_type: str | None, meta: dict[str, object] | None) -> FutureRecord:
+    return FutureRecord(
+        request_id=new_request_id(), tenant=tenant, session_id=session_id, target_id=target_id, seq_id=seq_id,
+        trainer_seq=None, op=op, state=FutureState.PENDING, body=body, body_type=body_type, meta=meta, result=None,
+        result_type=None, error=None, category=None, created_at=time.time(), completed_at=None)
+
+
 class FuturesService:
     def __init__(self, repo: AsyncRepo, metrics: Metrics, *, long_poll_seconds: float = 30.0):
         self.repo = repo
@@ -83,19 +91,30 @@ class FuturesService:
                      body: bytes | None = None, body_type: str | None = None,
                      meta: dict[str, object] | None = None) -> tuple[FutureRecord, bool]:
         """Returns the new future, or the original one for a retried submit of the same key."""
-        record = FutureRecord(
-            request_id=new_request_id(), tenant=tenant, session_id=session_id, target_id=target_id, seq_id=seq_id,
-            trainer_seq=None, op=op, state=FutureState.PENDING, body=body, body_type=body_type, meta=meta, result=None,
-            result_type=None, error=None, category=None, created_at=time.time(), completed_at=None)
+        record = _new_record(tenant, session_id, target_id, seq_id, op, body, body_type, meta)
         stored, created = await self.repo.insert_future(record)
-        if not created and (stored.op != op or stored.tenant != tenant or stored.body != body):
-            raise SeqIdReused(f"seq_id {seq_id} of {target_id} was already used by a different request "
-                              f"({stored.op}); every request needs the next seq_id")
+        await self._created(record, stored, created)
+        return stored, created
+
+    async def create_op(self, *, tenant: str, model_id: str, seq_id: int, op: str, body: bytes, body_type: str,
+                        meta: dict[str, object] | None,
+                        kind: str = "train") -> tuple[ModelRecord | None, FutureRecord | None, bool]:
+        """`create` for a training op, under the run's session, in one store call (`insert_op_future`,
+        which also touches the run): (None, None, False) when the run is not the tenant's."""
+        record = _new_record(tenant, None, model_id, seq_id, op, body, body_type, meta)
+        model, stored, created = await self.repo.insert_op_future(record, kind=kind, now=record.created_at)
+        if stored is not None:
+            await self._created(record, stored, created)
+        return model, stored, created
+
+    async def _created(self, record: FutureRecord, stored: FutureRecord, created: bool) -> None:
+        if not created and (stored.op != record.op or stored.tenant != record.tenant or stored.body != record.body):
+            raise SeqIdReused(f"seq_id {record.seq_id} of {record.target_id} was already used by a different "
+                              f"request ({stored.op}); every request needs the next seq_id")
         if created:
             self.metrics.queue_depth.inc()
             if self.mirror is not None:
                 await self.mirror.changed(stored, FutureState.PENDING)
-        return stored, created
 
     async def complete(self, record: FutureRecord, result: bytes, result_type: str) -> None:
         await self._finish(record, FutureState.COMPLETE, result=result, result_type=result_type)
