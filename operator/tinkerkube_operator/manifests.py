@@ -28,6 +28,7 @@ ROLE_TRAINER = "trainer"
 CONTAINER = "trainer"
 CHECKPOINT_VOLUME = "checkpoints"
 MODEL_CACHE_VOLUME = "model-cache"
+SHM_VOLUME = "dshm"
 GPU_RESOURCE = "nvidia.com/gpu"
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +46,8 @@ class PodConfig:
     model_cache_dir: str | None = None
     model_cache_pvc: str | None = None
     cluster_domain: str = "cluster.local"
+    run_as_user: int = 10001
+    shm_size: str = "1Gi"
 
     @classmethod
     def from_settings(cls, s: OperatorSettings) -> PodConfig:
@@ -52,7 +55,8 @@ class PodConfig:
                    service_account=s.service_account, token_secret=s.auth_token_secret,
                    token_secret_key=s.auth_token_secret_key, checkpoint_pvc=s.checkpoint_pvc,
                    checkpoint_host_path=s.checkpoint_host_path, model_cache_dir=s.model_cache_dir,
-                   model_cache_pvc=s.model_cache_pvc, cluster_domain=s.cluster_domain)
+                   model_cache_pvc=s.model_cache_pvc, cluster_domain=s.cluster_domain,
+                   run_as_user=s.trainer_run_as_user, shm_size=s.trainer_shm_size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +130,9 @@ def pod(ref: SessionRef, spec: TrainingSessionSpec, cfg: PodConfig, rank: int, *
         "containers": [_container(ref, spec, cfg, rank, restore_from)],
         "volumes": _volumes(spec, cfg),
         "terminationGracePeriodSeconds": 30,
+        # fsGroup makes a freshly provisioned checkpoint volume writable by the non-root trainer user.
+        "securityContext": {"runAsNonRoot": True, "runAsUser": cfg.run_as_user, "runAsGroup": cfg.run_as_user,
+                            "fsGroup": cfg.run_as_user, "seccompProfile": {"type": "RuntimeDefault"}},
     }
     if spec.node_selector:
         pod_spec["nodeSelector"] = dict(spec.node_selector)
@@ -163,6 +170,7 @@ def _container(ref: SessionRef, spec: TrainingSessionSpec, cfg: PodConfig, rank:
         "livenessProbe": _probe(pod_api.HEALTH_PATH, period=10, failures=6),
         # Model loading may take minutes; liveness only counts once the server has answered.
         "startupProbe": _probe(pod_api.HEALTH_PATH, period=5, failures=180),
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
     }
 
 
@@ -209,6 +217,8 @@ def _volumes(spec: TrainingSessionSpec, cfg: PodConfig) -> list[dict[str, Any]]:
     volumes = [{"name": CHECKPOINT_VOLUME, **ckpt}]
     if cfg.model_cache_pvc and cfg.model_cache_dir:
         volumes.append({"name": MODEL_CACHE_VOLUME, "persistentVolumeClaim": {"claimName": cfg.model_cache_pvc}})
+    if cfg.shm_size:
+        volumes.append({"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": cfg.shm_size}})
     return volumes
 
 
@@ -216,6 +226,8 @@ def _mounts(spec: TrainingSessionSpec, cfg: PodConfig) -> list[dict[str, Any]]:
     mounts = [{"name": CHECKPOINT_VOLUME, "mountPath": spec.checkpoint_store.mount_path}]
     if cfg.model_cache_pvc and cfg.model_cache_dir:
         mounts.append({"name": MODEL_CACHE_VOLUME, "mountPath": cfg.model_cache_dir})
+    if cfg.shm_size:
+        mounts.append({"name": SHM_VOLUME, "mountPath": "/dev/shm"})
     return mounts
 
 

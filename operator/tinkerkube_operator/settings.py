@@ -17,6 +17,10 @@ class OperatorSettings(BaseSettings):
     image_pull_policy: str = Field("IfNotPresent", pattern="^(Always|IfNotPresent|Never)$")
     trainer_python: str = Field("python", description="the Python interpreter inside the trainer image")
     service_account: str | None = Field(None, description="service account for trainer pods")
+    trainer_run_as_user: int = Field(10001, ge=1, description="non-root uid (and gid, fsGroup) of trainer pods; "
+                                     "the trainer image's user")
+    trainer_shm_size: str = Field("1Gi", description="size of the in-memory /dev/shm of trainer pods (NCCL and "
+                                  "torch need more than the runtime's 64Mi); empty disables")
     max_restarts: int = Field(3, ge=0, description="pod-set recreations before the session is Failed")
     backoff_seconds: float = Field(5.0, ge=0, description="delay before the first recreation; doubles each time")
     backoff_max_seconds: float = Field(300.0, ge=0, description="cap on the recreation delay")

@@ -124,3 +124,23 @@ def test_label_values_are_always_valid_and_stable() -> None:
         assert len(value) <= 63 and value[0].isalnum() and value[-1].isalnum()
         assert manifests.label_value(raw) == value
     assert manifests.label_value("x" * 100) != manifests.label_value("x" * 99)
+
+
+def test_trainer_pods_run_non_root_without_privilege_escalation() -> None:
+    pod = manifests.pod(REF, _spec(), CFG, 0)
+    security = pod["spec"]["securityContext"]
+    assert security["runAsNonRoot"] is True
+    assert security["runAsUser"] == security["fsGroup"] == CFG.run_as_user != 0  # fsGroup: writable checkpoints
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+    container = pod["spec"]["containers"][0]["securityContext"]
+    assert container == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def test_dev_shm_is_an_in_memory_volume_sized_by_config() -> None:
+    pod = manifests.pod(REF, _spec(), PodConfig(image="i", shm_size="2Gi"), 0)
+    shm = next(v for v in pod["spec"]["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory")
+    assert shm["emptyDir"]["sizeLimit"] == "2Gi"
+    mounts = pod["spec"]["containers"][0]["volumeMounts"]
+    assert {"name": shm["name"], "mountPath": "/dev/shm"} in mounts
+    no_shm = manifests.pod(REF, _spec(), PodConfig(image="i", shm_size=""), 0)
+    assert all(m["mountPath"] != "/dev/shm" for m in no_shm["spec"]["containers"][0]["volumeMounts"])
