@@ -11,6 +11,7 @@
 #   E2E_INGRESS         nginx (default: ingress-nginx on host port 80) | port-forward (no host ports needed)
 #   E2E_HTTP_PORT       host port of the ingress (default 80, must match kind-config.yaml)
 #   E2E_ARTIFACTS       where logs go on failure (default var/e2e-artifacts)
+#   E2E_WORKDIR         port-forward log and phase watch (default var/e2e)
 #   INGRESS_NGINX_MANIFEST  the ingress-nginx kind manifest URL or file
 #   PYTHON              interpreter with the tinker SDK (default .venv/bin/python, else python3)
 #   KEEP_CLUSTER=1      leave the cluster running after the test
@@ -24,6 +25,7 @@ RELEASE=tinkerkube
 INGRESS=${E2E_INGRESS:-nginx}
 HTTP_PORT=${E2E_HTTP_PORT:-80}
 ARTIFACTS=${E2E_ARTIFACTS:-$ROOT/var/e2e-artifacts}
+WORK=${E2E_WORKDIR:-$ROOT/var/e2e}  # port-forward log and the TrainingSession phase watch
 INGRESS_NGINX_MANIFEST=${INGRESS_NGINX_MANIFEST:-https://raw.githubusercontent.com/kubernetes/ingress-nginx/controller-v1.12.1/deploy/static/provider/kind/deploy.yaml}
 API_KEY=tml-kind-e2e   # ci/kind-values.yaml: gateway.apiKeys.keys
 if [ -z "${PYTHON:-}" ]; then
@@ -82,7 +84,7 @@ cleanup() {
 trap cleanup EXIT
 
 # ---- cluster --------------------------------------------------------------------------------------
-mkdir -p "$ROOT/var"
+mkdir -p "$WORK"
 log "creating kind cluster $CLUSTER"
 kind delete cluster --name "$CLUSTER" >/dev/null 2>&1 || true
 kind create cluster --name "$CLUSTER" --config kind-config.yaml --wait 180s
@@ -126,7 +128,7 @@ if [ "$INGRESS" = nginx ]; then
   BASE_URL="http://127.0.0.1:$HTTP_PORT"
 else
   PF_PORT=$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-  kubectl -n "$NAMESPACE" port-forward "svc/$RELEASE-gateway" "$PF_PORT:80" >"$ROOT/var/port-forward.log" 2>&1 &
+  kubectl -n "$NAMESPACE" port-forward "svc/$RELEASE-gateway" "$PF_PORT:80" >"$WORK/port-forward.log" 2>&1 &
   PF_PID=$!
   BASE_URL="http://127.0.0.1:$PF_PORT"
 fi
@@ -141,7 +143,7 @@ curl -fsS "$BASE_URL/api/v1/healthz"; echo
 log "running the tinker SDK smoke test"
 # Record every phase the TrainingSessions pass through (the gateway may delete them once its session ends).
 kubectl -n "$NAMESPACE" get ts --watch --no-headers \
-  -o custom-columns=NAME:.metadata.name,PHASE:.status.phase >"$ROOT/var/e2e-ts-watch.txt" 2>&1 &
+  -o custom-columns=NAME:.metadata.name,PHASE:.status.phase >"$WORK/ts-watch.txt" 2>&1 &
 WATCH_PID=$!
 TINKER_BASE_URL=$BASE_URL TINKER_API_KEY=$API_KEY "$PYTHON" tests/kind/sdk_smoke.py
 sleep 2
@@ -149,8 +151,8 @@ kill "$WATCH_PID" 2>/dev/null || true
 
 log "checking the cluster saw it"
 kubectl -n "$NAMESPACE" get ts -o wide
-sort -u "$ROOT/var/e2e-ts-watch.txt"
-sessions=$(awk '$2 == "Ready" {print $1}' "$ROOT/var/e2e-ts-watch.txt" | sort -u | wc -l)
+sort -u "$WORK/ts-watch.txt"
+sessions=$(awk '$2 == "Ready" {print $1}' "$WORK/ts-watch.txt" | sort -u | wc -l)
 # Two runs: the trained one, and the one restored from its checkpoint.
 [ "$sessions" -ge 2 ] || { echo "expected 2 TrainingSessions to reach Ready, saw $sessions"; exit 1; }
 kubectl -n "$NAMESPACE" get pods -l tinkerkube.dev/role=trainer -o wide

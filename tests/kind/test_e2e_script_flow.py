@@ -42,7 +42,8 @@ def _run(tmp_path: Path, **extra_env: str) -> tuple[subprocess.CompletedProcess[
     bin_dir = _stubs(tmp_path)
     calls = tmp_path / "calls.log"
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "E2E_CALLS": str(calls),
-           "PYTHON": str(bin_dir / "python"), "E2E_ARTIFACTS": str(tmp_path / "artifacts"), **extra_env}
+           "PYTHON": str(bin_dir / "python"), "E2E_ARTIFACTS": str(tmp_path / "artifacts"),
+           "E2E_WORKDIR": str(tmp_path / "work"), **extra_env}
     proc = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
     lines = [line.replace(str(bin_dir) + "/", "") for line in calls.read_text().splitlines()]
     return proc, lines
