@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,3 +64,15 @@ def postgres_url() -> Iterator[str]:
         subprocess.run(_as_owner([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
                        capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def fresh_database(base_url: str) -> str:
+    """A new, empty database on the throwaway server: tests sharing the server never see each other."""
+    from sqlalchemy import create_engine, text
+
+    name = "gw_" + uuid.uuid4().hex[:10]
+    engine = create_engine(base_url)
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    engine.dispose()
+    return base_url.rsplit("/", 1)[0] + "/" + name

@@ -2,33 +2,22 @@
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
 
 from tests.component.gateway.conftest import TINY
 from tests.support.gateway_raw import fwdbwd_body, new_model, new_session, post_fwdbwd, retrieve
-from tests.support.postgres import postgres_url
+from tests.support.postgres import fresh_database, postgres_url
 from tests.support.sdk import start_gateway
 
 __all__ = ["postgres_url"]
 pytestmark = pytest.mark.slow
 
 
-def _fresh_database(base: str) -> str:
-    name = "gw_" + uuid.uuid4().hex[:10]
-    engine = create_engine(base)
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text(f"CREATE DATABASE {name}"))
-    engine.dispose()
-    return base.rsplit("/", 1)[0] + "/" + name
-
-
 def test_gateway_on_postgres_keeps_results_across_a_restart(tmp_path: Path, model_cache_dir: Path,
                                                            postgres_url: str) -> None:
-    env = {"TINKERKUBE_GATEWAY_DATABASE_URL": _fresh_database(postgres_url)}
+    env = {"TINKERKUBE_GATEWAY_DATABASE_URL": fresh_database(postgres_url)}
     gw = start_gateway(tmp_path / "a", model_cache_dir=model_cache_dir, extra_env=env)
     try:
         with gw.http() as http:

@@ -10,32 +10,21 @@ from __future__ import annotations
 
 import json
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, text
 
 from tests.component.gateway.conftest import TINY
 from tests.support.gateway_raw import new_model, new_session, result_json, retrieve
-from tests.support.postgres import postgres_url
+from tests.support.postgres import fresh_database, postgres_url
 from tests.support.replica import SHARED_ENV, kill_trainers
 from tests.support.sdk import GatewayProc, start_gateway
 
 __all__ = ["postgres_url"]
 LONG_POLL = 10.0
-
-
-def _fresh_database(base: str) -> str:
-    name = "gw_" + uuid.uuid4().hex[:10]
-    engine = create_engine(base)
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text(f"CREATE DATABASE {name}"))
-    engine.dispose()
-    return base.rsplit("/", 1)[0] + "/" + name
 
 
 class Cluster:
@@ -69,7 +58,7 @@ class Cluster:
 
 @pytest.fixture
 def cluster(tmp_path: Path, model_cache_dir: Path, postgres_url: str) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, model_cache_dir, _fresh_database(postgres_url))
+    c = Cluster(tmp_path, model_cache_dir, fresh_database(postgres_url))
     yield c
     c.close()
 
