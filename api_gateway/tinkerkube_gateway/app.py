@@ -7,12 +7,40 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tinkerkube_gateway.deps import Services
 from tinkerkube_gateway.errors import install_error_handlers
 from tinkerkube_gateway.routers import futures, rest, sampling, service, training
 
 ServicesFactory = Callable[[], AbstractAsyncContextManager[Services]]
+
+
+class RequestMetrics:
+    """Counts and times every HTTP request by matched route and status (pure ASGI: no re-streaming)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 0
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        await self.app(scope, receive, send_status)
+        services: Services | None = getattr(scope["app"].state, "services", None)
+        if services is not None and status:
+            endpoint = getattr(scope.get("route"), "path", "unmatched")
+            services.metrics.requests_total.labels(endpoint=endpoint, status=str(status)).inc()
+            services.metrics.request_seconds.labels(endpoint=endpoint).observe(time.perf_counter() - start)
 
 
 def create_app(make_services: ServicesFactory) -> FastAPI:
@@ -28,17 +56,7 @@ def create_app(make_services: ServicesFactory) -> FastAPI:
     for module in (service, training, sampling, futures, rest):
         app.include_router(module.router)
 
-    @app.middleware("http")
-    async def _count(request: Request, call_next: Callable[[Request], object]) -> Response:
-        start = time.perf_counter()
-        response: Response = await call_next(request)  # type: ignore[misc]
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", "unmatched")
-        services: Services | None = getattr(request.app.state, "services", None)
-        if services is not None:
-            services.metrics.requests_total.labels(endpoint=endpoint, status=str(response.status_code)).inc()
-            services.metrics.request_seconds.labels(endpoint=endpoint).observe(time.perf_counter() - start)
-        return response
+    app.add_middleware(RequestMetrics)
 
     @app.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
     async def metrics(request: Request) -> Response:

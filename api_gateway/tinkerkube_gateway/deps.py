@@ -32,22 +32,28 @@ class Services:
     client_config: dict[str, object]
 
 
-def services(request: Request) -> Services:
+# The dependencies are `async def` although they never await: FastAPI runs a plain `def` dependency in
+# its thread pool, a thread hop per dependency per request.
+def _services(request: Request) -> Services:
     return request.app.state.services  # type: ignore[no-any-return]
 
 
-def tenant(request: Request) -> str:
+async def services(request: Request) -> Services:
+    return _services(request)
+
+
+async def tenant(request: Request) -> str:
     key = request.headers.get("x-api-key")
     if not key:
         raise Unauthenticated("missing X-API-Key header (set TINKER_API_KEY=tml-...)")
-    found = services(request).tenant_keys.get(key)
+    found = _services(request).tenant_keys.get(key)
     if found is None:
         raise Unauthenticated("unknown API key")
     return found
 
 
 async def raw_body(request: Request) -> bytes:
-    limit = services(request).max_body_bytes
+    limit = _services(request).max_body_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")

@@ -2,45 +2,58 @@
 
 One shared `Notifier` wakes every waiter of a request id when it completes: waiters never poll the
 database. A waiter registers first, then reads the store once, then sleeps on its asyncio future, so a
-completion between the read and the sleep is never missed.
+completion between the read and the sleep is never missed. A completion finished by this replica hands
+its final record to the waiters (no re-read); one from another replica (LISTEN/NOTIFY) or a resync
+carries none, and the waiter reads the store. A finished record nobody waited for is kept briefly
+(`_RECENT` entries, dropped on first retrieval) so the usual submit-then-retrieve skips that read too:
+a finished future never changes again, so either copy is the store's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 from tinkerkube_contract.pod_api import ErrorCategory
 from tinkerkube_gateway.errors import SeqIdReused, UnknownFuture
 from tinkerkube_gateway.metrics import Metrics
 from tinkerkube_gateway.services.mirror import FuturesMirror
-from tinkerkube_gateway.store.records import FutureRecord, FutureState
+from tinkerkube_gateway.store.records import FutureRecord, FutureState, ModelRecord
 from tinkerkube_gateway.store.repo import AsyncRepo
+
+_RECENT = 512  # finished records kept for their first retrieval
 
 
 class Notifier:
     def __init__(self) -> None:
-        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._waiters: dict[str, set[asyncio.Future[FutureRecord | None]]] = {}
 
-    def register(self, request_id: str) -> asyncio.Future[None]:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def register(self, request_id: str) -> asyncio.Future[FutureRecord | None]:
+        fut: asyncio.Future[FutureRecord | None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(request_id, set()).add(fut)
         return fut
 
-    def unregister(self, request_id: str, fut: asyncio.Future[None]) -> None:
+    def unregister(self, request_id: str, fut: asyncio.Future[FutureRecord | None]) -> None:
         waiters = self._waiters.get(request_id)
         if waiters is not None:
             waiters.discard(fut)
             if not waiters:
                 del self._waiters[request_id]
 
-    def notify(self, request_id: str) -> None:
-        for fut in self._waiters.pop(request_id, set()):
+    def notify(self, request_id: str, record: FutureRecord | None = None) -> bool:
+        """Wakes the waiters of `request_id`, handing them `record` (its final state) when known, else None
+        (they re-read the store). True when some waiter took it."""
+        woken = False
+        for fut in self._waiters.pop(request_id, ()):
             if not fut.done():
-                fut.set_result(None)
+                fut.set_result(record)
+                woken = True
+        return woken
 
     def notify_all(self) -> None:
         """Every waiter re-reads the store (after notifications may have been missed)."""
@@ -56,6 +69,14 @@ def new_request_id() -> str:
     return "req-" + uuid.uuid4().hex
 
 
+def _new_record(tenant: str, session_id: str | None, target_id: str, seq_id: int | None, op: str,
+                body: bytes | None, body_type: str | None, meta: dict[str, object] | None) -> FutureRecord:
+    return FutureRecord(
+        request_id=new_request_id(), tenant=tenant, session_id=session_id, target_id=target_id, seq_id=seq_id,
+        trainer_seq=None, op=op, state=FutureState.PENDING, body=body, body_type=body_type, meta=meta, result=None,
+        result_type=None, error=None, category=None, created_at=time.time(), completed_at=None)
+
+
 class FuturesService:
     def __init__(self, repo: AsyncRepo, metrics: Metrics, *, long_poll_seconds: float = 30.0):
         self.repo = repo
@@ -64,24 +85,36 @@ class FuturesService:
         self.long_poll_seconds = long_poll_seconds
         self.mirror: FuturesMirror | None = None
         self.broadcast: Callable[[str], str | None] = lambda _request_id: None  # NOTIFY payload (replicas)
+        self._recent: dict[str, FutureRecord] = {}  # finished here, not yet retrieved (oldest first)
 
     async def create(self, *, tenant: str, session_id: str | None, target_id: str, seq_id: int | None, op: str,
                      body: bytes | None = None, body_type: str | None = None,
                      meta: dict[str, object] | None = None) -> tuple[FutureRecord, bool]:
         """Returns the new future, or the original one for a retried submit of the same key."""
-        record = FutureRecord(
-            request_id=new_request_id(), tenant=tenant, session_id=session_id, target_id=target_id, seq_id=seq_id,
-            trainer_seq=None, op=op, state=FutureState.PENDING, body=body, body_type=body_type, meta=meta, result=None,
-            result_type=None, error=None, category=None, created_at=time.time(), completed_at=None)
+        record = _new_record(tenant, session_id, target_id, seq_id, op, body, body_type, meta)
         stored, created = await self.repo.insert_future(record)
-        if not created and (stored.op != op or stored.tenant != tenant or stored.body != body):
-            raise SeqIdReused(f"seq_id {seq_id} of {target_id} was already used by a different request "
-                              f"({stored.op}); every request needs the next seq_id")
+        await self._created(record, stored, created)
+        return stored, created
+
+    async def create_op(self, *, tenant: str, model_id: str, seq_id: int, op: str, body: bytes, body_type: str,
+                        meta: dict[str, object] | None,
+                        kind: str = "train") -> tuple[ModelRecord | None, FutureRecord | None, bool]:
+        """`create` for a training op, under the run's session, in one store call (`insert_op_future`,
+        which also touches the run): (None, None, False) when the run is not the tenant's."""
+        record = _new_record(tenant, None, model_id, seq_id, op, body, body_type, meta)
+        model, stored, created = await self.repo.insert_op_future(record, kind=kind, now=record.created_at)
+        if stored is not None:
+            await self._created(record, stored, created)
+        return model, stored, created
+
+    async def _created(self, record: FutureRecord, stored: FutureRecord, created: bool) -> None:
+        if not created and (stored.op != record.op or stored.tenant != record.tenant or stored.body != record.body):
+            raise SeqIdReused(f"seq_id {record.seq_id} of {record.target_id} was already used by a different "
+                              f"request ({stored.op}); every request needs the next seq_id")
         if created:
             self.metrics.queue_depth.inc()
             if self.mirror is not None:
                 await self.mirror.changed(stored, FutureState.PENDING)
-        return stored, created
 
     async def complete(self, record: FutureRecord, result: bytes, result_type: str) -> None:
         await self._finish(record, FutureState.COMPLETE, result=result, result_type=result_type)
@@ -89,17 +122,24 @@ class FuturesService:
     async def fail(self, record: FutureRecord, error: str, category: ErrorCategory) -> None:
         await self._finish(record, FutureState.FAILED, error=error, category=category.value)
 
-    async def _finish(self, record: FutureRecord, state: FutureState, **values: object) -> None:
+    async def _finish(self, record: FutureRecord, state: FutureState, **values: Any) -> None:
         now = time.time()
         changed = await self.repo.finish_future(record.request_id, state=state, now=now,
                                                 notify=self.broadcast(record.request_id), **values)
-        if changed:
-            self.metrics.queue_depth.dec()
-            self.metrics.future_seconds.labels(op=record.op).observe(max(0.0, now - record.created_at))
-            self.metrics.futures_total.labels(op=record.op, outcome=state.value).inc()
-            if self.mirror is not None:
-                await self.mirror.changed(record, state)
-        self.notifier.notify(record.request_id)
+        if not changed:  # finished before (a replay, a race, another replica): waiters read what won
+            self.notifier.notify(record.request_id)
+            return
+        self.metrics.queue_depth.dec()
+        self.metrics.future_seconds.labels(op=record.op).observe(max(0.0, now - record.created_at))
+        self.metrics.futures_total.labels(op=record.op, outcome=state.value).inc()
+        if self.mirror is not None:
+            await self.mirror.changed(record, state)
+        final = dataclasses.replace(record, state=state, completed_at=now, body=None, **{
+            "result": None, "result_type": None, "error": None, "category": None, **values})
+        if not self.notifier.notify(record.request_id, final):
+            self._recent[record.request_id] = final
+            if len(self._recent) > _RECENT:
+                del self._recent[next(iter(self._recent))]
 
     async def get_owned(self, tenant: str, request_id: str) -> FutureRecord:
         record = await self.repo.get_future(request_id)
@@ -108,14 +148,20 @@ class FuturesService:
         return record
 
     async def wait(self, tenant: str, request_id: str, timeout: float | None = None) -> FutureRecord:
-        """The future once finished, or still pending after `timeout` (the caller answers try_again)."""
+        """The future once finished, or still pending after `timeout` (the caller answers try_again).
+        The record handed over by a completion here carries no `body` (the op's input)."""
         waiter = self.notifier.register(request_id)
         try:
-            record = await self.get_owned(tenant, request_id)
+            record = self._recent.pop(request_id, None)
+            if record is None or record.tenant != tenant:
+                record = await self.get_owned(tenant, request_id)
             if record.state != FutureState.PENDING:
                 return record
+            final = None
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(waiter, timeout if timeout is not None else self.long_poll_seconds)
+                final = await asyncio.wait_for(waiter, timeout if timeout is not None else self.long_poll_seconds)
+            if final is not None and final.tenant == tenant:
+                return final
             return await self.get_owned(tenant, request_id)
         finally:
             self.notifier.unregister(request_id, waiter)

@@ -121,9 +121,6 @@ class ModelsService:
                 "lora_rank": lora.get("rank"), "model_name": record.base_model, "type": "get_info",
                 **({"optimizer_config": record.optimizer_config} if record.optimizer_config else {})}
 
-    async def touch(self, model_id: str) -> None:
-        await self.repo.update_model(model_id, last_request_time=time.time())
-
     # --- ResultSink hooks ------------------------------------------------------------------------
     async def on_ready(self, model_id: str, handle: TrainerHandle) -> None:
         await self.repo.update_model(model_id, status=ModelStatus.READY)

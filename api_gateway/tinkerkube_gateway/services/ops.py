@@ -19,7 +19,7 @@ from tinkerkube_contract.pod_api import ErrorCategory, OpKind, OpState
 from tinkerkube_gateway.backends.base import TrainerHandle
 from tinkerkube_gateway.clients.pod_client import OpResult
 from tinkerkube_gateway.dispatcher import Dispatcher, is_protobuf
-from tinkerkube_gateway.errors import GatewayError, InvalidRequest, NotFound
+from tinkerkube_gateway.errors import GatewayError, InvalidRequest, NotFound, UnknownModel
 from tinkerkube_gateway.schemas import (
     LoadWeightsRequest,
     OptimStepRequest,
@@ -46,17 +46,16 @@ class OpsService:
 
     async def submit(self, tenant: str, model_id: str, seq_id: int, op: OpKind, body: bytes, body_type: str,
                      meta: dict[str, Any] | None = None) -> FutureRecord:
-        model = await self.models.get_owned(tenant, model_id)
-        fut, created = await self.futures.create(tenant=tenant, session_id=model.session_id, target_id=model_id,
-                                                 seq_id=seq_id, op=op.value, body=body, body_type=body_type,
-                                                 meta=meta)
+        model, fut, created = await self.futures.create_op(tenant=tenant, model_id=model_id, seq_id=seq_id,
+                                                           op=op.value, body=body, body_type=body_type, meta=meta)
+        if model is None or fut is None:
+            raise UnknownModel(f"unknown model_id {model_id!r}")
         if not created:
             return fut
         if model.status in (ModelStatus.FAILED, ModelStatus.STOPPED):
             category = ErrorCategory.SERVER if model.status == ModelStatus.FAILED else ErrorCategory.USER
             await self.futures.fail(fut, model.error or f"model {model_id} is {model.status}", category)
             return fut
-        await self.models.touch(model_id)
         if model_id in self.dispatcher.workers or await self.models.adopt(model_id):
             self.dispatcher.enqueue(fut)  # idempotent: an adoption may have queued it already
         else:

@@ -8,6 +8,7 @@ fails and the original future is returned (`insert_future` → `(record, created
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +23,7 @@ from tinkerkube_gateway.store.records import (
     FutureRecord,
     FutureState,
     ModelRecord,
+    ModelStatus,
     SamplerRecord,
     SessionRecord,
     SessionStatus,
@@ -166,6 +168,19 @@ class Repo(CoordinationQueries):
             if existing is None:
                 raise
             return existing, False
+
+    def insert_op_future(self, record: FutureRecord, *, kind: str,
+                         now: float) -> tuple[ModelRecord | None, FutureRecord | None, bool]:
+        """A training op's submit in one call (one worker-thread hop): the run, None unless it is
+        `record.tenant`'s and of `kind` (then nothing is written); the future inserted idempotently under
+        the run's session (`insert_future`); for a new op on a live run, its `last_request_time`."""
+        model = self.get_model(record.target_id)
+        if model is None or model.tenant != record.tenant or model.kind != kind:
+            return None, None, False
+        stored, created = self.insert_future(dataclasses.replace(record, session_id=model.session_id))
+        if created and model.status not in (ModelStatus.FAILED, ModelStatus.STOPPED):
+            self.update_model(model.model_id, last_request_time=now)
+        return model, stored, created
 
     def get_future(self, request_id: str) -> FutureRecord | None:
         return self._one(select(t.futures).where(t.futures.c.request_id == request_id), FutureRecord)
