@@ -172,8 +172,16 @@ def _build_smollm2(out: Path) -> None:
     gguf = find_smollm2_gguf()
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # save_pretrained on a GGUF-loaded model fails; a fresh model with the same weights saves fine.
+    # The GGUF has no output matrix (SmolLM2 ties it to the embeddings) and the loader does not always
+    # tie it, leaving lm_head on the meta device: copy only real tensors and tie it ourselves.
     model = LlamaForCausalLM(loaded.config)
-    model.load_state_dict(loaded.state_dict())
+    real = {k: v for k, v in loaded.state_dict().items() if v.device.type != "meta"}
+    missing = set(model.load_state_dict(real, strict=False).missing_keys)
+    if loaded.config.tie_word_embeddings:
+        model.tie_weights()
+        missing.discard("lm_head.weight")
+    if missing:
+        raise RuntimeError(f"{gguf.name}: weights missing after conversion: {sorted(missing)}")
     model.save_pretrained(out, safe_serialization=True)
     tokenizer_from_gguf(gguf).save_pretrained(out)
 
