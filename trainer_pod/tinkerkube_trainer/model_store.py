@@ -33,7 +33,7 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 _SEED_LOCK = threading.Lock()
 BUILD_MARKER = ".tinkerkube-build"  # written last; holds the builder version that made the directory
 # Bump a model's version when its builder changes what it writes: older copies are rebuilt on next use.
-BUILD_VERSIONS = {TINY_QWEN3: "1", SMOLLM2_135M: "2"}  # SmolLM2 v2: tokenizer rebuilt from the GGUF vocab
+BUILD_VERSIONS = {TINY_QWEN3: "1", SMOLLM2_135M: "3"}  # SmolLM2 v2: GGUF-vocab tokenizer; v3: verified weights
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -165,25 +165,9 @@ def find_smollm2_gguf() -> Path:
 
 
 def _build_smollm2(out: Path) -> None:
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+    from tinkerkube_trainer.gguf_convert import convert_gguf
 
-    from tinkerkube_trainer.gguf_tokenizer import tokenizer_from_gguf
-
-    gguf = find_smollm2_gguf()
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # save_pretrained on a GGUF-loaded model fails; a fresh model with the same weights saves fine.
-    # The GGUF has no output matrix (SmolLM2 ties it to the embeddings) and the loader does not always
-    # tie it, leaving lm_head on the meta device: copy only real tensors and tie it ourselves.
-    model = LlamaForCausalLM(loaded.config)
-    real = {k: v for k, v in loaded.state_dict().items() if v.device.type != "meta"}
-    missing = set(model.load_state_dict(real, strict=False).missing_keys)
-    if loaded.config.tie_word_embeddings:
-        model.tie_weights()
-        missing.discard("lm_head.weight")
-    if missing:
-        raise RuntimeError(f"{gguf.name}: weights missing after conversion: {sorted(missing)}")
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer_from_gguf(gguf).save_pretrained(out)
+    convert_gguf(find_smollm2_gguf(), out)
 
 
 _BUILDERS: dict[str, Callable[[Path], None]] = {TINY_QWEN3: _build_tiny_qwen3, SMOLLM2_135M: _build_smollm2}

@@ -81,3 +81,12 @@ def test_unreachable_hub_model_is_a_clear_error(tmp_path: Path, monkeypatch: pyt
     with pytest.raises(OpError, match="no model hub is reachable") as err:
         load_base_model("tinkerkube-test/does-not-exist", cache_dir=tmp_path, device="cpu")
     assert err.value.category == "user"
+
+
+def test_conversion_check_refuses_an_incoherent_model(tiny_model_dir: Path) -> None:
+    """The check that guards SmolLM2's GGUF conversion must fail on a model that does not know English
+    (the random tiny model), or a broken conversion would be published."""
+    from tinkerkube_trainer.gguf_convert import check_converted
+
+    problem = check_converted(tiny_model_dir)
+    assert "nats/token" in problem
