@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tinkerkube_contract.models import SourceKind, resolve_model
-from tinkerkube_trainer import model_store
+from tinkerkube_trainer import hf_loading, model_store
 from tinkerkube_trainer.engine_api import OpError
 
 
@@ -49,7 +49,11 @@ def model_location(name: str, *, aliases: dict[str, str] | None, cache_dir: Path
 
 def _from_pretrained(location: str, dtype: torch.dtype, *, local_only: bool):
     tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local_only)
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, local_files_only=local_only)
+    with hf_loading.serialized():
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, local_files_only=local_only)
+    problem = hf_loading.untied_problem(model)
+    if problem:
+        raise RuntimeError(f"loading {location}: {problem}")
     return tokenizer, model
 
 

@@ -26,6 +26,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tinkerkube_contract import env
 from tinkerkube_contract.models import BUILTIN_MODELS, SMOLLM2_135M, TINY_QWEN3, builtin_dir, default_cache_dir
+from tinkerkube_trainer import hf_loading
 
 TINY_SEED = 1234
 TINY_VOCAB_SIZE = 512
@@ -145,7 +146,8 @@ def _build_tiny_qwen3(out: Path) -> None:
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
     )
-    with _SEED_LOCK, torch.random.fork_rng(devices=[]):  # the global RNG is shared by every thread
+    # The global RNG is shared by every thread; so is transformers' class-level tie/init switching.
+    with hf_loading.serialized(), _SEED_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(out, safe_serialization=True)
