@@ -162,7 +162,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = GatewaySettings()
     print(banner(settings), flush=True)
-    uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level="info")
+    uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level="info",
+                access_log=settings.access_log)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,9 @@ class GatewaySettings(BaseSettings):
     proto_compress_fwdbwd: bool = Field(False, description="ask the SDK to zstd-compress forward_backward bodies")
     fwdbwd_max_chunk_len: int = Field(1024, ge=1, description="datums per forward_backward request (client config)")
     trainer_request_timeout_seconds: float = Field(60.0, gt=0, description="HTTP timeout for gateway→trainer calls")
+    access_log: bool = Field(
+        False, description="log every HTTP request (uvicorn's access log). Off by default: the SDK long-polls "
+        "retrieve_future and heartbeats, and /metrics counts requests by endpoint and status")
     lease_seconds: float = Field(
         15.0, ge=1, le=300, description="PostgreSQL (several replicas): a run's dispatching replica renews its "
         "lease every third of this; another replica takes the run over once it has expired")

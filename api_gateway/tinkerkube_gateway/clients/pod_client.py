@@ -1,4 +1,4 @@
-"""httpx client for the internal trainer API (tinkerkube_contract.pod_api).
+"""Client of the internal trainer API (tinkerkube_contract.pod_api), on the lean HTTP/1.1 pool of `http11`.
 
 Submits are PUTs of (model_id, seq_id) or a sample's request id; results are long-polled GETs. The
 trainer's 4xx `ErrorBody` becomes `OpRejected` (the user's fault, a failed future); connection trouble
@@ -7,14 +7,14 @@ becomes `TrainerUnreachable` (the dispatcher then asks the backend whether the t
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
-
-import httpx
 
 from tinkerkube_contract import pod_api
 from tinkerkube_contract.pod_api import ErrorCategory, OpState, TrainerInfo
 from tinkerkube_gateway.backends.base import TrainerHandle
+from tinkerkube_gateway.clients.http11 import Http11Pool, HttpError, HttpResponse
 
 
 class TrainerUnreachable(Exception):
@@ -39,8 +39,8 @@ class OpResult:
 class PodClient:
     def __init__(self, *, timeout: float = 60.0, long_poll: float = pod_api.MAX_WAIT_SECONDS):
         self._long_poll = long_poll
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=5.0),
-                                       limits=httpx.Limits(max_connections=500, max_keepalive_connections=100))
+        self._timeout = timeout
+        self._http = Http11Pool(connect_timeout=5.0)
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -51,10 +51,12 @@ class PodClient:
             headers[pod_api.HEADER_TOKEN] = handle.token
         return headers
 
-    async def _request(self, method: str, url: str, **kwargs: object) -> httpx.Response:
+    async def _request(self, method: str, url: str, *, timeout: float | None = None,
+                       **kwargs: object) -> HttpResponse:
         try:
-            response = await self._http.request(method, url, **kwargs)  # type: ignore[arg-type]
-        except httpx.HTTPError as exc:
+            response = await self._http.request(method, url, timeout=timeout or self._timeout,
+                                                **kwargs)  # type: ignore[arg-type]
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, HttpError) as exc:
             raise TrainerUnreachable(f"{method} {url}: {type(exc).__name__}: {exc}") from exc
         if response.status_code >= 500:
             raise TrainerUnreachable(f"{method} {url}: HTTP {response.status_code}: {response.text[:300]}")
@@ -74,7 +76,7 @@ class PodClient:
     async def submit_sample(self, handle: TrainerHandle, request_id: str, op: pod_api.SampleOp) -> None:
         headers = self._headers(handle, **{pod_api.HEADER_OP: pod_api.OpKind.SAMPLE,
                                            "Content-Type": pod_api.CONTENT_JSON})
-        await self._request("PUT", handle.url + pod_api.sample_path(request_id), content=op.model_dump_json(),
+        await self._request("PUT", handle.url + pod_api.sample_path(request_id), content=op.model_dump_json().encode(),
                             headers=headers)
 
     async def poll_sample(self, handle: TrainerHandle, request_id: str) -> OpResult:
@@ -92,9 +94,9 @@ class PodClient:
 
     async def ready(self, url: str, token: str | None) -> bool:
         try:
-            response = await self._http.get(url + pod_api.READY_PATH, timeout=2.0,
-                                            headers=self._headers(TrainerHandle(url, token)))
-        except httpx.HTTPError:
+            response = await self._http.request("GET", url + pod_api.READY_PATH, timeout=2.0,
+                                                headers=self._headers(TrainerHandle(url, token)))
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, HttpError):
             return False
         return response.status_code == 200
 
@@ -103,9 +105,9 @@ def _state_from_status(status: int) -> str:
     return OpState.PENDING.value if status == 202 else OpState.COMPLETE.value
 
 
-def _rejected(response: httpx.Response) -> OpRejected:
+def _rejected(response: HttpResponse) -> OpRejected:
     try:
-        data = response.json()
+        data = json.loads(response.content)
         detail = str(data.get("detail") or data.get("error") or response.text)
         category = ErrorCategory(data.get("category", ErrorCategory.USER))
     except (ValueError, json.JSONDecodeError, AttributeError):

@@ -20,6 +20,7 @@ from tinkerkube_gateway.schemas import (
 )
 
 router = APIRouter(prefix="/api/v1", tags=["training"])
+INLINE_CHECK_BYTES = 64 * 1024
 
 
 @router.post("/create_model", summary="Create a LoRA training run (future → model_id)")
@@ -35,8 +36,12 @@ async def get_info(svc: Svc, tenant: Tenant, body: Body) -> dict[str, Any]:
 @router.post("/forward_backward", summary="Forward(+backward) on a batch (protobuf body; future → protobuf)")
 async def forward_backward(svc: Svc, tenant: Tenant, body: Body, request: Request) -> dict[str, Any]:
     encoding = request.headers.get("content-encoding")
-    plain, model_id, seq_id, problem = await asyncio.to_thread(
-        wire.check_forward_backward, body, encoding, svc.max_body_bytes)
+    check = (wire.check_forward_backward, body, encoding, svc.max_body_bytes)
+    # Decoding a large batch must not stall the event loop; a small one costs less than the thread hop.
+    if len(body) <= INLINE_CHECK_BYTES:
+        plain, model_id, seq_id, problem = check[0](*check[1:])
+    else:
+        plain, model_id, seq_id, problem = await asyncio.to_thread(*check)
     return submitted(await svc.ops.forward_backward(tenant, model_id, seq_id, plain, problem))
 
 
