@@ -74,7 +74,7 @@ def wire_replicas(replicas: Replicas, futures: FuturesService, dispatcher: Dispa
     dispatcher.replica_id = replicas.replica_id
     dispatcher.on_sample_done = replicas.untrack_sample
     futures.broadcast = replicas.completed_payload
-    replicas.on_completed = futures.notifier.notify
+    replicas.on_completed = futures.completed_elsewhere
     replicas.on_submitted = dispatcher.refill
     replicas.on_lost = dispatcher.drop
 
@@ -89,7 +89,7 @@ def wire_replicas(replicas: Replicas, futures: FuturesService, dispatcher: Dispa
     replicas.on_orphan_sample = rerun_sample
 
     def resync() -> None:
-        futures.notifier.notify_all()
+        futures.resync()
         dispatcher.refill_all()
 
     replicas.on_resync = resync

@@ -6,7 +6,9 @@ completion between the read and the sleep is never missed. A completion finished
 its final record to the waiters (no re-read); one from another replica (LISTEN/NOTIFY) or a resync
 carries none, and the waiter reads the store. A finished record nobody waited for is kept briefly
 (`_RECENT` entries, dropped on first retrieval) so the usual submit-then-retrieve skips that read too:
-a finished future never changes again, so either copy is the store's.
+a finished future never changes again, so either copy is the store's. Likewise a future created here
+and not finished as far as this replica knows (`_pending_here`) is waited on without reading the store
+first; a completion on another replica (NOTIFY, `completed_elsewhere`) or a resync forgets that.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from tinkerkube_gateway.store.records import FutureRecord, FutureState, ModelRec
 from tinkerkube_gateway.store.repo import AsyncRepo
 
 _RECENT = 512  # finished records kept for their first retrieval
+_PENDING_HERE_MAX = 100_000  # beyond this, waiters simply read the store
 
 
 class Notifier:
@@ -86,6 +89,7 @@ class FuturesService:
         self.mirror: FuturesMirror | None = None
         self.broadcast: Callable[[str], str | None] = lambda _request_id: None  # NOTIFY payload (replicas)
         self._recent: dict[str, FutureRecord] = {}  # finished here, not yet retrieved (oldest first)
+        self._pending_here: dict[str, str] = {}  # request_id -> tenant: created here, not known finished
 
     async def create(self, *, tenant: str, session_id: str | None, target_id: str, seq_id: int | None, op: str,
                      body: bytes | None = None, body_type: str | None = None,
@@ -112,6 +116,8 @@ class FuturesService:
             raise SeqIdReused(f"seq_id {record.seq_id} of {record.target_id} was already used by a different "
                               f"request ({stored.op}); every request needs the next seq_id")
         if created:
+            if len(self._pending_here) < _PENDING_HERE_MAX:
+                self._pending_here[stored.request_id] = stored.tenant
             self.metrics.queue_depth.inc()
             if self.mirror is not None:
                 await self.mirror.changed(stored, FutureState.PENDING)
@@ -123,6 +129,7 @@ class FuturesService:
         await self._finish(record, FutureState.FAILED, error=error, category=category.value)
 
     async def _finish(self, record: FutureRecord, state: FutureState, **values: Any) -> None:
+        self._pending_here.pop(record.request_id, None)  # from here on, a new waiter reads the store
         now = time.time()
         changed = await self.repo.finish_future(record.request_id, state=state, now=now,
                                                 notify=self.broadcast(record.request_id), **values)
@@ -141,6 +148,16 @@ class FuturesService:
             if len(self._recent) > _RECENT:
                 del self._recent[next(iter(self._recent))]
 
+    def completed_elsewhere(self, request_id: str) -> None:
+        """Another replica finished `request_id` (its NOTIFY): waiters here re-read the store."""
+        self._pending_here.pop(request_id, None)
+        self.notifier.notify(request_id)
+
+    def resync(self) -> None:
+        """Notifications may have been missed: forget what is believed pending, every waiter re-reads."""
+        self._pending_here.clear()
+        self.notifier.notify_all()
+
     async def get_owned(self, tenant: str, request_id: str) -> FutureRecord:
         record = await self.repo.get_future(request_id)
         if record is None or record.tenant != tenant:
@@ -152,11 +169,12 @@ class FuturesService:
         The record handed over by a completion here carries no `body` (the op's input)."""
         waiter = self.notifier.register(request_id)
         try:
-            record = self._recent.pop(request_id, None)
-            if record is None or record.tenant != tenant:
-                record = await self.get_owned(tenant, request_id)
-            if record.state != FutureState.PENDING:
-                return record
+            if self._pending_here.get(request_id) != tenant:
+                record = self._recent.pop(request_id, None)
+                if record is None or record.tenant != tenant:
+                    record = await self.get_owned(tenant, request_id)
+                if record.state != FutureState.PENDING:
+                    return record
             final = None
             with contextlib.suppress(TimeoutError):
                 final = await asyncio.wait_for(waiter, timeout if timeout is not None else self.long_poll_seconds)

@@ -173,12 +173,14 @@ class Repo(CoordinationQueries):
                          now: float) -> tuple[ModelRecord | None, FutureRecord | None, bool]:
         """A training op's submit in one call (one worker-thread hop): the run, None unless it is
         `record.tenant`'s and of `kind` (then nothing is written); the future inserted idempotently under
-        the run's session (`insert_future`); for a new op on a live run, its `last_request_time`."""
+        the run's session (`insert_future`); for a new op on a live run, its `last_request_time` (shown by
+        the REST API only, so written at most once a second: one statement less on most submits)."""
         model = self.get_model(record.target_id)
         if model is None or model.tenant != record.tenant or model.kind != kind:
             return None, None, False
         stored, created = self.insert_future(dataclasses.replace(record, session_id=model.session_id))
-        if created and model.status not in (ModelStatus.FAILED, ModelStatus.STOPPED):
+        if (created and model.status not in (ModelStatus.FAILED, ModelStatus.STOPPED)
+                and now - model.last_request_time >= 1.0):
             self.update_model(model.model_id, last_request_time=now)
         return model, stored, created
 

@@ -31,8 +31,10 @@ async def _service(tmp_path: Path) -> tuple[FuturesService, CountingRepo]:
 
 
 async def test_one_completion_wakes_every_waiter_with_one_read_each(tmp_path: Path) -> None:
+    """A future created by another replica: each waiter reads the store once, then sleeps."""
     futures, repo = await _service(tmp_path)
-    fut, _ = await futures.create(tenant="t", session_id="s", target_id="m", seq_id=1, op="optim_step")
+    elsewhere = FuturesService(repo, Metrics())
+    fut, _ = await elsewhere.create(tenant="t", session_id="s", target_id="m", seq_id=1, op="optim_step")
     waiters = [asyncio.create_task(futures.wait("t", fut.request_id, timeout=20)) for _ in range(50)]
     await asyncio.sleep(0.5)  # everyone is asleep on the notifier now; no reads happen meanwhile
     reads_while_waiting = repo.reads
@@ -46,6 +48,32 @@ async def test_one_completion_wakes_every_waiter_with_one_read_each(tmp_path: Pa
     assert {r.result for r in results} == {b'{"metrics": {}}'}
     assert repo.reads == 50  # the completion here hands its record over: no re-read
     assert futures.notifier.waiting == 0
+
+
+async def test_waiting_on_a_future_created_here_reads_nothing_until_another_replica_finishes_it(
+        tmp_path: Path) -> None:
+    futures, repo = await _service(tmp_path)
+    fut, _ = await futures.create(tenant="t", session_id="s", target_id="m", seq_id=1, op="optim_step")
+    waiters = [asyncio.create_task(futures.wait("t", fut.request_id, timeout=20)) for _ in range(20)]
+    await asyncio.sleep(0.3)
+    assert repo.reads == 0 and futures.notifier.waiting == 20
+    elsewhere = FuturesService(repo, Metrics())  # another replica finishes it, then its NOTIFY arrives
+    await elsewhere.complete(fut, b"{}", "application/json")
+    futures.completed_elsewhere(fut.request_id)
+    results = await asyncio.gather(*waiters)
+    assert {r.state for r in results} == {FutureState.COMPLETE} and repo.reads == 20  # one re-read each
+    assert (await futures.wait("t", fut.request_id, timeout=5)).state == FutureState.COMPLETE
+
+
+async def test_a_future_created_here_is_still_another_tenants_unknown_future(tmp_path: Path) -> None:
+    import pytest
+
+    from tinkerkube_gateway.errors import UnknownFuture
+
+    futures, _ = await _service(tmp_path)
+    fut, _ = await futures.create(tenant="t", session_id="s", target_id="m", seq_id=1, op="optim_step")
+    with pytest.raises(UnknownFuture):
+        await futures.wait("intruder", fut.request_id, timeout=5)
 
 
 async def test_a_pending_future_is_returned_pending_after_the_hold(tmp_path: Path) -> None:
@@ -64,19 +92,6 @@ async def test_a_finished_future_is_re_readable(tmp_path: Path) -> None:
     for _ in range(3):
         record = await futures.wait("t", fut.request_id)
         assert record.state == FutureState.FAILED and record.error == "boom"
-
-
-async def test_a_completion_from_another_replica_is_re_read(tmp_path: Path) -> None:
-    futures, repo = await _service(tmp_path)
-    fut, _ = await futures.create(tenant="t", session_id="s", target_id="m", seq_id=1, op="optim_step")
-    waiter = asyncio.create_task(futures.wait("t", fut.request_id, timeout=20))
-    await asyncio.sleep(0.2)
-    await repo.finish_future(fut.request_id, state=FutureState.COMPLETE, now=time.time(), result=b"{}",
-                             result_type="application/json")
-    futures.notifier.notify(fut.request_id)  # what LISTEN/NOTIFY delivers: no record
-    record = await waiter
-    assert record.state == FutureState.COMPLETE and record.result == b"{}"
-    assert repo.reads == 2
 
 
 async def test_a_result_finished_here_is_retrieved_once_without_a_read(tmp_path: Path) -> None:
