@@ -140,13 +140,18 @@ class ModelWorker:
             self._wake.clear()
 
     async def _forward(self, fut: FutureRecord) -> bool | None:
-        """True: forwarded; None: rejected by the trainer (future failed); False: the trainer is gone."""
+        """True: forwarded; None: rejected by the trainer (future failed); False: the trainer is gone.
+        A trainer restart handled while this op was on its way (the replay covers only ops already
+        counted) may have lost it with the old trainer: it is then sent again, to the new one."""
         assert fut.trainer_seq is not None
         while True:
             assert self.handle is not None
+            boot = self.boot_id
             try:
                 await self.d.pods.submit_op(self.handle, self.model_id, fut.trainer_seq, fut.op, fut.body or b"",
                                             fut.body_type or "application/json")
+                if self.boot_id != boot:
+                    continue
                 return True
             except OpRejected as exc:
                 await self._assign(fut, None)

@@ -26,8 +26,10 @@ class FakeTrainer:
     """Pod API semantics in memory. `restart_on_poll=(seq, restored)` simulates a pod recreation that
     restored the state after `restored` (or an unknown point: None) when `seq` is first polled."""
 
-    def __init__(self, restart_on_poll: tuple[int, int | None] | None = None, gone_on_poll: int | None = None):
+    def __init__(self, restart_on_poll: tuple[int, int | None] | None = None, gone_on_poll: int | None = None,
+                 restart_during_put: tuple[int, int] | None = None):
         self.boot, self.last, self.ops = "boot-1", 0, {}
+        self.restart_during_put = restart_during_put  # (seq, restored): the op lands, then the pod restarts
         self.puts: list[tuple[str, int]] = []
         self.restart_on_poll, self.gone_on_poll, self.alive = restart_on_poll, gone_on_poll, True
 
@@ -41,8 +43,14 @@ class FakeTrainer:
             raise TrainerUnreachable("connection refused")
         self.puts.append((self.boot, seq))
         self.ops[seq] = body
+        if self.restart_during_put and self.restart_during_put[0] == seq:
+            self.boot, self.ops, self.last = "boot-2", {}, self.restart_during_put[1]
+            self.restart_during_put = None
+            await asyncio.sleep(0.3)  # the reply is slow: the restart is found and handled meanwhile
 
     async def poll_op(self, handle: TrainerHandle, model_id: str, seq: int) -> OpResult:
+        if self.restart_during_put and seq == self.restart_during_put[0] - 1:
+            await asyncio.sleep(0.05)  # the op before is still running when the next one is sent
         if self.restart_on_poll and self.restart_on_poll[0] == seq:
             restored = self.restart_on_poll[1]
             self.restart_on_poll = None
@@ -132,6 +140,13 @@ async def test_a_restarted_trainer_gets_the_lost_ops_replayed_from_the_log(tmp_p
     sink = await _run(tmp_path, trainer, [1, 2, 3])
     assert trainer.puts[:2] == [("boot-1", 1), ("boot-1", 2)]
     assert {seq for boot, seq in trainer.puts if boot == "boot-2"} == {2, 3}  # replayed (3 may go there first)
+    assert set(sink.results.values()) == {"complete"}
+
+
+async def test_an_op_lost_by_a_restart_during_its_own_submit_is_sent_again(tmp_path: Path) -> None:
+    trainer = FakeTrainer(restart_during_put=(3, 1))  # op 3 reaches boot-1, which then restarts from op 1
+    sink = await _run(tmp_path, trainer, [1, 2, 3])
+    assert ("boot-1", 3) in trainer.puts and ("boot-2", 3) in trainer.puts and ("boot-2", 2) in trainer.puts
     assert set(sink.results.values()) == {"complete"}
 
 
