@@ -211,6 +211,7 @@ class ModelWorker:
             return False
         log.warning("trainer %s restarted (boot %s); replaying %s", self.model_id, boot_id, plan.seq_ids)
         self.handle, self.boot_id = handle, boot_id
+        await self._fail_unfetched(restored or 0)
         by_seq = {f.trainer_seq: f for f in rows}
         for seq in plan.seq_ids:
             fut = by_seq[seq]
@@ -221,6 +222,17 @@ class ModelWorker:
                 await self._die(f"replay to the restarted trainer {self.model_id} failed: {exc}; retry", [])
                 return False
         return True
+
+    async def _fail_unfetched(self, restored: int) -> None:
+        """Ops the old trainer finished (their effect is in the restored state) but whose results were not
+        read before it went: the results died with it. Re-running them would apply them twice."""
+        lost = [f for f in self.inflight if f.trainer_seq is not None and f.trainer_seq <= restored]
+        for fut in lost:
+            self.inflight.remove(fut)
+            await self.d.sink.on_failure(
+                fut, f"the trainer for {self.model_id} restarted after running this {fut.op} (its effect is kept) "
+                "but before its result was read; the result is lost. Go on from here, or retry from a checkpoint",
+                ErrorCategory.SERVER)
 
     async def _die(self, reason: str, extra: list[FutureRecord]) -> None:
         self.dead = reason

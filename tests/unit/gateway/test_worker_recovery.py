@@ -27,9 +27,10 @@ class FakeTrainer:
     restored the state after `restored` (or an unknown point: None) when `seq` is first polled."""
 
     def __init__(self, restart_on_poll: tuple[int, int | None] | None = None, gone_on_poll: int | None = None,
-                 restart_during_put: tuple[int, int] | None = None):
+                 restart_during_put: tuple[int, int] | None = None, late_results_upto: int = 0):
         self.boot, self.last, self.ops = "boot-1", 0, {}
         self.restart_during_put = restart_during_put  # (seq, restored): the op lands, then the pod restarts
+        self.late_results_upto = late_results_upto  # results of these ops are read only after the restart
         self.puts: list[tuple[str, int]] = []
         self.restart_on_poll, self.gone_on_poll, self.alive = restart_on_poll, gone_on_poll, True
 
@@ -51,6 +52,8 @@ class FakeTrainer:
     async def poll_op(self, handle: TrainerHandle, model_id: str, seq: int) -> OpResult:
         if self.restart_during_put and seq == self.restart_during_put[0] - 1:
             await asyncio.sleep(0.05)  # the op before is still running when the next one is sent
+        if seq <= self.late_results_upto:
+            await asyncio.sleep(0.05)
         if self.restart_on_poll and self.restart_on_poll[0] == seq:
             restored = self.restart_on_poll[1]
             self.restart_on_poll = None
@@ -148,6 +151,15 @@ async def test_an_op_lost_by_a_restart_during_its_own_submit_is_sent_again(tmp_p
     sink = await _run(tmp_path, trainer, [1, 2, 3])
     assert ("boot-1", 3) in trainer.puts and ("boot-2", 3) in trainer.puts and ("boot-2", 2) in trainer.puts
     assert set(sink.results.values()) == {"complete"}
+
+
+async def test_a_result_not_read_before_a_restart_fails_clearly_instead_of_being_polled_forever(
+        tmp_path: Path) -> None:
+    trainer = FakeTrainer(restart_during_put=(3, 2), late_results_upto=2)  # ops 1-2 ran; restored after 2
+    sink = await _run(tmp_path, trainer, [1, 2, 3])
+    assert "result is lost" in sink.results[1] and "effect is kept" in sink.results[1]
+    assert sink.results[3] == "complete" and ("boot-2", 3) in trainer.puts
+    assert ("boot-2", 1) not in trainer.puts  # never applied twice
 
 
 async def test_replay_without_a_restore_point_fails_pending_futures_retryably(tmp_path: Path) -> None:
