@@ -13,8 +13,10 @@ round by round so that load from other processes hits every path alike:
                (tinkerkube_contract.pod_api), started by the gateway's own LocalBackend
       bare:    an in-process transformers + peft loop (no HTTP, no queue) with the trainer's LoRA config
     goals: gateway/direct >= 0.95, gateway/bare >= 0.90.
-(b) added latency per op: p50/p99 of one small forward_backward and one optim_step, gateway minus direct
-    (both through the SDK and through raw HTTP to the gateway, to tell SDK cost from gateway cost).
+(b) added latency per op: p50/p99 of one small forward_backward and one optim_step, three ways: the SDK
+    through the gateway, the wire protocol by hand through the gateway (raw-gw), and the trainer's API by
+    hand (direct). What the gateway adds is raw-gw minus direct (same client library, same bodies); the
+    SDK's own client-side cost, gateway(SDK) minus raw-gw, is printed beside it.
     goal: added p50 <= 5 ms.
 (c) 1,000 concurrent `retrieve_future` long-polls (raw httpx, from a separate process) on futures held
     pending behind a seq gap, while session heartbeat latency is measured. goal: heartbeat p50 <= 10 ms.
@@ -323,12 +325,15 @@ def latency(report: Report, ops: dict[str, tuple[Callable[[], object], Callable[
     for label, times in (("forward_backward", fb_times), ("optim_step", opt_times)):
         for name, t in times.items():
             report.add(f"    {label:<16} {name:<8} p50 {pct(t, 50) * 1e3:8.2f} ms  p99 {pct(t, 99) * 1e3:8.2f} ms")
-        for name in ("gateway", "raw-gw"):
-            d50 = (pct(times[name], 50) - pct(times["direct"], 50)) * 1e3
-            d99 = (pct(times[name], 99) - pct(times["direct"], 99)) * 1e3
-            verdict = report.check(f"{label} added p50 via {name}", d50, GOALS["added_p50_ms"], at_least=False)
-            report.add(f"    {label:<16} added by {name:<8} p50 {d50:+8.2f} ms  p99 {d99:+8.2f} ms"
-                       f"  (goal p50 <= {GOALS['added_p50_ms']} ms: {verdict})")
+        d50 = (pct(times["raw-gw"], 50) - pct(times["direct"], 50)) * 1e3
+        d99 = (pct(times["raw-gw"], 99) - pct(times["direct"], 99)) * 1e3
+        verdict = report.check(f"{label} added p50 by the gateway", d50, GOALS["added_p50_ms"], at_least=False)
+        report.add(f"    {label:<16} added by the gateway (raw-gw - direct) p50 {d50:+8.2f} ms  p99 {d99:+8.2f} ms"
+                   f"  (goal p50 <= {GOALS['added_p50_ms']} ms: {verdict})")
+        s50 = (pct(times["gateway"], 50) - pct(times["raw-gw"], 50)) * 1e3
+        e50 = (pct(times["gateway"], 50) - pct(times["direct"], 50)) * 1e3
+        report.add(f"    {label:<16} the SDK's own cost (SDK - raw-gw) p50 {s50:+8.2f} ms; SDK end to end vs direct "
+                   f"p50 {e50:+8.2f} ms")
 
 
 def _waiters_child(base_url: str, model_id: str, seqs: list[int], hold_s: float, ready: object, out: object) -> None:
@@ -429,7 +434,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds for (a)")
     p.add_argument("--steps-per-round", type=int, default=1, help="SFT steps per path per round for (a)")
     p.add_argument("--warmup", type=int, default=1, help="untimed SFT steps per path before (a)")
-    p.add_argument("--latency-iters", type=int, default=20, help="ops per path for (b)")
+    p.add_argument("--latency-iters", type=int, default=60, help="ops per path for (b)")
     p.add_argument("--waiters", type=int, default=1000, help="concurrent retrieve_future waiters for (c)")
     p.add_argument("--hold", type=float, default=12.0, help="seconds the waiters are held for (c)")
     p.add_argument("--quick", action="store_true", help="smoke run: fewer rounds and ops")
