@@ -41,6 +41,9 @@ class HttpError(Exception):
     """The peer broke the protocol or the connection: the request's outcome is unknown."""
 
 
+TRANSPORT_ERRORS = (OSError, TimeoutError, HttpError)  # everything `Http11Pool.request` raises for a failed exchange
+
+
 @dataclass(frozen=True, slots=True)
 class HttpResponse:
     status_code: int
@@ -97,6 +100,8 @@ class Http11Pool:
                     conn.close()
                     if attempt == 0 and conn.reused and _nothing_received(exc):
                         continue  # the server dropped an idle keep-alive connection: once more, fresh
+                    if isinstance(exc, asyncio.IncompleteReadError):
+                        raise HttpError(f"the connection closed mid-response: {exc}") from exc
                     raise
                 except BaseException:  # cancelled or timed out mid-exchange: the stream's state is unknown
                     conn.close()
@@ -149,9 +154,10 @@ def _request_head(method: str, target: str, host: str, port: int, length: int, h
 
 
 async def _exchange(conn: _Conn, head: bytes, body: bytes) -> tuple[HttpResponse, bool]:
-    conn.writer.write(head + body if len(body) < 65536 else head)
-    if len(body) >= 65536:
-        conn.writer.write(body)
+    if len(body) < 65536:
+        conn.writer.write(head + body)  # one segment for the usual small request
+    else:
+        conn.writer.writelines((head, body))
     await conn.writer.drain()
     try:
         raw_head = await conn.reader.readuntil(b"\r\n\r\n")

@@ -7,14 +7,13 @@ becomes `TrainerUnreachable` (the dispatcher then asks the backend whether the t
 
 from __future__ import annotations
 
-import asyncio
 import json
 from dataclasses import dataclass
 
 from tinkerkube_contract import pod_api
 from tinkerkube_contract.pod_api import ErrorCategory, OpState, TrainerInfo
 from tinkerkube_gateway.backends.base import TrainerHandle
-from tinkerkube_gateway.clients.http11 import Http11Pool, HttpError, HttpResponse
+from tinkerkube_gateway.clients.http11 import TRANSPORT_ERRORS, Http11Pool, HttpResponse
 
 
 class TrainerUnreachable(Exception):
@@ -56,7 +55,7 @@ class PodClient:
         try:
             response = await self._http.request(method, url, timeout=timeout or self._timeout,
                                                 **kwargs)  # type: ignore[arg-type]
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, HttpError) as exc:
+        except TRANSPORT_ERRORS as exc:
             raise TrainerUnreachable(f"{method} {url}: {type(exc).__name__}: {exc}") from exc
         if response.status_code >= 500:
             raise TrainerUnreachable(f"{method} {url}: HTTP {response.status_code}: {response.text[:300]}")
@@ -96,7 +95,7 @@ class PodClient:
         try:
             response = await self._http.request("GET", url + pod_api.READY_PATH, timeout=2.0,
                                                 headers=self._headers(TrainerHandle(url, token)))
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, HttpError):
+        except TRANSPORT_ERRORS:
             return False
         return response.status_code == 200
 

@@ -114,7 +114,7 @@ async def test_chunked_and_close_delimited_bodies(serve) -> None:
     assert first.connections == 1 and second.connections == 2  # a close-delimited reply is never reused
 
 
-async def test_a_silent_server_times_out_and_a_garbled_one_is_a_protocol_error(serve) -> None:
+async def test_silent_garbled_and_cut_short_replies_raise_transport_errors(serve) -> None:
     async def silent(head: bytes, body: bytes, out: asyncio.StreamWriter) -> bool:
         await asyncio.sleep(10)
         return False
@@ -123,7 +123,13 @@ async def test_a_silent_server_times_out_and_a_garbled_one_is_a_protocol_error(s
         out.write(b"SSH-2.0-OpenSSH\r\n\r\n")
         return True
 
+    async def cut_short(head: bytes, body: bytes, out: asyncio.StreamWriter) -> bool:
+        out.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        return False
+
     client = Http11Pool()
+    with pytest.raises(HttpError, match="mid-response"):
+        await client.request("GET", (await serve(cut_short)).url + "/", timeout=5)
     with pytest.raises(TimeoutError):
         await client.request("GET", (await serve(silent)).url + "/", timeout=0.2)
     with pytest.raises(HttpError, match="not an HTTP"):
