@@ -35,13 +35,12 @@ async def get_info(svc: Svc, tenant: Tenant, body: Body) -> dict[str, Any]:
 
 @router.post("/forward_backward", summary="Forward(+backward) on a batch (protobuf body; future → protobuf)")
 async def forward_backward(svc: Svc, tenant: Tenant, body: Body, request: Request) -> dict[str, Any]:
-    encoding = request.headers.get("content-encoding")
-    check = (wire.check_forward_backward, body, encoding, svc.max_body_bytes)
+    args = (body, request.headers.get("content-encoding"), svc.max_body_bytes)
     # Decoding a large batch must not stall the event loop; a small one costs less than the thread hop.
     if len(body) <= INLINE_CHECK_BYTES:
-        plain, model_id, seq_id, problem = check[0](*check[1:])
+        plain, model_id, seq_id, problem = wire.check_forward_backward(*args)
     else:
-        plain, model_id, seq_id, problem = await asyncio.to_thread(*check)
+        plain, model_id, seq_id, problem = await asyncio.to_thread(wire.check_forward_backward, *args)
     return submitted(await svc.ops.forward_backward(tenant, model_id, seq_id, plain, problem))
 
 
