@@ -57,13 +57,12 @@ def _write_weights(gguf: Path, out: Path) -> None:
 def check_converted(out: Path) -> str:
     """'' when the saved directory loads as a coherent model, else what is wrong with it."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    with hf_loading.serialized():
-        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    problem = hf_loading.untied_problem(model)
-    if problem:
-        return problem
+    try:
+        model = hf_loading.load_causal_lm(out, dtype=torch.float32)
+    except hf_loading.UntiedModel as exc:
+        return str(exc)
     tokenizer = AutoTokenizer.from_pretrained(out)
     ids = torch.tensor([tokenizer.encode(SANITY_TEXT)])
     with torch.no_grad():

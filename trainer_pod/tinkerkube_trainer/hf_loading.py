@@ -1,4 +1,4 @@
-"""One process-wide lock around every transformers model construction, and a check that ties held.
+"""One process-wide lock around every transformers model construction, and a load that checks ties held.
 
 Why: transformers 5.5's `from_pretrained` and `from_config` switch weight tying and init off by
 replacing `PreTrainedModel.tie_weights` / `init_weights` on the class for the duration of the load, then
@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 _LOAD_LOCK = threading.RLock()
@@ -23,6 +24,23 @@ def serialized() -> Iterator[None]:
     """Hold while constructing or loading a transformers model."""
     with _LOAD_LOCK:
         yield
+
+
+class UntiedModel(RuntimeError):
+    """A model whose config ties lm_head to the input embeddings came out with them separate."""
+
+
+def load_causal_lm(location: str | Path, **kwargs: Any) -> Any:
+    """`AutoModelForCausalLM.from_pretrained` under the lock; raises UntiedModel rather than hand back a
+    model whose tied lm_head is missing (it would score every token as noise)."""
+    from transformers import AutoModelForCausalLM
+
+    with serialized():
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    problem = untied_problem(model)
+    if problem:
+        raise UntiedModel(f"loading {location}: {problem}")
+    return model
 
 
 def untied_problem(model: Any) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import huggingface_hub.constants
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tinkerkube_contract.models import SourceKind, resolve_model
 from tinkerkube_trainer import hf_loading, model_store
@@ -49,11 +49,7 @@ def model_location(name: str, *, aliases: dict[str, str] | None, cache_dir: Path
 
 def _from_pretrained(location: str, dtype: torch.dtype, *, local_only: bool):
     tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local_only)
-    with hf_loading.serialized():
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, local_files_only=local_only)
-    problem = hf_loading.untied_problem(model)
-    if problem:
-        raise RuntimeError(f"loading {location}: {problem}")
+    model = hf_loading.load_causal_lm(location, dtype=dtype, local_files_only=local_only)
     return tokenizer, model
 
 
