@@ -1,15 +1,12 @@
-"""LoraSpec → peft LoraConfig, and the adapter attached to a base model.
+"""Which layers a LoraSpec adapts (peft's `target_modules`), and the default adapter seed.
 
 Why a fixed default seed: every data-parallel rank builds its own adapter, and Tinker's LoRA B starts
 at zero but A is random; ranks must start from identical weights, so an unset seed means seed 0, not
-"whatever the RNG holds". The RNG state around `get_peft_model` is forked so building an adapter
-never shifts the caller's random stream.
+"whatever the RNG holds" (`multilora` draws from a private generator seeded with it).
 """
 
 from __future__ import annotations
 
-import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -30,11 +27,15 @@ def _linear_names(model: nn.Module) -> list[str]:
 
 
 def target_modules(model: nn.Module, spec: LoraSpec) -> list[str]:
-    """Module names to adapt. Llama/Qwen-family leaf names when the model has them; otherwise the full
-    path of every Linear layer under an attention or MLP block (full paths, because other families
-    reuse leaf names across blocks, e.g. GPT-2's `attn.c_proj` and `mlp.c_proj`). Raises ValueError
-    when the spec selects nothing."""
-    linear = _linear_names(model)
+    """Module names to adapt (peft's `target_modules`); see `targets_among`."""
+    return targets_among(_linear_names(model), spec)
+
+
+def targets_among(linear: list[str], spec: LoraSpec) -> list[str]:
+    """Module names to adapt, given the model's linear layer paths. Llama/Qwen-family leaf names when
+    the model has them; otherwise the full path of every Linear layer under an attention or MLP block
+    (full paths, because other families reuse leaf names across blocks, e.g. GPT-2's `attn.c_proj`
+    and `mlp.c_proj`). Raises ValueError when the spec selects nothing."""
     leaves = {name.rsplit(".", 1)[-1] for name in linear}
     chosen: list[str] = []
     if leaves & set(ATTN_MODULES + MLP_MODULES):
@@ -56,30 +57,3 @@ def target_modules(model: nn.Module, spec: LoraSpec) -> list[str]:
     if not chosen:
         raise ValueError("the LoRA spec selects no module of this model: enable trainAttn, trainMlp or trainUnembed")
     return chosen
-
-
-def lora_config(model: nn.Module, spec: LoraSpec) -> LoraConfig:
-    return LoraConfig(
-        r=spec.rank,
-        lora_alpha=spec.alpha,
-        lora_dropout=0.0,
-        bias="none",
-        target_modules=target_modules(model, spec),
-        task_type="CAUSAL_LM",
-    )
-
-
-def attach_adapter(model: nn.Module, spec: LoraSpec) -> PeftModel:
-    """Wrap `model` with a freshly initialised, deterministic LoRA adapter (base weights frozen)."""
-    config = lora_config(model, spec)
-    seed = DEFAULT_SEED if spec.seed is None else spec.seed
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        peft_model = get_peft_model(model, config)
-    return peft_model
-
-
-def lora_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """The trainable adapter parameters in a stable order (the same on every rank)."""
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
