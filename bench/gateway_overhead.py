@@ -170,15 +170,18 @@ class BarePeft:
 
     def __init__(self, model_dir: Path, lora: LoraSpec):
         import torch
+        from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
-        from tinkerkube_trainer.lora import attach_adapter, lora_parameters
+        from tinkerkube_trainer.lora import target_modules
 
         self.torch = torch
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        self.model = attach_adapter(base, lora)
+        config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=0.0,
+                            target_modules=target_modules(base, lora), task_type="CAUSAL_LM")
+        self.model = get_peft_model(base, config)
         self.model.train()
-        params = [p for _, p in lora_parameters(self.model)]
+        params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=ADAM.learning_rate, betas=(ADAM.beta1, ADAM.beta2), eps=ADAM.eps,
                                      weight_decay=0.0)
 

@@ -110,8 +110,8 @@ class Bare:
 
 
 class Service:
-    def __init__(self, client: PodClient, fb_body: bytes) -> None:
-        self.client, self.fb_body, self.seq = client, fb_body, 0
+    def __init__(self, client: PodClient, fb_body: bytes, model_id: str) -> None:
+        self.client, self.fb_body, self.seq, self.model_id = client, fb_body, 0, model_id
         self.optim_body = json_body(api.OptimStepOp(adam_params=ADAM))
 
     def train_step(self) -> None:
@@ -128,7 +128,7 @@ class Service:
         request = {"prompt": {"chunks": [{"type": "encoded_text", "tokens": prompt}]}, "num_samples": n,
                    "sampling_params": {"max_tokens": max_tokens, "temperature": 1.0, "stop": [], "seed": seed}}
         rid = f"bench-{time.monotonic_ns()}"
-        self.client.put_sample(rid, api.SampleOp(request=request).model_dump_json().encode())
+        self.client.put_sample(rid, api.SampleOp(request=request, model_id=self.model_id).model_dump_json().encode())
         resp = deserialize_sample_response(self.client.sample_result(rid).content)
         return sum(len(s.tokens) for s in resp.sequences)
 
@@ -186,7 +186,7 @@ def main() -> int:
         group.wait_ready(600)
         print(f"trainer ready in {time.monotonic() - started:.1f}s at {group.url} (logs: {tmp / 'logs'})")
         client = group.client(timeout=600)
-        service = Service(client, forward_backward_body(batch.tolist()))
+        service = Service(client, forward_backward_body(batch.tolist()), spec.model_id)
         bare = Bare(model_dir, lora)
         batch_t = torch.as_tensor(batch)
         for _ in range(args.warmup):

@@ -96,7 +96,7 @@ class ModelWorker:
     async def _run(self, first: list[FutureRecord], resend: list[FutureRecord]) -> None:
         try:
             self.handle = await self.d.backend.wait_ready(self.model_id, self.d.start_timeout)
-            self.boot_id = (await self.d.pods.info(self.handle)).boot_id
+            self.boot_id = (await self.d.pods.info(self.handle, self.model_id)).boot_id
         except (TrainerStartFailed, TimeoutError, TrainerUnreachable, OpRejected) as exc:
             await self._die(f"trainer for {self.model_id} failed to start: {getattr(exc, 'message', exc)}", first)
             return
@@ -188,7 +188,7 @@ class ModelWorker:
             if handle is None:
                 break
             try:
-                info = await self.d.pods.info(handle)
+                info = await self.d.pods.info(handle, self.model_id)
             except (TrainerUnreachable, OpRejected):
                 await asyncio.sleep(1.0)
                 continue

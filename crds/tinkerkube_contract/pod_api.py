@@ -1,9 +1,12 @@
 """The gateway↔trainer internal HTTP API, version 1: paths, headers and the JSON op/result shapes.
 
 Why our own API instead of proxying Tinker: the trainer must stay ignorant of sessions, tenants and
-futures. It only knows one model and a strictly ordered queue of ops keyed by `(model_id, seq_id)`.
+futures. A trainer is a pool: one resident base model and the runs attached to it, each with a
+strictly ordered queue of ops keyed by `(model_id, seq_id)`.
 
 Wire rules
+- `PUT run_path(model_id)` (`RunSpec` JSON) attaches a run; `GET` long-polls its `RunInfo` until it is
+  ready (`?wait=`); `DELETE` detaches it (its pending ops fail). A full pool answers 429 `pool_full`.
 - `PUT  op_path(model_id, seq_id)` submits an op; the header `X-Tinkerkube-Op` names its `OpKind`.
   forward_backward bodies are the SDK's own protobuf `tinker_public.ForwardBackwardRequest` bytes
   (`application/x-protobuf`): tensors never travel as JSON float lists. Every other op body is the
@@ -54,6 +57,13 @@ def op_path(model_id: str, seq_id: int) -> str:
 
 def sample_path(request_id: str) -> str:
     return f"/v1/samples/{quote(request_id, safe='')}"
+
+
+RUNS_PATH = "/v1/runs"
+
+
+def run_path(model_id: str) -> str:
+    return f"{RUNS_PATH}/{quote(model_id, safe='')}"
 
 
 class OpKind(StrEnum):
@@ -118,10 +128,13 @@ class LoadStateOp(_Wire):
 
 
 class SampleOp(_Wire):
-    """`request` is the SDK's SampleRequest JSON as received (prompt, sampling_params, flags)."""
+    """`request` is the SDK's SampleRequest JSON as received (prompt, sampling_params, flags).
+    `model_id` names the attached run whose weights sample (None: the pool's base model alone);
+    `snapshot_id` one of that run's saved snapshots (None: its weights now)."""
 
     request: dict[str, Any]
-    snapshot_id: str | None = Field(None, description="None: the weights the trainer serves now")
+    model_id: str | None = None
+    snapshot_id: str | None = Field(None, description="None: the weights the run serves now")
 
 
 class OptimStepResult(_Wire):
@@ -161,6 +174,38 @@ class ErrorBody(_Wire):
     category: ErrorCategory = ErrorCategory.USER
 
 
+class RunSpec(_Wire):
+    """`PUT run_path(model_id)`: attach a run to the pool (its own adapter, optimizer, snapshots and
+    ordered op queue). Idempotent for the same spec; `base_model` must be the pool's."""
+
+    model_id: str = Field(min_length=1, max_length=253)
+    base_model: str
+    mode: SessionMode = SessionMode.TRAIN
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    restore_from: str | None = Field(None, description="tinker:// path restored at attach")
+    restore_optimizer: bool = False
+
+
+class RunState(StrEnum):
+    ATTACHING = "attaching"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class PoolInfo(_Wire):
+    """`GET INFO_PATH`: the pool and the runs it holds."""
+
+    base_model: str
+    world_size: int
+    ready: bool
+    boot_id: str = Field(description="changes on every start: a new value means every run was lost")
+    max_runs: int
+    max_lora_rank: int
+    runs: list[str] = Field(default_factory=list)
+    tokenizer_dir: str | None = None
+    vocab_size: int | None = None
+
+
 class TrainerInfo(_Wire):
     model_id: str
     base_model: str
@@ -173,3 +218,11 @@ class TrainerInfo(_Wire):
     vocab_size: int | None = None
     last_completed_seq_id: int | None = None
     restored_from: str | None = None
+
+
+class RunInfo(TrainerInfo):
+    """`GET run_path(model_id)` (and the answer to its PUT). `boot_id` is this attachment's id: a new
+    value means the run's in-memory state was rebuilt (restored from `restored_from`, or fresh)."""
+
+    state: RunState = RunState.READY
+    error: str | None = None

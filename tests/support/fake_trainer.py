@@ -67,6 +67,7 @@ async def ready() -> dict[str, bool]:
 
 
 @app.get(pod_api.INFO_PATH)
+@app.get(f"{pod_api.RUNS_PATH}/{MODEL_ID}")
 async def info() -> dict[str, Any]:
     return {"model_id": MODEL_ID, "base_model": E[env.BASE_MODEL], "mode": E.get(env.MODE, "train"),
             "lora": json.loads(E.get(env.LORA, "{}")), "world_size": 1, "ready": True, "boot_id": BOOT_ID,

@@ -21,7 +21,15 @@ from typing import Any
 
 from tinkerkube_contract import pod_api as api
 from tinkerkube_contract.pod_api import OpKind
-from tinkerkube_trainer.engine_api import Collective, EngineConfig, LocalCollective, OpError, OpOutput, PreparedOp
+from tinkerkube_trainer.engine_api import (
+    Collective,
+    LocalCollective,
+    OpError,
+    OpOutput,
+    PoolConfig,
+    PoolOpKind,
+    PreparedOp,
+)
 
 _JSON_OPS = {
     OpKind.OPTIM_STEP: api.OptimStepOp,
@@ -34,7 +42,7 @@ KNOWN_LOSSES = frozenset({"cross_entropy", "importance_sampling", "ppo", "cispo"
 
 
 class FakeEngine:
-    def __init__(self, config: EngineConfig | None = None, collective: Collective | None = None, *,
+    def __init__(self, config: PoolConfig | None = None, collective: Collective | None = None, *,
                  last_completed_seq_id: int = 0, gate: threading.Event | None = None) -> None:
         self.config = config  # type: ignore[assignment]
         self.collective = collective or LocalCollective()
@@ -42,24 +50,59 @@ class FakeEngine:
         self.gate = gate  # when set, execute waits for it (tests holding the worker busy)
         self.executed: list[tuple[str, Any]] = []
         self.prepared: list[str] = []
+        self.passes: list[list[str]] = []  # op kinds of each pass, in order
+        self.runs: dict[str, api.RunSpec] = {}
         self.steps = 0
         self.grad_tokens = 0.0  # stand-in model state: tokens seen since the last optim_step
 
     # ---- engine_api.Engine ---------------------------------------------------------------------
 
-    def prepare(self, kind: OpKind, body: bytes, content_type: str, *, seq_id: int | None = None) -> PreparedOp:
+    def prepare(self, model_id: str | None, kind: OpKind, body: bytes, content_type: str, *,
+                seq_id: int | None = None) -> PreparedOp:
         self.prepared.append(str(kind))
         if kind is OpKind.FORWARD_BACKWARD:
-            return PreparedOp(kind, _decode_fb(body))
+            return PreparedOp(kind, _decode_fb(body), self._attached(model_id))
         model = _JSON_OPS.get(kind)
         if model is None:
             raise OpError(f"unsupported op {kind}", code="unsupported_op")
         try:
-            return PreparedOp(kind, model.model_validate_json(body))
+            payload = model.model_validate_json(body)
         except ValueError as exc:
             raise OpError(f"invalid {kind} body: {exc}", code="invalid_request") from exc
+        if isinstance(payload, api.SampleOp):
+            model_id = payload.model_id if payload.model_id is None else self._attached(payload.model_id)
+        else:
+            model_id = self._attached(model_id)
+        return PreparedOp(kind, payload, model_id)
+
+    def _attached(self, model_id: str | None) -> str:
+        if model_id not in self.runs:
+            raise OpError(f"no run {model_id!r} is attached", code="run_not_found")
+        return str(model_id)
+
+    def prepare_attach(self, spec: api.RunSpec) -> PreparedOp:
+        return PreparedOp(PoolOpKind.ATTACH, spec, spec.model_id)
+
+    def prepare_detach(self, model_id: str) -> PreparedOp:
+        return PreparedOp(PoolOpKind.DETACH, None, model_id)
+
+    def run_pass(self, ops: Sequence[PreparedOp]) -> list[OpOutput | OpError]:
+        self.passes.append([str(op.kind) for op in ops])
+        outcomes: list[OpOutput | OpError] = []
+        for op in ops:
+            try:
+                outcomes.append(self.execute(op))
+            except OpError as exc:
+                outcomes.append(exc)
+        return outcomes
 
     def execute(self, op: PreparedOp) -> OpOutput:
+        if op.kind is PoolOpKind.ATTACH:
+            self.runs[str(op.model_id)] = op.payload
+            return _json(self.run_info(str(op.model_id)))
+        if op.kind is PoolOpKind.DETACH:
+            self.runs.pop(str(op.model_id), None)
+            return _json({})
         if self.gate is not None and not self.gate.wait(timeout=30):
             raise RuntimeError("FakeEngine gate never opened")
         if isinstance(op.payload, api.SaveStateOp):
@@ -78,8 +121,10 @@ class FakeEngine:
         return out
 
     def info(self) -> dict[str, Any]:
-        return {"last_completed_seq_id": self.last_completed_seq_id, "vocab_size": 128, "tokenizer_dir": None,
-                "restored_from": None}
+        return {"vocab_size": 128, "tokenizer_dir": None}
+
+    def run_info(self, model_id: str) -> dict[str, Any]:
+        return {"last_completed_seq_id": self.last_completed_seq_id, "restored_from": None}
 
     # ---- internals -----------------------------------------------------------------------------
 
@@ -107,7 +152,7 @@ class FakeEngine:
         return OpOutput(api.CONTENT_PROTOBUF, _fb_output(lengths, float(total.item())))
 
 
-def build_fake_engine(config: EngineConfig, collective: Collective) -> FakeEngine:
+def build_fake_engine(config: PoolConfig, collective: Collective) -> FakeEngine:
     """The engine factory torchrun ranks use in runtime tests (no model, starts in milliseconds)."""
     return FakeEngine(config, collective)
 
@@ -236,13 +281,18 @@ def fake_trainer(*, token: str | None = TOKEN, gate: threading.Event | None = No
 
     import httpx
 
-    from tinkerkube_trainer.server import RuntimeOptions, TrainerRuntime, create_app
+    from tinkerkube_trainer.http_api import create_app
+    from tinkerkube_trainer.scheduler import Limits
+    from tinkerkube_trainer.server import RuntimeOptions, TrainerRuntime
 
     @contextlib.asynccontextmanager
     async def run() -> Any:
         engine = FakeEngine(last_completed_seq_id=last_completed_seq_id, gate=gate)
-        runtime = TrainerRuntime.for_engine(
-            engine, RuntimeOptions(model_id=MODEL_ID, base_model="fake/base", token=token, **options))
+        limits = {k: options.pop(k) for k in ("ttl", "max_retained", "max_runs", "max_pass_tokens",
+                                              "max_sample_rows") if k in options}
+        boot_run = api.RunSpec(model_id=MODEL_ID, base_model="fake/base")
+        runtime = TrainerRuntime.for_engine(engine, RuntimeOptions(base_model="fake/base", boot_run=boot_run,
+                                                                   token=token, limits=Limits(**limits), **options))
         app = create_app(runtime)
         headers = {api.HEADER_TOKEN: token} if token else {}
         async with runtime.running():

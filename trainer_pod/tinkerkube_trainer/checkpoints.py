@@ -1,4 +1,4 @@
-"""Checkpoints on disk (PEFT format + optimizer + metadata) and adapter snapshots in memory.
+"""Checkpoints on disk: PEFT format + optimizer + metadata.
 
 Why PEFT's own layout: a user who downloads a sampler checkpoint must be able to run
 `PeftModel.from_pretrained(base, dir)` with nothing of ours installed. Our extras sit beside it:
@@ -6,8 +6,8 @@ Why PEFT's own layout: a user who downloads a sampler checkpoint must be able to
 a restarted trainer knows where it left off. Every checkpoint is written into a temporary sibling
 directory and renamed into place, so a crash never leaves a half-written checkpoint under its name.
 
-Snapshots are detached copies of the adapter tensors: RL loops sample from "the weights as of seq_id
-k" while training continues, and copying a LoRA adapter is cheap compared with a forward pass.
+Writers pass tensors (peft key names, `multilora.peft_state_dict`) and the adapter_config dict; no
+peft model is involved, so one pool's many runs each write their own adapter.
 """
 
 from __future__ import annotations
@@ -17,23 +17,19 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from peft import PeftModel
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from tinkerkube_contract.paths import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, METADATA_FILE, OPTIMIZER_FILE
 from tinkerkube_contract.pod_api import ErrorCategory
 from tinkerkube_trainer.engine_api import Collective, OpError
 
 T = TypeVar("T")
-Snapshot = dict[str, torch.Tensor]  # adapter parameter name → detached copy
 
 
 def _dir_size(path: Path) -> int:
@@ -42,18 +38,20 @@ def _dir_size(path: Path) -> int:
 
 def write_checkpoint(
     directory: Path,
-    model: PeftModel,
+    adapter: Mapping[str, torch.Tensor],
+    adapter_config: Mapping[str, Any],
     *,
     metadata: Mapping[str, Any],
     optimizer_state: Mapping[str, Any] | None = None,
 ) -> int:
-    """Write adapter (+ optimizer) + metadata atomically; replaces an older checkpoint of that name.
-    Returns the checkpoint's size in bytes."""
+    """Write adapter (peft keys) + adapter_config.json (+ optimizer) + metadata atomically; replaces an
+    older checkpoint of that name. Returns the checkpoint's size in bytes."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        # save_embedding_layers=False: with lm_head adapted, "auto" would also copy the base lm_head.
-        model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
+        save_file(dict(adapter), str(tmp / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
+        config_text = json.dumps(dict(adapter_config), indent=2, sort_keys=True, default=_jsonable)
+        (tmp / ADAPTER_CONFIG_FILE).write_text(config_text)
         if optimizer_state is not None:
             torch.save(dict(optimizer_state), tmp / OPTIMIZER_FILE)
         meta = {**metadata, "has_optimizer": optimizer_state is not None, "created_at": time.time()}
@@ -72,6 +70,13 @@ def write_checkpoint(
     return _dir_size(directory)
 
 
+def _jsonable(value: Any) -> Any:
+    """peft configs hold sets and enums; write them as peft's own save_pretrained does."""
+    if isinstance(value, set | frozenset):
+        return sorted(value)
+    return str(value)
+
+
 def read_metadata(directory: Path) -> dict[str, Any]:
     meta_file = directory / METADATA_FILE
     if not (directory / ADAPTER_WEIGHTS_FILE).is_file() or not (directory / ADAPTER_CONFIG_FILE).is_file():
@@ -87,55 +92,12 @@ def read_adapter(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(str(directory / ADAPTER_WEIGHTS_FILE), device="cpu")
 
 
-def apply_adapter(model: PeftModel, tensors: Mapping[str, torch.Tensor], label: str) -> None:
-    """Copy adapter tensors into `model` in place; the key sets and shapes must match first."""
-    expected = get_peft_model_state_dict(model, save_embedding_layers=False)
-    problem = None
-    if set(tensors) != set(expected):
-        problem = f"keys differ: {sorted(set(tensors) ^ set(expected))[:3]}"
-    else:
-        bad = [k for k in tensors if tensors[k].shape != expected[k].shape]
-        problem = f"shapes differ for {bad[:3]}" if bad else None
-    if problem:
-        raise OpError(f"checkpoint {label!r} does not fit this model's adapter ({problem})", code="checkpoint_mismatch")
-    device = next(model.parameters()).device
-    set_peft_model_state_dict(model, {k: v.to(device) for k, v in tensors.items()})
-
-
-def load_adapter(model: PeftModel, directory: Path) -> None:
-    apply_adapter(model, read_adapter(directory), directory.name)
-
-
 def load_optimizer_state(directory: Path) -> dict[str, Any]:
     path = directory / OPTIMIZER_FILE
     if not path.is_file():
         raise OpError(f"checkpoint {directory.name!r} holds no optimizer state (sampler weights?): "
                       "load it without the optimizer", code="no_optimizer_state")
     return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def take_snapshot(model: torch.nn.Module) -> Snapshot:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-@contextmanager
-def swapped_weights(model: torch.nn.Module, snapshot: Snapshot | None) -> Iterator[None]:
-    """Temporarily run `model` with `snapshot`'s adapter weights; the training weights come back
-    bit-for-bit afterwards, and gradients are never touched. None: leave the weights as they are."""
-    if snapshot is None:
-        yield
-        return
-    params = dict(model.named_parameters())
-    saved = {n: params[n].detach().clone() for n in snapshot}
-    try:
-        with torch.no_grad():
-            for n, t in snapshot.items():
-                params[n].copy_(t)
-        yield
-    finally:
-        with torch.no_grad():
-            for n, t in saved.items():
-                params[n].copy_(t)
 
 
 @dataclass(frozen=True, slots=True)

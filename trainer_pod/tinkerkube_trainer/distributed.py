@@ -1,15 +1,15 @@
 """Ranks: process groups, the collectives the engine uses, and rank 0's control channel to the others.
 
 Two groups. Tensors go over the default group (gloo on CPU, nccl on GPU) with a bounded timeout:
-ranks inside one op arrive within seconds of each other. Control messages (the next PreparedOp, or
+ranks inside one pass arrive within seconds of each other. Control messages (the next pass of PreparedOps, or
 stop) go over a separate gloo group with a very long timeout, because ranks ≠ 0 wait there for as
 long as the model sits idle, and an idle model must never trip a watchdog.
 
 Failure rule: a rank that cannot go on exits non-zero at once (`fatal`), so its peers' next
 collective fails, they exit too, and torchrun tears the group down. Nothing waits forever. The one
-failure ranks survive is an `OpError` raised on every rank alike (a deterministic refusal): the op
-fails with its category and the ranks stay in step. Ranks disagreeing (some raised, some not) is a
-divergence and fatal.
+failure ranks survive is an `OpError` returned for an op on every rank alike (a deterministic
+refusal): that op fails with its category, the pass's other ops go on, and the ranks stay in step.
+Ranks disagreeing on an op (some failed it, some not) is a divergence and fatal.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 CONTROL_TIMEOUT = timedelta(days=365)  # idle ranks wait here; gloo needs a finite value
 _STOP = "stop"
-_OP = "op"
+_PASS = "pass"
 _PING = "ping"
 
 
@@ -144,19 +144,19 @@ def _broadcast(ctx: DistContext, message: tuple[str, Any]) -> tuple[str, Any]:
     return box[0]
 
 
-def execute_everywhere(ctx: DistContext, engine: Engine, op: PreparedOp) -> OpOutput:
-    """Rank 0, on the executor thread: hand `op` to every rank and run it here too."""
+def execute_everywhere(ctx: DistContext, engine: Engine, ops: list[PreparedOp]) -> list[OpOutput | OpError]:
+    """Rank 0, on the executor thread: hand the pass to every rank and run it here too."""
     if ctx.distributed:
         try:
-            _broadcast(ctx, (_OP, op))
+            _broadcast(ctx, (_PASS, ops))
         except Exception as exc:
-            fatal("broadcast to ranks failed; a rank is gone", error=repr(exc), op=str(op.kind))
-    return execute_in_step(ctx, engine, op)
+            fatal("broadcast to ranks failed; a rank is gone", error=repr(exc), ops=[str(op.kind) for op in ops])
+    return execute_in_step(ctx, engine, ops)
 
 
-def execute_local(engine: Engine, op: PreparedOp) -> OpOutput:
-    """Rank 0 alone (samples): no collective involved, so any failure is just this op's failure."""
-    return engine.execute(op)
+def execute_local(engine: Engine, ops: list[PreparedOp]) -> list[OpOutput | OpError]:
+    """Rank 0 alone (samples): no collective involved, so any failure is just those ops' failure."""
+    return engine.run_pass(ops)
 
 
 def heartbeat(ctx: DistContext) -> None:
@@ -181,35 +181,34 @@ def stop_workers(ctx: DistContext) -> None:
             log.warning("stop broadcast failed; ranks are already gone", exc_info=True)
 
 
-def execute_in_step(ctx: DistContext, engine: Engine, op: PreparedOp) -> OpOutput:
-    """Run on this rank, then agree with the others on the outcome (see the module's failure rule)."""
-    output: OpOutput | None = None
-    error: tuple[str, str, str] | None = None
+def execute_in_step(ctx: DistContext, engine: Engine, ops: list[PreparedOp]) -> list[OpOutput | OpError]:
+    """Run the pass on this rank, then agree with the others on each op's outcome (see the module's
+    failure rule: every rank must fail an op alike, or the group is failed)."""
     try:
-        output = engine.execute(op)
-    except OpError as exc:
-        error = (exc.message, exc.code, str(exc.category))
+        outcomes = engine.run_pass(ops)
     except Exception as exc:
         if not ctx.distributed:
             raise
-        log.exception("op raised on this rank", extra={"op": str(op.kind), "rank": ctx.rank})
-        fatal("a rank failed inside an op; failing the whole group", op=str(op.kind), rank=ctx.rank,
-              error=repr(exc))
-    if ctx.distributed:
-        try:
-            outcomes = ctx.collective.all_gather_object(error)
-        except Exception as exc:
-            fatal("ranks could not agree on an op's outcome; a rank is gone", error=repr(exc), op=str(op.kind))
-        failed = [o for o in outcomes if o is not None]
-        if failed and len(failed) != len(outcomes):
-            fatal("ranks diverged: the op failed on some ranks only", op=str(op.kind), outcomes=repr(outcomes))
+        log.exception("pass raised on this rank", extra={"ops": [str(op.kind) for op in ops], "rank": ctx.rank})
+        fatal("a rank failed inside a pass; failing the whole group", rank=ctx.rank, error=repr(exc))
+    if not ctx.distributed:
+        return outcomes
+    errors = [(o.message, o.code, str(o.category)) if isinstance(o, OpError) else None for o in outcomes]
+    try:
+        every = ctx.collective.all_gather_object(errors)
+    except Exception as exc:
+        fatal("ranks could not agree on a pass's outcome; a rank is gone", error=repr(exc))
+    agreed: list[OpOutput | OpError] = []
+    for i, outcome in enumerate(outcomes):
+        failed = [rank_errors[i] for rank_errors in every if rank_errors[i] is not None]
+        if failed and len(failed) != len(every):
+            fatal("ranks diverged: an op failed on some ranks only", op=str(ops[i].kind), outcomes=repr(every))
         if failed:
-            error = failed[0]
-    if error is not None:
-        message, code, category = error
-        raise OpError(message, code=code, category=ErrorCategory(category))
-    assert output is not None
-    return output
+            message, code, category = failed[0]
+            agreed.append(OpError(message, code=code, category=ErrorCategory(category)))
+        else:
+            agreed.append(outcome)
+    return agreed
 
 
 def worker_loop(ctx: DistContext, engine: Engine) -> None:
@@ -228,8 +227,7 @@ def worker_loop(ctx: DistContext, engine: Engine) -> None:
             except Exception as exc:
                 fatal("heartbeat failed; a rank is gone", error=repr(exc), rank=ctx.rank)
             continue
-        op: PreparedOp = payload
-        if op.kind is OpKind.SAMPLE:  # never broadcast, but stay in step if it ever were
+        ops: list[PreparedOp] = payload
+        if any(op.kind is OpKind.SAMPLE for op in ops):  # never broadcast, but stay in step if it ever were
             continue
-        with contextlib.suppress(OpError):  # every rank failed alike; rank 0 reports it
-            execute_in_step(ctx, engine, op)
+        execute_in_step(ctx, engine, ops)  # every rank failed alike or not at all; rank 0 reports it

@@ -1,22 +1,21 @@
-"""The trainer's compute: one LoRA model, its optimizer, snapshots and checkpoints, behind engine_api.
+"""The trainer's compute: one resident base model and the runs attached to it, behind engine_api.
 
-Why this split of work: `prepare` (rank 0 only) decodes and validates, so bad input fails before any
-rank moves; `execute` runs the same prepared op on every rank. Each rank takes a contiguous shard of
-the datums, runs them as one padded forward, and all-reduce-SUMs its gradients: Tinker sums losses
-over tokens and datums, so the sum over ranks is the one-rank gradient. Gradients of each call are
-summed into a separate accumulator, so earlier calls are never all-reduced twice and `forward`
-leaves everything untouched. Parameters stay replicated because every rank applies the same step.
+Why a pool: a run is its adapter, optimizer and snapshots; the base model is the expensive part and
+every run of a base model can share one copy. `prepare` (rank 0 only) decodes and validates, so bad
+input fails before any rank moves; `run_pass` runs a pass (at most one op per run) on every rank:
+forward/backward ops of several runs as one co-batched forward/backward (`train_pass`), the rest one
+by one, each with its own outcome. Parameters stay replicated because every rank applies the same
+steps; gradients are summed over ranks (Tinker sums losses over tokens and datums).
 """
 
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ValidationError
 
@@ -30,35 +29,25 @@ from tinkerkube_contract.pod_api import (
     OpKind,
     OptimStepOp,
     OptimStepResult,
+    RunSpec,
     SampleOp,
     SaveResult,
     SaveSamplerWeightsOp,
     SaveStateOp,
 )
 from tinkerkube_contract.resource import LoraSpec, SessionMode
-from tinkerkube_trainer import checkpoints, codec
-from tinkerkube_trainer.batching import Batch, collate, micro_batches, shard_bounds
-from tinkerkube_trainer.engine_api import Collective, EngineConfig, OpError, OpOutput, PreparedOp
-from tinkerkube_trainer.lora import attach_adapter, lora_parameters
-from tinkerkube_trainer.losses import LOSSES, REQUIRED_INPUTS, LossConfig, LossInputs, canonical_loss_name, reduce_sum
+from tinkerkube_trainer import checkpoints, codec, multilora, train_pass
+from tinkerkube_trainer.engine_api import Collective, OpError, OpOutput, PoolConfig, PoolOpKind, PreparedOp
+from tinkerkube_trainer.lora import DEFAULT_SEED
+from tinkerkube_trainer.losses import REQUIRED_INPUTS, canonical_loss_name
 from tinkerkube_trainer.losses import parse_config as parse_loss_config
 from tinkerkube_trainer.model_loading import load_base_model
 from tinkerkube_trainer.optim import LoraOptimizer
-from tinkerkube_trainer.sampling import sample
+from tinkerkube_trainer.runs import LIVE, Run
+from tinkerkube_trainer.sampling import SampleJob, sample_batch
+from tinkerkube_trainer.train_pass import FbPayload, FbWork
 
 M = TypeVar("M", bound=BaseModel)
-MAX_LOGITS_PER_FORWARD = 2**28  # fp32 logits per micro-batch (1 GiB): one forward unless memory demands more
-MAX_SNAPSHOTS = 32  # oldest in-memory snapshots are dropped beyond this
-_FLOAT_FIELDS = {"weights": "weights", "logprobs": "sampling_logprobs", "advantages": "advantages",
-                 "clip_low_threshold": "clip_low", "clip_high_threshold": "clip_high",
-                 "sequence_ratio_mask": "sequence_ratio_mask"}
-
-
-@dataclass(frozen=True, slots=True)
-class FbPayload:
-    request: codec.ForwardBackwardPayload
-    loss: str
-    cfg: LossConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +69,12 @@ class SamplePayload:
     snapshot_id: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class AttachPayload:
+    spec: RunSpec
+    restore_dir: Path | None
+
+
 def _json(model: BaseModel) -> OpOutput:
     return OpOutput(CONTENT_JSON, model.model_dump_json().encode())
 
@@ -92,41 +87,26 @@ def _parse_json(cls: type[M], body: bytes) -> tuple[M, dict[str, Any]]:
         raise OpError(f"invalid {cls.__name__} body: {exc}", code="invalid_request") from None
 
 
-class TrainingEngine:
-    def __init__(self, config: EngineConfig, collective: Collective, *, base_model: str, lora: LoraSpec,
-                 restore: checkpoints.Restored | None = None):
+class PoolEngine:
+    def __init__(self, config: PoolConfig, collective: Collective):
         self.config = config
         self.collective = collective
-        self.base_model, self.lora = base_model, lora
-        loaded = load_base_model(base_model, aliases=config.model_aliases, cache_dir=config.model_cache_dir,
+        loaded = load_base_model(config.base_model, aliases=config.model_aliases, cache_dir=config.model_cache_dir,
                                  device=config.device)
         self.tokenizer, self.device, self.model_dir = loaded.tokenizer, loaded.device, loaded.model_dir
         self.vocab_size = int(loaded.model.get_input_embeddings().num_embeddings)
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
         self.eos_ids = sorted(self._eos_ids(loaded.model))
-        self.mode = SessionMode(config.mode)
-        training = self.mode is SessionMode.TRAIN
-        self.model = attach_adapter(loaded.model, lora) if (training or restore) else loaded.model
-        self.params = [p for _, p in lora_parameters(self.model)]
-        self.optimizer = LoraOptimizer(self.params) if training else None
-        self._acc: list[torch.Tensor] | None = None  # summed gradients since the last optim_step
-        self._snapshots: OrderedDict[str, checkpoints.Snapshot | None] = OrderedDict()
-        self.restored_from = config.restore_from
-        self.last_completed_seq_id = 0
-        if restore is not None:
-            checkpoints.apply_adapter(self.model, restore.adapter, str(config.restore_from))  # type: ignore[arg-type]
-            if self.optimizer is not None and restore.optimizer_state is not None:
-                self.optimizer.load_state_dict(restore.optimizer_state)
-            if restore.meta.get("model_id") == config.model_id:  # our own checkpoint: crash recovery
-                self.last_completed_seq_id = int(restore.meta.get("seq_id") or 0)
-            self._snapshots[str(config.restore_from)] = None  # "the weights served now"
-        self._runners: dict[OpKind, Callable[[Any], OpOutput]] = {
-            OpKind.FORWARD_BACKWARD: self._forward_backward,
+        self.sites = multilora.AdapterSites.install(loaded.model)
+        self.module = loaded.model
+        self.model = train_pass.Model(loaded.model, self.sites.routing, pad_id=self.pad_id,
+                                      vocab_size=self.vocab_size, device=self.device)
+        self.runs: dict[str, Run] = {}
+        self._runners: dict[OpKind, Callable[[Run, Any], OpOutput]] = {
             OpKind.OPTIM_STEP: self._optim_step,
             OpKind.SAVE_STATE: self._save_state,
             OpKind.SAVE_SAMPLER_WEIGHTS: self._save_sampler_weights,
             OpKind.LOAD_STATE: self._load_state,
-            OpKind.SAMPLE: self._sample,
         }
 
     def _eos_ids(self, model: torch.nn.Module) -> set[int]:
@@ -138,37 +118,87 @@ class TrainingEngine:
     # ------------------------------------------------------------------ engine_api
 
     def info(self) -> dict[str, Any]:
-        return {"tokenizer_dir": self.model_dir, "vocab_size": self.vocab_size,
-                "restored_from": self.restored_from, "last_completed_seq_id": self.last_completed_seq_id}
+        return {"tokenizer_dir": self.model_dir, "vocab_size": self.vocab_size}
 
-    def prepare(self, kind: OpKind, body: bytes, content_type: str, *, seq_id: int | None = None) -> PreparedOp:
-        """Decode + validate on rank 0; touches no state. `seq_id` (optional) is recorded in checkpoints."""
-        if self.mode is SessionMode.SAMPLE and kind is not OpKind.SAMPLE:
-            raise OpError(f"this trainer only samples; {kind.value} needs a training session", code="sample_only")
+    def run_info(self, model_id: str) -> dict[str, Any]:
+        run = self._run(model_id)
+        return {"restored_from": run.restored_from, "last_completed_seq_id": run.last_completed_seq_id,
+                "base_model": run.spec.base_model, "lora": run.spec.lora.model_dump(mode="json"),
+                "mode": run.spec.mode.value, "num_bytes": run.num_bytes()}
+
+    def prepare_attach(self, spec: RunSpec) -> PreparedOp:
+        if spec.base_model != self.config.base_model:
+            raise OpError(f"this pool serves {self.config.base_model!r}, not {spec.base_model!r}",
+                          code="pool_mismatch")
+        if spec.lora.rank > self.config.max_lora_rank:
+            raise OpError(f"LoRA rank {spec.lora.rank} exceeds this pool's maximum of {self.config.max_lora_rank}",
+                          code="rank_too_large")
         try:
-            payload = self._decode(kind, body, seq_id)
+            self.sites.paths(spec.lora)
+            directory = None if not spec.restore_from else \
+                parse_tinker_path(spec.restore_from).directory(self.config.checkpoint_dir)
+        except ValueError as exc:  # InvalidTinkerPath is a ValueError too
+            raise OpError(str(exc), code="invalid_run_spec") from None
+        return PreparedOp(PoolOpKind.ATTACH, AttachPayload(spec, directory), spec.model_id)
+
+    def prepare_detach(self, model_id: str) -> PreparedOp:
+        return PreparedOp(PoolOpKind.DETACH, None, model_id)
+
+    def prepare(self, model_id: str | None, kind: OpKind, body: bytes, content_type: str, *,
+                seq_id: int | None = None) -> PreparedOp:
+        """Decode + validate on rank 0; touches no state. `seq_id` (optional) is recorded in checkpoints.
+        Samples name their run (or none: the base model) in the body; `model_id` is then ignored."""
+        if kind is OpKind.SAMPLE:
+            op = _parse_json(SampleOp, body)[0]
+            run = None if op.model_id is None else self._run(op.model_id)
+            return PreparedOp(kind, self._decode_sample(run, op), op.model_id)
+        run = self._run(model_id)
+        if not run.training:
+            raise OpError(f"this run only samples; {kind.value} needs a training run", code="sample_only")
+        try:
+            payload = self._decode(run, kind, body, seq_id)
         except InvalidTinkerPath as exc:
             raise OpError(str(exc), code="invalid_path") from None
-        return PreparedOp(kind=kind, payload=payload)
+        return PreparedOp(kind=kind, payload=payload, model_id=model_id)
 
-    def execute(self, op: PreparedOp) -> OpOutput:
-        runner = self._runners.get(op.kind)
+    def run_pass(self, ops: Sequence[PreparedOp]) -> list[OpOutput | OpError]:
+        outcomes: list[OpOutput | OpError | None] = [None] * len(ops)
+        fb = [i for i, op in enumerate(ops) if op.kind is OpKind.FORWARD_BACKWARD]
+        samples = [i for i, op in enumerate(ops) if op.kind is OpKind.SAMPLE]
+        if fb:
+            for i, outcome in zip(fb, self._forward_backward([ops[i] for i in fb]), strict=True):
+                outcomes[i] = outcome
+        if samples:
+            for i, outcome in zip(samples, self._sample([ops[i] for i in samples]), strict=True):
+                outcomes[i] = outcome
+        for i, op in enumerate(ops):
+            if outcomes[i] is None:
+                try:
+                    outcomes[i] = self._run_one(op)
+                except OpError as exc:
+                    outcomes[i] = exc
+        return outcomes  # type: ignore[return-value]
+
+    def _run_one(self, op: PreparedOp) -> OpOutput:
+        if op.kind is PoolOpKind.ATTACH:
+            return self._attach(op.payload)
+        if op.kind is PoolOpKind.DETACH:
+            self.runs.pop(str(op.model_id), None)
+            return OpOutput(CONTENT_JSON, b"{}")
+        runner = self._runners.get(op.kind)  # type: ignore[call-overload]
         if runner is None:
             raise OpError(f"unknown op kind {op.kind!r}", code="unknown_op")
-        return runner(op.payload)
+        return runner(self._run(op.model_id), op.payload)
 
-    def adapter_weights(self) -> dict[str, torch.Tensor]:
-        """Copies of the trainable adapter tensors by parameter name (diagnostics and tests)."""
-        return {n: p.detach().clone() for n, p in lora_parameters(self.model)}
-
-    def accumulated_grads(self) -> dict[str, torch.Tensor]:
-        """Copies of the gradients summed since the last optim_step (empty when there are none)."""
-        names = [n for n, _ in lora_parameters(self.model)]
-        return {} if self._acc is None else {n: g.clone() for n, g in zip(names, self._acc, strict=True)}
+    def _run(self, model_id: str | None) -> Run:
+        run = self.runs.get(str(model_id))
+        if run is None:
+            raise OpError(f"no run {model_id!r} is attached to this pool", code="run_not_found")
+        return run
 
     # ------------------------------------------------------------------ prepare
 
-    def _decode(self, kind: OpKind, body: bytes, seq_id: int | None) -> Any:
+    def _decode(self, run: Run, kind: OpKind, body: bytes, seq_id: int | None) -> Any:
         if kind is OpKind.FORWARD_BACKWARD:
             request = codec.decode_forward_backward(body)
             loss = canonical_loss_name(request.loss_fn)
@@ -179,39 +209,39 @@ class TrainingEngine:
             return _parse_json(OptimStepOp, body)[0]
         if kind is OpKind.SAVE_STATE:
             op, raw = _parse_json(SaveStateOp, body)
-            path = TinkerPath(self.config.model_id, CheckpointKind.WEIGHTS, validate_name(op.name))
+            path = TinkerPath(run.model_id, CheckpointKind.WEIGHTS, validate_name(op.name))
             return SavePayload(path, None, seq_id if seq_id is not None else raw.get("seq_id"))
         if kind is OpKind.SAVE_SAMPLER_WEIGHTS:
             sop, raw = _parse_json(SaveSamplerWeightsOp, body)
             if sop.name is None and not sop.snapshot_id:
                 raise OpError("save_sampler_weights needs a name or a snapshot_id", code="invalid_request")
             path = None if sop.name is None else TinkerPath(
-                self.config.model_id, CheckpointKind.SAMPLER_WEIGHTS, validate_name(sop.name))
+                run.model_id, CheckpointKind.SAMPLER_WEIGHTS, validate_name(sop.name))
             return SavePayload(path, sop.snapshot_id, seq_id if seq_id is not None else raw.get("seq_id"))
         if kind is OpKind.LOAD_STATE:
-            return self._decode_load(_parse_json(LoadStateOp, body)[0])
-        if kind is OpKind.SAMPLE:
-            return self._decode_sample(_parse_json(SampleOp, body)[0])
+            return self._decode_load(run, _parse_json(LoadStateOp, body)[0])
         raise OpError(f"unknown op kind {kind!r}", code="unknown_op")
 
-    def _decode_load(self, op: LoadStateOp) -> LoadPayload:
+    def _decode_load(self, run: Run, op: LoadStateOp) -> LoadPayload:
         path = parse_tinker_path(op.path)
         if path.kind not in (CheckpointKind.WEIGHTS, CheckpointKind.SAMPLER_WEIGHTS):
             raise OpError(f"cannot load {path.kind.value} checkpoints", code="invalid_path")
-        directory = path.directory(self.config.checkpoint_dir)
-        meta = checkpoints.read_metadata(directory)
-        if meta.get("base_model", self.base_model) != self.base_model:
-            raise OpError(f"{op.path} was trained on {meta['base_model']!r}, this model is {self.base_model!r}",
-                          code="checkpoint_mismatch")
-        if "lora" in meta and LoraSpec.model_validate(meta["lora"]).rank != self.lora.rank:
-            raise OpError(f"{op.path} has LoRA rank {meta['lora'].get('rank')}, this model {self.lora.rank}",
-                          code="checkpoint_mismatch")
+        meta = checkpoints.read_metadata(path.directory(self.config.checkpoint_dir))
+        self._check_fits(run.spec.lora, meta, op.path)
         if op.with_optimizer and not meta.get("has_optimizer", False):
             raise OpError(f"{op.path} holds no optimizer state; load it without the optimizer",
                           code="no_optimizer_state")
         return LoadPayload(path, op.with_optimizer)
 
-    def _decode_sample(self, op: SampleOp) -> SamplePayload:
+    def _check_fits(self, lora: LoraSpec, meta: dict[str, Any], label: str) -> None:
+        if meta.get("base_model", self.config.base_model) != self.config.base_model:
+            raise OpError(f"{label} was trained on {meta['base_model']!r}, this model is {self.config.base_model!r}",
+                          code="checkpoint_mismatch")
+        if "lora" in meta and LoraSpec.model_validate(meta["lora"]).rank != lora.rank:
+            raise OpError(f"{label} has LoRA rank {meta['lora'].get('rank')}, this model {lora.rank}",
+                          code="checkpoint_mismatch")
+
+    def _decode_sample(self, run: Run | None, op: SampleOp) -> SamplePayload:
         params = codec.decode_sample_request(op.request)
         if max(params.prompt) >= self.vocab_size or min(params.prompt) < 0:
             raise OpError(f"prompt has token ids outside [0, {self.vocab_size})", code="token_out_of_range")
@@ -220,145 +250,141 @@ class TrainingEngine:
             raise OpError(f"target_prompt_logprobs ids must be below {self.vocab_size}", code="token_out_of_range")
         if any(t < 0 or t >= self.vocab_size for t in params.stop_tokens or ()):
             raise OpError(f"stop token ids must be in [0, {self.vocab_size})", code="token_out_of_range")
-        if op.snapshot_id is not None and op.snapshot_id not in self._snapshots:
+        if op.snapshot_id is not None and (run is None or op.snapshot_id not in run.snapshots):
             raise OpError(f"unknown sampler snapshot {op.snapshot_id!r}: save weights for the sampler first",
                           code="unknown_snapshot")
         return SamplePayload(params, op.snapshot_id)
 
+    # ------------------------------------------------------------------ attach
+
+    def _attach(self, p: AttachPayload) -> OpOutput:
+        spec, restore = p.spec, None
+        if p.restore_dir is not None:
+            with_optimizer = spec.restore_optimizer and spec.mode is SessionMode.TRAIN
+            restore = checkpoints.from_rank0(self.collective,
+                                             lambda: checkpoints.read_restore(p.restore_dir, with_optimizer))
+            self._check_fits(spec.lora, {k: v for k, v in restore.meta.items() if k != "lora"}, str(spec.restore_from))
+            if "lora" in restore.meta:  # the checkpoint's own LoRA spec wins
+                spec = spec.model_copy(update={"lora": LoraSpec.model_validate(restore.meta["lora"])})
+        training = spec.mode is SessionMode.TRAIN
+        weights = None
+        if training or restore is not None:
+            seed = DEFAULT_SEED if spec.lora.seed is None else spec.lora.seed
+            weights = self.sites.new_adapter(spec.lora, seed=seed, device=self.device)
+            if not training:
+                for t in weights.parameters():
+                    t.requires_grad_(False)
+        run = Run(spec, weights, LoraOptimizer(weights.parameters()) if training and weights else None,
+                  max_snapshots=self.config.max_snapshots_per_run)
+        if restore is not None:
+            assert weights is not None
+            self._apply(weights, restore.adapter, str(spec.restore_from))
+            if run.optimizer is not None and restore.optimizer_state is not None:
+                run.optimizer.load_state_dict(restore.optimizer_state)
+            if restore.meta.get("model_id") == spec.model_id:  # our own checkpoint: crash recovery
+                run.last_completed_seq_id = int(restore.meta.get("seq_id") or 0)
+            run.restored_from = spec.restore_from
+            run.snapshots[str(spec.restore_from)] = LIVE
+        self.runs[spec.model_id] = run
+        return OpOutput(CONTENT_JSON, json.dumps(self.run_info(spec.model_id)).encode())
+
+    @staticmethod
+    def _apply(weights: multilora.LoraWeights, tensors: dict[str, torch.Tensor], label: str) -> None:
+        problem = multilora.fit_problem(weights, tensors)
+        if problem:
+            raise OpError(f"checkpoint {label!r} does not fit this adapter ({problem})", code="checkpoint_mismatch")
+        multilora.load_peft_state_dict(weights, tensors)
+
     # ------------------------------------------------------------------ forward / backward
 
-    def _token_logprobs(self, batch: Batch) -> torch.Tensor:
-        # No padding (equal lengths): no mask, so attention can take its plain causal fast path.
-        mask = None if min(batch.lengths) == max(batch.lengths) else batch.attention_mask
-        logits = self.model(input_ids=batch.input_ids, attention_mask=mask).logits.float()
-        norm = torch.logsumexp(logits, dim=-1, keepdim=True)
-        if batch.targets.dim() == 3:  # (B, T, K) top-K targets: logprobs per slot
-            return logits.gather(-1, batch.targets) - norm
-        return (logits.gather(-1, batch.targets.unsqueeze(-1)) - norm).squeeze(-1)
-
-    def _run_micro_batch(self, p: FbPayload, chunk: Sequence[codec.DatumData], train: bool):
-        batch = collate(chunk, self.pad_id).to(self.device)
-        with torch.set_grad_enabled(train):
-            lp = self._token_logprobs(batch)
-            inputs = {_FLOAT_FIELDS[k]: v for k, v in batch.float_inputs.items()}
-            per_token = LOSSES[p.loss](LossInputs(target_logprobs=lp, mask=batch.mask, **inputs), p.cfg)
-            loss = reduce_sum(per_token)
-            if train:
-                loss.backward()
-        lp_np, loss_np = lp.detach().float().cpu().numpy(), per_token.detach().float().cpu().numpy()
-        outs = [{"logprobs": lp_np[i, :n], "elementwise_loss": loss_np[i, :n]} for i, n in enumerate(batch.lengths)]
-        return outs, loss.detach()
-
-    def _forward_backward(self, p: FbPayload) -> OpOutput:
-        datums = p.request.datums
-        start, end = shard_bounds(len(datums), self.collective.rank, self.collective.world_size)
-        train = not p.request.forward_only
-        if train and self.optimizer is None:
-            raise OpError("this trainer has no optimizer (sample mode)", code="sample_only")
-        for param in self.params:
-            param.grad = None
-        outputs: list[dict[str, np.ndarray]] = []
-        total = torch.zeros((), device=self.device)
-        for chunk in micro_batches(datums[start:end], MAX_LOGITS_PER_FORWARD // self.vocab_size):
-            outs, loss = self._run_micro_batch(p, chunk, train)
-            outputs.extend(outs)
-            total = total + loss
-        if train:
-            self._accumulate_grads()
-        gathered = self.collective.all_gather_object((outputs, float(total)))
-        if self.collective.rank != 0:
-            return OpOutput(CONTENT_PROTOBUF, b"")
-        merged = [o for outs, _ in gathered for o in outs]
-        metrics = {"loss:sum": sum(loss for _, loss in gathered), "num_tokens:sum": float(sum(
-            len(d.tokens) for d in datums))}
-        return OpOutput(CONTENT_PROTOBUF, codec.encode_forward_backward_output(merged, metrics))
-
-    def _accumulate_grads(self) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        self.collective.all_reduce_sum_(grads)  # Tinker sums over datums: SUM across ranks, never average
-        if self._acc is None:
-            self._acc = [torch.zeros_like(g, dtype=torch.float32) for g in grads]
-        for acc, g in zip(self._acc, grads, strict=True):
-            acc.add_(g)
-        for param in self.params:
-            param.grad = None
+    def _forward_backward(self, ops: Sequence[PreparedOp]) -> list[OpOutput | OpError]:
+        works = [FbWork(self._run(op.model_id).weights, op.payload) for op in ops]  # type: ignore[arg-type]
+        try:
+            train_pass.run(self.model, self.collective, works)
+        except torch.OutOfMemoryError:
+            if len(ops) == 1:
+                return [OpError("this batch does not fit in the pool's memory; send fewer or shorter datums",
+                                code="batch_too_large")]
+            return [o for op in ops for o in self._forward_backward([op])]  # alone, only the culprit fails
+        outcomes: list[OpOutput | OpError] = []
+        for op, work in zip(ops, works, strict=True):
+            if work.error is not None:
+                outcomes.append(work.error)
+                continue
+            if work.grads is not None:
+                self._run(op.model_id).accumulate(work.grads)
+            assert work.output is not None
+            outcomes.append(work.output)
+        return outcomes
 
     # ------------------------------------------------------------------ optimizer and checkpoints
 
-    def _optim_step(self, op: OptimStepOp) -> OpOutput:
-        assert self.optimizer is not None  # prepare() refuses training ops in sample mode
-        for param, acc in zip(self.params, self._acc or [None] * len(self.params), strict=True):
-            param.grad = None if acc is None else acc.to(param.dtype)
-        self._acc = None
-        return _json(OptimStepResult(metrics=self.optimizer.step(op.adam_params)))
+    def _optim_step(self, run: Run, op: OptimStepOp) -> OpOutput:
+        return _json(OptimStepResult(metrics=run.step(op.adam_params)))
 
-    def _metadata(self, kind: CheckpointKind, seq_id: int | None) -> dict[str, Any]:
-        return {"model_id": self.config.model_id, "base_model": self.base_model, "kind": kind.value,
-                "lora": self.lora.model_dump(mode="json"), "seq_id": seq_id}
+    def _metadata(self, run: Run, kind: CheckpointKind, seq_id: int | None) -> dict[str, Any]:
+        return {"model_id": run.model_id, "base_model": self.config.base_model, "kind": kind.value,
+                "lora": run.spec.lora.model_dump(mode="json"), "seq_id": seq_id}
 
-    def _write(self, path: TinkerPath, seq_id: int | None, with_optimizer: bool) -> CheckpointWritten:
+    def _write(self, run: Run, path: TinkerPath, seq_id: int | None, with_optimizer: bool) -> CheckpointWritten:
         size = 0
-        if self.collective.rank == 0:
-            opt = self.optimizer.state_dict() if (with_optimizer and self.optimizer) else None
-            size = checkpoints.write_checkpoint(path.directory(self.config.checkpoint_dir), self.model,  # type: ignore[arg-type]
-                                                metadata=self._metadata(path.kind, seq_id), optimizer_state=opt)
+        if self.collective.rank == 0 and run.weights is not None:
+            opt = run.optimizer.state_dict() if (with_optimizer and run.optimizer) else None
+            size = checkpoints.write_checkpoint(
+                path.directory(self.config.checkpoint_dir), multilora.peft_state_dict(run.weights),
+                self.sites.peft_config(run.spec.lora, self.model_dir),
+                metadata=self._metadata(run, path.kind, seq_id), optimizer_state=opt)
         kind = "weights" if path.kind is CheckpointKind.WEIGHTS else "sampler_weights"
         return CheckpointWritten(tinker_path=str(path), kind=kind, size_bytes=size)
 
-    def _save_state(self, p: SavePayload) -> OpOutput:
+    def _save_state(self, run: Run, p: SavePayload) -> OpOutput:
         assert p.path is not None
-        return _json(SaveResult(checkpoint=self._write(p.path, p.seq_id, with_optimizer=True)))
+        return _json(SaveResult(checkpoint=self._write(run, p.path, p.seq_id, with_optimizer=True)))
 
-    def _remember(self, snapshot_id: str) -> None:
-        if self.collective.rank == 0:  # only rank 0 samples
-            self._snapshots[snapshot_id] = checkpoints.take_snapshot(self.model)
-            self._snapshots.move_to_end(snapshot_id)
-            while len(self._snapshots) > MAX_SNAPSHOTS:
-                self._snapshots.popitem(last=False)
-
-    def _save_sampler_weights(self, p: SavePayload) -> OpOutput:
+    def _save_sampler_weights(self, run: Run, p: SavePayload) -> OpOutput:
         written = None
         if p.path is not None:
-            written = self._write(p.path, p.seq_id, with_optimizer=False)
-            self._remember(str(p.path))
-        if p.snapshot_id:
-            self._remember(p.snapshot_id)
+            written = self._write(run, p.path, p.seq_id, with_optimizer=False)
+            if self.collective.rank == 0:  # only rank 0 samples
+                run.remember(str(p.path))
+        if p.snapshot_id and self.collective.rank == 0:
+            run.remember(p.snapshot_id)
         return _json(SaveResult(checkpoint=written, snapshot_id=p.snapshot_id))
 
-    def _load_state(self, p: LoadPayload) -> OpOutput:
+    def _load_state(self, run: Run, p: LoadPayload) -> OpOutput:
         directory = p.path.directory(self.config.checkpoint_dir)
         adapter, opt_state = checkpoints.from_rank0(self.collective, lambda: (
             checkpoints.read_adapter(directory),
             checkpoints.load_optimizer_state(directory) if p.with_optimizer else None))
-        checkpoints.apply_adapter(self.model, adapter, str(p.path))  # type: ignore[arg-type]
-        self.optimizer = LoraOptimizer(self.params)
+        assert run.weights is not None
+        self._apply(run.weights, adapter, str(p.path))
+        run.optimizer = LoraOptimizer(run.weights.parameters())
         if opt_state is not None:
-            self.optimizer.load_state_dict(opt_state)
-        self._acc = None
+            run.optimizer.load_state_dict(opt_state)
+        run.acc = None
         return _json(LoadResult(path=str(p.path)))
 
     # ------------------------------------------------------------------ sampling
 
-    def _sample(self, p: SamplePayload) -> OpOutput:
-        if p.snapshot_id is not None and p.snapshot_id not in self._snapshots:
-            raise OpError(f"sampler snapshot {p.snapshot_id!r} is no longer held", code="unknown_snapshot")
-        snapshot = None if p.snapshot_id is None else self._snapshots[p.snapshot_id]
-        with checkpoints.swapped_weights(self.model, snapshot):
-            result = sample(self.model, p.params, eos_ids=self.eos_ids, device=self.device,
-                            decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False))
-        return OpOutput(CONTENT_PROTOBUF, codec.encode_sample_response(result))
+    def _sample(self, ops: Sequence[PreparedOp]) -> list[OpOutput | OpError]:
+        """Rank 0: every request of the pass decoded together; one that cannot run fails alone."""
+        outcomes: list[OpOutput | OpError | None] = [None] * len(ops)
+        jobs: list[tuple[int, SampleJob]] = []
+        for i, op in enumerate(ops):
+            try:
+                weights = None if op.model_id is None else self._run(op.model_id).weights_for(op.payload.snapshot_id)
+            except OpError as exc:
+                outcomes[i] = exc
+                continue
+            jobs.append((i, SampleJob(op.payload.params, weights)))
+        if jobs:
+            results = sample_batch(self.module, [j for _, j in jobs], eos_ids=self.eos_ids, device=self.device,
+                                   routing=self.sites.routing,
+                                   decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False))
+            for (i, _), result in zip(jobs, results, strict=True):
+                outcomes[i] = OpOutput(CONTENT_PROTOBUF, codec.encode_sample_response(result))
+        return outcomes  # type: ignore[return-value]
 
 
-def build_engine(config: EngineConfig, collective: Collective) -> TrainingEngine:
-    """Load the base model (+ adapter); with `restore_from`, the checkpoint's base model and LoRA spec win."""
-    base_model, lora, restore = config.base_model, config.lora, None
-    if config.restore_from:
-        try:
-            directory = parse_tinker_path(config.restore_from).directory(config.checkpoint_dir)
-        except InvalidTinkerPath as exc:
-            raise OpError(str(exc), code="invalid_path") from None
-        with_optimizer = config.restore_optimizer and SessionMode(config.mode) is SessionMode.TRAIN
-        restore = checkpoints.from_rank0(collective, lambda: checkpoints.read_restore(directory, with_optimizer))
-        base_model = restore.meta.get("base_model") or base_model
-        lora = LoraSpec.model_validate(restore.meta["lora"]) if "lora" in restore.meta else lora
-    return TrainingEngine(config, collective, base_model=base_model, lora=lora, restore=restore)
+def build_engine(config: PoolConfig, collective: Collective) -> PoolEngine:
+    return PoolEngine(config, collective)

@@ -1,19 +1,22 @@
-"""The seam between the trainer's runtime (HTTP server, op queue, ranks) and its compute (engine).
+"""The seam between the trainer's runtime (HTTP server, scheduler, ranks) and its compute (engine).
 
-The runtime knows bytes, sequence numbers and ranks; the engine knows models and maths. Rank 0
+The runtime knows bytes, runs, sequence numbers and ranks; the engine knows models and maths. Rank 0
 `prepare`s each op (decode + validate, deterministic, no model state touched) so bad input fails
-with a 4xx before anything runs, then every rank `execute`s the same prepared op, except samples,
-which rank 0 runs alone (they touch no collective).
+with a 4xx before anything runs; the scheduler groups prepared ops into passes (at most one op per
+run), and every rank `run_pass`es the same pass, except sample passes, which rank 0 runs alone (they
+touch no collective). Attaching and detaching a run are ops too (`PoolOpKind`), so every rank
+builds and drops a run's state in step with the others.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
-from tinkerkube_contract.pod_api import ErrorCategory, OpKind
-from tinkerkube_contract.resource import LoraSpec, SessionMode
+from tinkerkube_contract.pod_api import ErrorCategory, OpKind, RunSpec
 
 
 class OpError(Exception):
@@ -26,26 +29,32 @@ class OpError(Exception):
         self.category = category
 
 
+class PoolOpKind(StrEnum):
+    """Ops on the pool itself rather than on a run's queue."""
+
+    ATTACH = "attach"
+    DETACH = "detach"
+
+
 @dataclass(frozen=True, slots=True)
-class EngineConfig:
-    model_id: str
+class PoolConfig:
     base_model: str
-    mode: SessionMode
-    lora: LoraSpec
     checkpoint_dir: Path
     model_cache_dir: Path
     model_aliases: dict[str, str] = field(default_factory=dict)
-    restore_from: str | None = None
-    restore_optimizer: bool = False
     device: str = "auto"  # auto | cpu | cuda
+    max_runs: int = 8
+    max_lora_rank: int = 128
+    max_snapshots_per_run: int = 8  # oldest in-memory sampler snapshots of a run are dropped beyond this
 
 
 @dataclass(frozen=True, slots=True)
 class PreparedOp:
-    """Picklable: rank 0 broadcasts it to the other ranks over the gloo control group."""
+    """Picklable: rank 0 broadcasts passes of these to the other ranks over the gloo control group."""
 
-    kind: OpKind
+    kind: OpKind | PoolOpKind
     payload: Any  # the engine's own decoded, validated form of the request
+    model_id: str | None = None  # the run it belongs to (None: the base model, for samples)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,20 +89,32 @@ class LocalCollective:
 
 
 class Engine(Protocol):
-    config: EngineConfig
+    config: PoolConfig
 
-    def prepare(self, kind: OpKind, body: bytes, content_type: str, *, seq_id: int | None = None) -> PreparedOp:
-        """Decode + validate; raise OpError (category user) on bad input. Must not touch state.
-        `seq_id` is the op's place in the model's order; checkpoints record it so a restore knows
-        which ops it already contains."""
+    def prepare(self, model_id: str | None, kind: OpKind, body: bytes, content_type: str, *,
+                seq_id: int | None = None) -> PreparedOp:
+        """Decode + validate for the run `model_id`; raise OpError (category user) on bad input. Must not
+        touch state. `seq_id` is the op's place in the run's order; checkpoints record it so a restore
+        knows which ops it already contains."""
         ...
 
-    def execute(self, op: PreparedOp) -> OpOutput:
-        """Run on every rank (SAMPLE: rank 0 only). Raise OpError for failures worth a category."""
+    def prepare_attach(self, spec: RunSpec) -> PreparedOp:
+        """Validate a run for this pool (base model, rank limit); raise OpError on a mismatch."""
+        ...
+
+    def prepare_detach(self, model_id: str) -> PreparedOp: ...
+
+    def run_pass(self, ops: Sequence[PreparedOp]) -> list[OpOutput | OpError]:
+        """Run a pass (at most one op per run; forward/backward ops co-batched) on every rank, or a pass
+        of samples on rank 0 alone. One outcome per op, in order: a failure of one op is its own
+        OpError and never touches another run. Raises only for failures of the whole pass."""
         ...
 
     def info(self) -> dict[str, Any]:
-        """Fields for pod_api.TrainerInfo that only the engine knows: tokenizer_dir, vocab_size,
-        restored_from, last_completed_seq_id (the checkpoint's seq_id when restored, else 0), and
-        base_model/lora when a restored checkpoint's own values replaced the configured ones."""
+        """Pool fields for pod_api.PoolInfo that only the engine knows: tokenizer_dir, vocab_size."""
+        ...
+
+    def run_info(self, model_id: str) -> dict[str, Any]:
+        """Fields for pod_api.RunInfo that only the engine knows: restored_from, last_completed_seq_id (the
+        checkpoint's seq_id when restored from this run's own checkpoint, else 0), base_model, lora, mode."""
         ...

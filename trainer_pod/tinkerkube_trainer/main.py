@@ -25,8 +25,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from tinkerkube_trainer import distributed as d
-from tinkerkube_trainer.engine_api import Engine, EngineConfig
-from tinkerkube_trainer.server import Booted, RuntimeOptions, TrainerRuntime, create_app
+from tinkerkube_trainer.engine_api import Engine, PoolConfig
+from tinkerkube_trainer.http_api import create_app
+from tinkerkube_trainer.scheduler import Limits
+from tinkerkube_trainer.server import Booted, RuntimeOptions, TrainerRuntime
 from tinkerkube_trainer.settings import DistEnv, TrainerSettings
 
 log = logging.getLogger("tinkerkube_trainer.main")
@@ -66,7 +68,7 @@ def configure_logging(level: str, dist_env: DistEnv) -> None:
         logging.getLogger(name).propagate = True
 
 
-def load_factory(spec: str) -> Callable[[EngineConfig, Any], Engine]:
+def load_factory(spec: str) -> Callable[[PoolConfig, Any], Engine]:
     module, _, attr = spec.partition(":")
     return getattr(importlib.import_module(module), attr or "build_engine")  # type: ignore[no-any-return]
 
@@ -75,7 +77,7 @@ def build_rank(settings: TrainerSettings, dist_env: DistEnv) -> tuple[d.DistCont
     """Join the group, build the engine, wait for every rank to have done the same."""
     started = time.monotonic()
     ctx = d.init_distributed(dist_env, device=settings.device, collective_timeout_s=settings.collective_timeout_seconds)
-    engine = load_factory(settings.engine_factory)(settings.engine_config(), ctx.collective)
+    engine = load_factory(settings.engine_factory)(settings.pool_config(), ctx.collective)
     pids = d.join(ctx, engine)
     log.info("rank joined", extra={"world_size": ctx.world_size, "device": str(ctx.device), "pids": pids,
                                    "boot_seconds": round(time.monotonic() - started, 3)})
@@ -127,11 +129,13 @@ def run_leader(settings: TrainerSettings, dist_env: DistEnv) -> int:
             d.stop_workers(ctx)
             d.shutdown(ctx)
 
+    limits = Limits(max_runs=settings.max_runs, max_pass_tokens=settings.max_pass_tokens,
+                    max_sample_rows=settings.max_sample_rows, ttl=settings.result_ttl_seconds,
+                    max_retained=settings.max_retained_results)
     options = RuntimeOptions(
-        model_id=settings.model_id, base_model=settings.base_model, mode=settings.mode, lora=settings.lora,
-        world_size=dist_env.world_size, token=settings.token, max_body_bytes=settings.max_body_bytes,
-        max_wait_seconds=settings.max_wait_seconds, result_ttl_seconds=settings.result_ttl_seconds,
-        max_retained_results=settings.max_retained_results, heartbeat_seconds=settings.heartbeat_seconds)
+        base_model=settings.base_model, boot_run=settings.boot_run(), world_size=dist_env.world_size,
+        token=settings.token, max_body_bytes=settings.max_body_bytes, max_wait_seconds=settings.max_wait_seconds,
+        heartbeat_seconds=settings.heartbeat_seconds, max_lora_rank=settings.max_lora_rank, limits=limits)
     runtime = TrainerRuntime(options, boot, on_stop=on_stop,
                              on_boot_failure=lambda exc: d.fatal("boot failed on rank 0", error=repr(exc)))
     config = uvicorn.Config(create_app(runtime), log_config=None, access_log=False, lifespan="on",
@@ -163,7 +167,8 @@ def main() -> int:
         return 2
     configure_logging(settings.log_level, dist_env)
     log.info("rank started", extra={"world_size": dist_env.world_size, "local_rank": dist_env.local_rank,
-                                    "node_rank": dist_env.node_rank, "model_id": settings.model_id})
+                                    "node_rank": dist_env.node_rank, "base_model": settings.base_model,
+                                    "model_id": settings.model_id})
     if dist_env.is_leader:
         return run_leader(settings, dist_env)
     return run_follower(settings, dist_env)

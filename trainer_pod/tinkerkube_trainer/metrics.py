@@ -53,6 +53,10 @@ class TrainerMetrics:
         self.tokens_total = Counter("tinkerkube_trainer_tokens_total", "Tokens processed (fb: input tokens; "
                                     "sample: generated tokens)", ["op"], registry=r)
         self.queue_depth = Gauge("tinkerkube_trainer_queue_depth", "Ops submitted and not finished", registry=r)
+        self.runs = Gauge("tinkerkube_trainer_runs", "Runs attached to this pool", registry=r)
+        self.max_runs = Gauge("tinkerkube_trainer_max_runs", "Runs this pool can hold", registry=r)
+        self.pass_ops = Histogram("tinkerkube_trainer_pass_ops", "Ops run together in one pass (co-batch size)",
+                                  ["kind"], buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64), registry=r)
         self.ready = Gauge("tinkerkube_trainer_ready", "1 once the engine is built and every rank joined",
                            registry=r)
         self.world_size = Gauge("tinkerkube_trainer_world_size", "Ranks in the group", registry=r)

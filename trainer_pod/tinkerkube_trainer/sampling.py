@@ -1,4 +1,9 @@
-"""Generation: `num_samples` continuations of one prompt, batched together over one KV cache.
+"""Generation: every pending request's `num_samples` continuations, batched together over one KV cache.
+
+Why one batch for many requests: a pool serves several runs and samplers at once; their rows decode
+together (each through its own adapter, with its own sampling params, stops and seed) so the model's
+matmuls see one large batch instead of many small ones. Prompts are left-padded with position ids
+that count real tokens only, so a request's logits are what it gets alone up to float rounding.
 
 Why our own loop instead of `generate()`: Tinker needs exact per-token logprobs, first-occurrence
 stop handling with the stop included once, `stop=[]` meaning "never stop", and a private RNG so that
@@ -16,13 +21,16 @@ as vLLM does); `stop=[]` generates until max_tokens.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from tinkerkube_trainer.codec import TOPK_PAD_LOGPROB, TOPK_PAD_TOKEN, SampledSeq, SampleParams, SampleResult
+from tinkerkube_trainer.multilora import LoraWeights, Routing, RowGroup
 
 
 def stop_token_set(params: SampleParams, eos_ids: Sequence[int]) -> set[int]:
@@ -86,28 +94,45 @@ def _contains_any(text: str, needles: Sequence[str]) -> bool:
     return any(s in text for s in needles)
 
 
-def _prefill(model: torch.nn.Module, prompt: torch.Tensor, n: int):
-    """One forward over the prompt, its KV cache then copied for the n samples (a batch of n
-    prompt copies where the cache type cannot be repeated)."""
-    out = model(input_ids=prompt[None], use_cache=True)
-    cache = out.past_key_values
-    if n > 1:
-        if hasattr(cache, "batch_repeat_interleave"):
-            cache.batch_repeat_interleave(n)
-        else:
-            cache = model(input_ids=prompt[None].expand(n, -1), use_cache=True).past_key_values
-    return out.logits[0].float(), cache
+@dataclass(frozen=True, slots=True)
+class SampleJob:
+    """One sample request of a batch: its params and the adapter its rows go through (None: base)."""
+
+    params: SampleParams
+    weights: LoraWeights | None = None
 
 
 @dataclass(slots=True)
-class _Rows:
-    """Per-sample progress; `live` maps each batch row to its sample while finished rows drop out."""
+class _Job:
+    """A request's decoding state; its rows are contiguous in the batch and stay so as rows leave."""
 
+    params: SampleParams
+    weights: LoraWeights | None
+    gen: torch.Generator
+    stop_ids: torch.Tensor
+    stop_strings: tuple[str, ...]
+    window: int  # tail of tokens decoded to look for a stop string
+    k: int  # top-k sample logprobs per step
     tokens: list[list[int]]
     logprobs: list[list[float]]
     topk: list[list[tuple[np.ndarray, np.ndarray]]]
     stopped: list[bool]
-    live: list[int]
+    scores: dict[str, np.ndarray]
+
+    def finished(self, sample: int) -> bool:
+        return self.stopped[sample] or len(self.tokens[sample]) >= self.params.max_tokens
+
+
+def _new_job(job: SampleJob, eos_ids: Sequence[int], vocab: int, device: torch.device) -> _Job:
+    p, n = job.params, job.params.num_samples
+    stop_strings = tuple(s for s in p.stop_strings or () if s)  # "" would match before any token
+    # Every earlier step was checked, so a new match ends in the newest token: decoding a tail that
+    # can hold the longest stop string (<= 4 bytes a char, >= 1 byte a token) is enough, and O(1).
+    window = 4 * max((len(s) for s in stop_strings), default=0) + 8
+    return _Job(p, job.weights, _generator(p.seed, device),
+                torch.tensor(sorted(stop_token_set(p, eos_ids)), dtype=torch.long, device=device), stop_strings,
+                window, min(p.topk_sample_logprobs, vocab), [[] for _ in range(n)], [[] for _ in range(n)],
+                [[] for _ in range(n)], [False] * n, {})
 
 
 def _draw(last: torch.Tensor, params: SampleParams, gen: torch.Generator) -> torch.Tensor:
@@ -117,7 +142,145 @@ def _draw(last: torch.Tensor, params: SampleParams, gen: torch.Generator) -> tor
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
+def _groups(live: Sequence[tuple[int, int]], jobs: Sequence[_Job]) -> list[RowGroup]:
+    """Consecutive rows of one request share its adapter: one routing group per request."""
+    groups: list[RowGroup] = []
+    for row, (j, _) in enumerate(live):
+        if groups and live[row - 1][0] == j:
+            groups[-1] = RowGroup(groups[-1].start, row + 1, jobs[j].weights)
+        else:
+            groups.append(RowGroup(row, row + 1, jobs[j].weights))
+    return groups
+
+
+class _Batch:
+    """The model side of a decode: inputs, padding mask, positions and the KV cache of the live rows."""
+
+    def __init__(self, model: torch.nn.Module, routing: Routing | None, device: torch.device) -> None:
+        self.model, self.routing, self.device = model, routing, device
+        self.cache: Any = None
+        self.mask: torch.Tensor | None = None  # (rows, seen) once any prompt needed left padding
+        self.positions: torch.Tensor | None = None
+
+    def forward(self, input_ids: torch.Tensor, groups: list[RowGroup]) -> torch.Tensor:
+        kwargs: dict[str, Any] = {"use_cache": True}
+        if self.cache is not None:
+            kwargs["past_key_values"] = self.cache
+        if self.mask is not None:
+            kwargs["attention_mask"], kwargs["position_ids"] = self.mask, self.positions
+        route = self.routing.route(groups) if self.routing is not None else contextlib.nullcontext()
+        with route:
+            out = self.model(input_ids=input_ids, **kwargs)
+        self.cache = out.past_key_values
+        return out.logits
+
+    def prefill(self, prompts: Sequence[Sequence[int]], groups: list[RowGroup]) -> torch.Tensor:
+        """Left-pads the prompts (position ids count real tokens only); returns `(rows, width, V)` logits."""
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros((len(prompts), width), dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            ids[i, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+            mask[i, width - len(prompt):] = 1
+        if any(len(p) != width for p in prompts):
+            self.mask = mask.to(self.device)
+            self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        return self.forward(ids.to(self.device), groups)
+
+    def select(self, index: torch.Tensor) -> bool:
+        """Keep (and repeat) rows of the cache; False when this cache type cannot select rows."""
+        if not hasattr(self.cache, "batch_select_indices"):
+            return False
+        self.cache.batch_select_indices(index)
+        if self.mask is not None and self.positions is not None:
+            self.mask, self.positions = self.mask[index], self.positions[index]
+        return True
+
+    def step(self, tokens: torch.Tensor, groups: list[RowGroup]) -> torch.Tensor:
+        if self.mask is not None and self.positions is not None:
+            self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
+            self.positions = self.positions[:, -1:] + 1
+        return self.forward(tokens[:, None], groups)[:, -1, :].float()
+
+
 @torch.inference_mode()
+def sample_batch(
+    model: torch.nn.Module,
+    requests: Sequence[SampleJob],
+    *,
+    eos_ids: Sequence[int],
+    decode: Callable[[list[int]], str],
+    device: torch.device,
+    routing: Routing | None = None,
+) -> list[SampleResult]:
+    """Generate every request's `num_samples` sequences together: one prefill of all prompts (each
+    request's KV cache then repeated for its samples), then lockstep decode steps over all rows,
+    each row through its request's adapter with its request's sampling params, stops and private
+    RNG; rows leave the batch (and the cache) as they finish."""
+    batch = _Batch(model, routing, device)
+    prompt_groups = [RowGroup(i, i + 1, r.weights) for i, r in enumerate(requests)]
+    logits = batch.prefill([r.params.prompt for r in requests], prompt_groups)
+    jobs = [_new_job(r, eos_ids, logits.shape[-1], device) for r in requests]
+    width = logits.shape[1]
+    for i, job in enumerate(jobs):
+        p = job.params
+        if p.prompt_logprobs or p.topk_prompt_logprobs or p.target_prompt_ids is not None:
+            own = logits[i, width - len(p.prompt):].float()
+            job.scores = prompt_scores(torch.log_softmax(own, dim=-1), torch.tensor(p.prompt, device=device), p)
+    live = [(j, s) for j, job in enumerate(jobs) if job.params.max_tokens > 0 for s in range(job.params.num_samples)]
+    rows = [j for j, _ in live]
+    index = torch.tensor(rows, dtype=torch.long, device=device)
+    last = logits[:, -1, :].float()[index]
+    del logits
+    if live and rows != list(range(len(requests))) and not batch.select(index):
+        # A cache that cannot repeat rows: prefill again with one prompt copy per sample.
+        batch = _Batch(model, routing, device)
+        last = batch.prefill([jobs[j].params.prompt for j, _ in live], _groups(live, jobs))[:, -1, :].float()
+    can_drop = True
+    while live:
+        nxt = _decode_step(last, live, jobs, decode)
+        keep = [b for b, (j, s) in enumerate(live) if not jobs[j].finished(s)]
+        if not keep:
+            break
+        if len(keep) < len(live) and can_drop:
+            index = torch.tensor(keep, device=device)
+            if batch.select(index):
+                nxt, live = nxt[index], [live[b] for b in keep]
+            else:
+                can_drop = False  # finished rows stay in the batch; their draws are ignored
+        last = batch.step(nxt, _groups(live, jobs))
+    return [_result(job) for job in jobs]
+
+
+def _decode_step(last: torch.Tensor, live: list[tuple[int, int]], jobs: list[_Job],
+                 decode: Callable[[list[int]], str]) -> torch.Tensor:
+    """Draw the next token of every live row (per request: its params and generator) and record it."""
+    logp = torch.log_softmax(last, dim=-1)
+    nxt = torch.empty(len(live), dtype=torch.long, device=last.device)
+    start = 0
+    while start < len(live):
+        j = live[start][0]
+        end = start
+        while end < len(live) and live[end][0] == j:
+            end += 1
+        nxt[start:end] = _draw(last[start:end], jobs[j].params, jobs[j].gen)
+        start = end
+    chosen = logp.gather(-1, nxt[:, None]).squeeze(-1).tolist()  # one host sync per step
+    tokens = nxt.tolist()
+    for b, (j, s) in enumerate(live):
+        job = jobs[j]
+        if job.finished(s):
+            continue  # a finished row kept in a cache that cannot drop rows
+        job.tokens[s].append(tokens[b])
+        job.logprobs[s].append(chosen[b])
+        if job.k:
+            top = torch.topk(logp[b], job.k)
+            job.topk[s].append((top.indices.cpu().numpy(), top.values.cpu().numpy()))
+        job.stopped[s] = bool(torch.isin(nxt[b], job.stop_ids)) or bool(job.stop_strings and _contains_any(
+            decode(job.tokens[s][-job.window:]), job.stop_strings))
+    return nxt
+
+
 def sample(
     model: torch.nn.Module,
     params: SampleParams,
@@ -125,64 +288,27 @@ def sample(
     eos_ids: Sequence[int],
     decode: Callable[[list[int]], str],
     device: torch.device,
+    routing: Routing | None = None,
+    weights: LoraWeights | None = None,
 ) -> SampleResult:
-    """Generate `params.num_samples` sequences in lockstep over one KV cache; rows leave the batch
-    (and the cache) as they stop."""
-    n = params.num_samples
-    prompt = torch.tensor(params.prompt, dtype=torch.long, device=device)
-    prompt_logits, cache = _prefill(model, prompt, n)
-    scores: dict[str, np.ndarray] = {}
-    if params.prompt_logprobs or params.topk_prompt_logprobs or params.target_prompt_ids is not None:
-        scores = prompt_scores(torch.log_softmax(prompt_logits, dim=-1), prompt, params)
-    last = prompt_logits[-1:].expand(n, -1)
-    del prompt_logits
-    gen = _generator(params.seed, device)
-    stop_ids = torch.tensor(sorted(stop_token_set(params, eos_ids)), dtype=torch.long, device=device)
-    stop_strings = tuple(s for s in params.stop_strings or () if s)  # "" would match before any token
-    # Every earlier step was checked, so a new match ends in the newest token: decoding a tail that
-    # can hold the longest stop string (<= 4 bytes a char, >= 1 byte a token) is enough, and O(1).
-    window = 4 * max((len(s) for s in stop_strings), default=0) + 8
-    rows = _Rows([[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)], [False] * n, list(range(n)))
-    k = min(params.topk_sample_logprobs, last.shape[-1])
-    for step in range(params.max_tokens):
-        logp = torch.log_softmax(last, dim=-1)
-        nxt = _draw(last, params, gen)
-        hit = torch.isin(nxt, stop_ids).tolist()
-        top = torch.topk(logp, k, dim=-1) if k else None
-        chosen = logp.gather(-1, nxt[:, None]).squeeze(-1).tolist()  # one host sync per step
-        for b, (i, tok) in enumerate(zip(rows.live, nxt.tolist(), strict=True)):
-            if rows.stopped[i]:
-                continue  # a finished row kept in a cache that cannot drop rows
-            rows.tokens[i].append(tok)
-            rows.logprobs[i].append(chosen[b])
-            if top is not None:
-                rows.topk[i].append((top.indices[b].cpu().numpy(), top.values[b].cpu().numpy()))
-            rows.stopped[i] = bool(hit[b]) or bool(stop_strings and _contains_any(
-                decode(rows.tokens[i][-window:]), stop_strings))
-        keep = [b for b, i in enumerate(rows.live) if not rows.stopped[i]]
-        if not keep or step == params.max_tokens - 1:
-            break
-        if len(keep) < len(rows.live) and hasattr(cache, "batch_select_indices"):
-            index = torch.tensor(keep, device=device)
-            cache.batch_select_indices(index)
-            nxt, rows.live = nxt[index], [rows.live[b] for b in keep]
-        out = model(input_ids=nxt[:, None], past_key_values=cache, use_cache=True)
-        cache, last = out.past_key_values, out.logits[:, -1, :].float()
-    return _result(rows, scores, k)
+    """One request alone (`sample_batch` of one)."""
+    return sample_batch(model, [SampleJob(params, weights)], eos_ids=eos_ids, decode=decode, device=device,
+                        routing=routing)[0]
 
 
-def _result(rows: _Rows, scores: dict[str, np.ndarray], k: int) -> SampleResult:
+def _result(job: _Job) -> SampleResult:
     seqs = []
-    for i in range(len(rows.tokens)):
+    k = job.k
+    for i in range(len(job.tokens)):
         topk_ids = topk_lps = None
         if k:
-            topk_ids = np.stack([t[0] for t in rows.topk[i]]).astype(np.int32) if rows.topk[i] else np.zeros((0, k))
-            topk_lps = np.stack([t[1] for t in rows.topk[i]]) if rows.topk[i] else np.zeros((0, k), np.float32)
-        seqs.append(SampledSeq(rows.tokens[i], rows.logprobs[i], rows.stopped[i], topk_ids, topk_lps))
+            topk_ids = np.stack([t[0] for t in job.topk[i]]).astype(np.int32) if job.topk[i] else np.zeros((0, k))
+            topk_lps = np.stack([t[1] for t in job.topk[i]]) if job.topk[i] else np.zeros((0, k), np.float32)
+        seqs.append(SampledSeq(job.tokens[i], job.logprobs[i], job.stopped[i], topk_ids, topk_lps))
     return SampleResult(
         sequences=seqs,
-        prompt_logprobs=scores.get("prompt_logprobs"),
-        topk_ids=scores.get("topk_ids"),
-        topk_logprobs=scores.get("topk_logprobs"),
-        target_prompt_logprobs=scores.get("target_prompt_logprobs"),
+        prompt_logprobs=job.scores.get("prompt_logprobs"),
+        topk_ids=job.scores.get("topk_ids"),
+        topk_logprobs=job.scores.get("topk_logprobs"),
+        target_prompt_logprobs=job.scores.get("target_prompt_logprobs"),
     )

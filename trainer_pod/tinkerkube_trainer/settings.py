@@ -15,9 +15,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tinkerkube_contract import env
 from tinkerkube_contract.models import default_cache_dir
-from tinkerkube_contract.pod_api import MAX_WAIT_SECONDS, RESULT_TTL_SECONDS
+from tinkerkube_contract.pod_api import MAX_WAIT_SECONDS, RESULT_TTL_SECONDS, RunSpec
 from tinkerkube_contract.resource import TRAINER_PORT, LoraSpec, SessionMode
-from tinkerkube_trainer.engine_api import EngineConfig
+from tinkerkube_trainer.engine_api import PoolConfig
 
 
 class TrainerSettings(BaseSettings):
@@ -25,12 +25,19 @@ class TrainerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=env.PREFIX, extra="forbid", case_sensitive=False)
 
-    model_id: str = Field(description="the Tinker model id this trainer serves")
-    base_model: str = Field(description="a built-in name, an alias, a local directory or a hub id")
-    mode: SessionMode = Field(SessionMode.TRAIN, description="train (LoRA training) or sample (sampler only)")
-    lora: LoraSpec = Field(default_factory=LoraSpec, description="JSON of tinkerkube_contract LoraSpec")
-    restore_from: str | None = Field(None, description="tinker:// path restored at start")
-    restore_optimizer: bool = Field(False, description="also restore the optimizer state")
+    base_model: str = Field(description="the pool's resident base model: a built-in name, an alias, a local "
+                            "directory or a hub id")
+    model_id: str | None = Field(None, description="a run attached at boot (a pool started for one run); "
+                                 "the next four fields describe it")
+    mode: SessionMode = Field(SessionMode.TRAIN, description="the boot run: train (LoRA training) or sample")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="the boot run: JSON of tinkerkube_contract LoraSpec")
+    restore_from: str | None = Field(None, description="the boot run: tinker:// path restored at attach")
+    restore_optimizer: bool = Field(False, description="the boot run: also restore the optimizer state")
+    max_runs: int = Field(8, ge=1, le=1024, description="runs this pool holds at once")
+    max_lora_rank: int = Field(128, ge=1, le=512, description="largest LoRA rank a run may ask for")
+    max_pass_tokens: int = Field(65_536, ge=1, description="tokens of co-batched forward/backward ops per pass")
+    max_sample_rows: int = Field(64, ge=1, description="sequences decoded together in one sampling pass")
+    max_snapshots_per_run: int = Field(8, ge=1, le=1024, description="in-memory sampler snapshots kept per run")
     checkpoint_dir: Path = Field(Path("var/checkpoints"), description="root of the checkpoint store")
     model_cache_dir: Path = Field(default_factory=default_cache_dir, description="built-in models live here")
     model_aliases: dict[str, str] = Field(default_factory=dict, description="JSON {name: name-or-dir}")
@@ -48,7 +55,7 @@ class TrainerSettings(BaseSettings):
         600.0, gt=0, description="tensor-collective timeout: ranks arrive within this of each other or fail")
     heartbeat_seconds: float = Field(5.0, gt=0, description="idle rank 0 checks every rank is alive this often")
     engine_factory: str = Field("tinkerkube_trainer.engine:build_engine",
-                                description="module:callable(config, collective) -> Engine (tests swap in fakes)")
+                                description="module:callable(pool_config, collective) -> Engine (tests swap in fakes)")
     port_file: Path | None = Field(None, description="if set, rank 0 writes its bound port here (tests, port 0)")
 
     @field_validator("log_level")
@@ -56,19 +63,23 @@ class TrainerSettings(BaseSettings):
     def _upper(cls, value: str) -> str:
         return value.upper()
 
-    def engine_config(self) -> EngineConfig:
-        return EngineConfig(
-            model_id=self.model_id,
+    def pool_config(self) -> PoolConfig:
+        return PoolConfig(
             base_model=self.base_model,
-            mode=self.mode,
-            lora=self.lora,
             checkpoint_dir=self.checkpoint_dir,
             model_cache_dir=self.model_cache_dir,
             model_aliases=dict(self.model_aliases),
-            restore_from=self.restore_from,
-            restore_optimizer=self.restore_optimizer,
             device=self.device,
+            max_runs=self.max_runs,
+            max_lora_rank=self.max_lora_rank,
+            max_snapshots_per_run=self.max_snapshots_per_run,
         )
+
+    def boot_run(self) -> RunSpec | None:
+        if self.model_id is None:
+            return None
+        return RunSpec(model_id=self.model_id, base_model=self.base_model, mode=self.mode, lora=self.lora,
+                       restore_from=self.restore_from, restore_optimizer=self.restore_optimizer)
 
     @property
     def token(self) -> str | None:

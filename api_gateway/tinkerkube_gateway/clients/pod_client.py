@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 
 from tinkerkube_contract import pod_api
-from tinkerkube_contract.pod_api import ErrorCategory, OpState, TrainerInfo
+from tinkerkube_contract.pod_api import ErrorCategory, OpState, RunInfo
 from tinkerkube_gateway.backends.base import TrainerHandle
 from tinkerkube_gateway.clients.http11 import TRANSPORT_ERRORS, Http11Pool, HttpResponse
 
@@ -87,9 +87,10 @@ class PodClient:
         state = OpState(response.headers.get(pod_api.HEADER_OP_STATE, _state_from_status(response.status_code)))
         return OpResult(state, response.headers.get("content-type", pod_api.CONTENT_JSON), response.content)
 
-    async def info(self, handle: TrainerHandle) -> TrainerInfo:
-        response = await self._request("GET", handle.url + pod_api.INFO_PATH, headers=self._headers(handle))
-        return TrainerInfo.model_validate_json(response.content)
+    async def info(self, handle: TrainerHandle, model_id: str) -> RunInfo:
+        """The run's state on its trainer pool; a new `boot_id` means its in-memory state was rebuilt."""
+        response = await self._request("GET", handle.url + pod_api.run_path(model_id), headers=self._headers(handle))
+        return RunInfo.model_validate_json(response.content)
 
     async def ready(self, url: str, token: str | None) -> bool:
         try:

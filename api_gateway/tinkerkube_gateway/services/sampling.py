@@ -117,7 +117,7 @@ class SamplingService:
         if created:
             await self.models.adopt(sampler.backing_model_id)
             await self.models.replicas.track_sample(fut.request_id)
-            op = pod_api.SampleOp(request=raw, snapshot_id=sampler.snapshot_id)
+            op = pod_api.SampleOp(request=raw, model_id=sampler.backing_model_id, snapshot_id=sampler.snapshot_id)
             self.dispatcher.submit_sample(fut, sampler.backing_model_id, op)
         return fut, [f"{fut.request_id}:{i}" for i in range(req.num_samples)]
 
@@ -132,5 +132,6 @@ class SamplingService:
             return
         log.warning("re-running sample %s: the gateway replica running it stopped", request_id)
         await self.models.adopt(sampler.backing_model_id)
-        op = pod_api.SampleOp(request=json.loads(fut.body), snapshot_id=sampler.snapshot_id)
+        op = pod_api.SampleOp(request=json.loads(fut.body), model_id=sampler.backing_model_id,
+                              snapshot_id=sampler.snapshot_id)
         self.dispatcher.submit_sample(fut, sampler.backing_model_id, op)

@@ -73,8 +73,8 @@ def test_save_state_writes_peft_files_metadata_and_reports_the_path(saved) -> No
         p.name for p in directory.iterdir()}
     assert result["size_bytes"] == sum(p.stat().st_size for p in directory.iterdir())
     meta = json.loads((directory / METADATA_FILE).read_text())
-    assert (meta["seq_id"], meta["base_model"], meta["model_id"]) == (11, saved.base_model, MODEL_ID)
-    assert LoraSpec.model_validate(meta["lora"]) == saved.lora
+    assert (meta["seq_id"], meta["base_model"], meta["model_id"]) == (11, saved.config.run.base_model, MODEL_ID)
+    assert LoraSpec.model_validate(meta["lora"]) == saved.config.run.lora
     assert not [p for p in directory.parent.iterdir() if p.name.startswith(".")], "temp dirs left behind"
 
 
@@ -121,7 +121,7 @@ def test_restore_at_build_is_crash_recovery_for_the_same_model(saved, model_cach
     same = new_engine(engine_config(root, model_cache_dir, restore_from=path, restore_optimizer=True,
                                     lora=LoraSpec(rank=8)))  # the checkpoint's spec wins
     assert same.info()["last_completed_seq_id"] == 9 and same.info()["restored_from"] == path
-    assert same.lora == saved.lora and same.optimizer.steps == 2
+    assert same.run.spec.lora == saved.run.spec.lora and same.optimizer.steps == 2
     _same_logprobs(same, saved)
     other = new_engine(engine_config(root, model_cache_dir, model_id="sess-x:train:3", restore_from=path))
     assert other.info()["last_completed_seq_id"] == 0 and other.optimizer.steps == 0

@@ -25,7 +25,7 @@ from tests.component.trainer.engine_fixtures import (
     run_ranks,
 )
 from tinkerkube_contract.pod_api import OpKind
-from tinkerkube_trainer import engine as engine_module
+from tinkerkube_trainer import train_pass
 
 TOL = {"rtol": 1e-4, "atol": 1e-6}
 
@@ -160,7 +160,7 @@ def test_micro_batching_gives_the_single_forward_result(config, monkeypatch: pyt
     _warm_up(split)
     data = ce_datums(6, seed=12)
     want = run_fb(whole, data)
-    monkeypatch.setattr(engine_module, "MAX_LOGITS_PER_FORWARD", split.vocab_size * 20)  # ~2 datums a forward
+    monkeypatch.setattr(train_pass, "MAX_LOGITS_PER_FORWARD", split.pool.vocab_size * 20)  # ~2 datums a forward
     got = run_fb(split, data)
     assert got.metrics["loss:sum"] == pytest.approx(want.metrics["loss:sum"], rel=1e-5)
     for g, w in zip(got.loss_fn_outputs, want.loss_fn_outputs, strict=True):

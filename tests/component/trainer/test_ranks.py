@@ -47,7 +47,8 @@ def loss_sum(body: bytes) -> float:
 
 
 SAMPLE = api.SampleOp(request={"prompt": {"chunks": [{"type": "encoded_text", "tokens": DATA[0]}]},
-                                "num_samples": 2, "sampling_params": {"max_tokens": 6, "temperature": 0.0, "stop": []}})
+                                "num_samples": 2, "sampling_params": {"max_tokens": 6, "temperature": 0.0, "stop": []}},
+                      model_id=MODEL_ID)
 
 
 def greedy_tokens(group: TrainerGroup) -> list[list[int]]:

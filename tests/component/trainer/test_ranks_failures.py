@@ -68,7 +68,7 @@ def test_a_rank_crashing_inside_an_op_fails_the_group_but_a_shared_op_error_does
 
         client.put_op(3, OpKind.SAVE_STATE, save("crash-rank-1"))
         assert_all_exit_nonzero(group)
-        assert "a rank failed inside an op" in group.logs()
+        assert "a rank failed inside a pass" in group.logs()
 
 
 def test_when_rank_0_dies_the_other_pod_exits_too(launch) -> None:

@@ -22,7 +22,6 @@ from tinkerkube_contract.env import PREFIX
 from tinkerkube_contract.models import TINY_QWEN3
 from tinkerkube_contract.pod_api import CONTENT_JSON, CONTENT_PROTOBUF, OpKind
 from tinkerkube_contract.resource import LoraSpec, TrainingSessionSpec
-from tinkerkube_trainer.engine_api import EngineConfig, LocalCollective
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -39,11 +38,10 @@ OPS = [
 
 
 def reference(model_cache_dir: Path, checkpoint_dir: Path) -> list[bytes]:
-    from tinkerkube_trainer.engine import build_engine
+    from tests.component.trainer.engine_fixtures import engine_config, new_engine
 
-    config = EngineConfig(model_id=SPEC.model_id, base_model=SPEC.base_model, mode=SPEC.mode, lora=SPEC.lora,
-                          checkpoint_dir=checkpoint_dir, model_cache_dir=model_cache_dir, device="cpu")
-    engine = build_engine(config, LocalCollective())
+    engine = new_engine(engine_config(checkpoint_dir, model_cache_dir, model_id=SPEC.model_id,
+                                      base_model=SPEC.base_model, mode=SPEC.mode, lora=SPEC.lora))
     out = []
     for kind, body in OPS:
         ctype = CONTENT_PROTOBUF if kind is OpKind.FORWARD_BACKWARD else CONTENT_JSON

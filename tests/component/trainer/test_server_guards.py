@@ -11,7 +11,8 @@ import httpx
 from tests.support.fakes import MODEL_ID, FakeEngine, fake_trainer, forward_backward_body, json_body
 from tinkerkube_contract import pod_api as api
 from tinkerkube_contract.pod_api import OpKind
-from tinkerkube_trainer.server import Booted, RuntimeOptions, TrainerRuntime, create_app
+from tinkerkube_trainer.http_api import create_app
+from tinkerkube_trainer.server import Booted, RuntimeOptions, TrainerRuntime
 
 FB = OpKind.FORWARD_BACKWARD
 
@@ -68,7 +69,7 @@ async def test_bad_input_is_a_4xx_from_prepare_and_leaves_the_seq_id_free() -> N
             assert r.status_code == 400, (code, r.text)
             assert r.json()["code"] == code and r.json()["category"] == "user" and r.json()["detail"]
         assert (await t.get_op(1)).status_code == 404
-        assert t.runtime.queue.depth == 0 and t.engine.executed == []
+        assert t.runtime.scheduler.depth == 0 and t.engine.executed == []
         good = json_body(api.SaveStateOp(name="ok"))
         assert (await t.put_op(1, OpKind.SAVE_STATE, good)).status_code in (200, 202)
         assert (await t.get_op(1, wait=5)).status_code == 200
@@ -97,9 +98,10 @@ async def test_before_the_engine_is_ready_ops_get_a_retryable_503() -> None:
 
     def slow_boot() -> Booted:
         release.wait(10)
-        return Booted(engine, engine.execute, engine.execute, 1, engine.info())
+        return Booted(engine, engine.run_pass, engine.run_pass, 1, engine.info())
 
-    runtime = TrainerRuntime(RuntimeOptions(model_id=MODEL_ID, base_model="fake"), slow_boot)
+    boot_run = api.RunSpec(model_id=MODEL_ID, base_model="fake")
+    runtime = TrainerRuntime(RuntimeOptions(base_model="fake", boot_run=boot_run), slow_boot)
     app = create_app(runtime)
     await runtime.start()
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:

@@ -127,15 +127,17 @@ async def test_unknown_ops_models_and_stale_seq_ids_are_clear_4xx() -> None:
 
 async def test_info_reports_identity_readiness_and_progress() -> None:
     async with fake_trainer(last_completed_seq_id=4) as t:
-        info = api.TrainerInfo.model_validate((await t.client.get(api.INFO_PATH)).json())
-        assert info.model_id == MODEL_ID and info.ready and info.world_size == 1
+        pool = api.PoolInfo.model_validate((await t.client.get(api.INFO_PATH)).json())
+        assert pool.ready and pool.runs == [MODEL_ID] and pool.world_size == 1 and pool.vocab_size == 128
+        info = api.RunInfo.model_validate((await t.client.get(api.run_path(MODEL_ID))).json())
+        assert info.model_id == MODEL_ID and info.ready and info.state == "ready" and info.world_size == 1
         assert uuid.UUID(info.boot_id) and info.last_completed_seq_id == 4 and info.vocab_size == 128
         await t.put_op(5, OpKind.OPTIM_STEP, optim())
         await t.get_op(5, wait=5)
-        info = api.TrainerInfo.model_validate((await t.client.get(api.INFO_PATH)).json())
+        info = api.RunInfo.model_validate((await t.client.get(api.run_path(MODEL_ID))).json())
         assert info.last_completed_seq_id == 5
     async with fake_trainer() as other:  # a fresh start is a fresh boot id
-        again = api.TrainerInfo.model_validate((await other.client.get(api.INFO_PATH)).json())
+        again = api.RunInfo.model_validate((await other.client.get(api.run_path(MODEL_ID))).json())
         assert again.boot_id != info.boot_id
 
 

@@ -22,7 +22,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     return monkeypatch
 
 
-def test_the_launcher_environment_becomes_the_engine_config(clean_env: pytest.MonkeyPatch) -> None:
+def test_the_launcher_environment_becomes_the_pool_config_and_boot_run(clean_env: pytest.MonkeyPatch) -> None:
     spec = TrainingSessionSpec(base_model="tinkerkube/tiny-qwen3", model_id="sess-a:train:3", owner="t",
                                mode=SessionMode.TRAIN, lora=LoraSpec(rank=8, alpha=16, train_mlp=False, seed=5),
                                restore_from="tinker://sess-a:train:3/weights/step2", restore_optimizer=True)
@@ -31,9 +31,10 @@ def test_the_launcher_environment_becomes_the_engine_config(clean_env: pytest.Mo
     for name, value in values.items():
         clean_env.setenv(name, value)
     settings = TrainerSettings()
-    config = settings.engine_config()
-    assert (config.model_id, config.base_model, config.mode) == (spec.model_id, spec.base_model, SessionMode.TRAIN)
-    assert config.lora == spec.lora and config.restore_from == spec.restore_from and config.restore_optimizer
+    config, run = settings.pool_config(), settings.boot_run()
+    assert run is not None and config.base_model == spec.base_model == run.base_model
+    assert (run.model_id, run.mode) == (spec.model_id, SessionMode.TRAIN)
+    assert run.lora == spec.lora and run.restore_from == spec.restore_from and run.restore_optimizer
     assert (config.checkpoint_dir, config.model_cache_dir) == (Path("/ckpt"), Path("/models"))
     assert config.model_aliases == {"small": "/models/x"} and config.device == "cpu"
     assert (settings.host, settings.port, settings.token) == ("127.0.0.1", 0, "s3cret-value")
@@ -42,10 +43,11 @@ def test_the_launcher_environment_becomes_the_engine_config(clean_env: pytest.Mo
 
 
 def test_missing_or_bad_values_are_refused(clean_env: pytest.MonkeyPatch) -> None:
-    with pytest.raises(ValueError, match="model_id"):
+    with pytest.raises(ValueError, match="base_model"):
         TrainerSettings()
-    clean_env.setenv(env.MODEL_ID, "m")
     clean_env.setenv(env.BASE_MODEL, "b")
+    assert TrainerSettings().boot_run() is None  # a pool with no run yet
+    clean_env.setenv(env.MODEL_ID, "m")
     clean_env.setenv(env.DEVICE, "tpu")
     with pytest.raises(ValueError, match="device"):
         TrainerSettings()

@@ -34,7 +34,7 @@ class FakeTrainer:
         self.puts: list[tuple[str, int]] = []
         self.restart_on_poll, self.gone_on_poll, self.alive = restart_on_poll, gone_on_poll, True
 
-    async def info(self, handle: TrainerHandle) -> TrainerInfo:
+    async def info(self, handle: TrainerHandle, model_id: str) -> TrainerInfo:
         return TrainerInfo(model_id=MODEL, base_model="b", mode="train", lora=LoraSpec(), world_size=1, ready=True,
                            boot_id=self.boot, last_completed_seq_id=self.last if self.boot != "lost" else None)
 

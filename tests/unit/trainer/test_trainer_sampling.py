@@ -22,16 +22,16 @@ class _Out:
 
 @dataclass
 class RowCache:
-    """Like transformers' DynamicCache for what the loop uses: repeat after prefill, drop rows."""
+    """Like transformers' DynamicCache for what the loop uses: select rows (repeating the prefill's row
+    once per sample, then dropping finished ones). A repeated row becomes a new sample (its own script)."""
 
     seen: int
     rows: list[int]
 
-    def batch_repeat_interleave(self, n: int) -> None:
-        self.rows = list(range(len(self.rows) * n))
-
     def batch_select_indices(self, index: torch.Tensor) -> None:
-        self.rows = [self.rows[i] for i in index.tolist()]
+        picked = index.tolist()
+        repeated = len(set(picked)) < len(picked)
+        self.rows = list(range(len(picked))) if repeated else [self.rows[i] for i in picked]
 
 
 class ScriptedModel(torch.nn.Module):
@@ -44,7 +44,7 @@ class ScriptedModel(torch.nn.Module):
         super().__init__()
         self.scripts, self.row_cache, self.batch_sizes = scripts, row_cache, []
 
-    def forward(self, input_ids: torch.Tensor, past_key_values=None, use_cache: bool = True) -> _Out:
+    def forward(self, input_ids: torch.Tensor, past_key_values=None, use_cache: bool = True, **_: object) -> _Out:
         b, length = input_ids.shape
         self.batch_sizes.append(b)
         if self.row_cache:
@@ -136,7 +136,7 @@ def test_top_p_keeps_the_smallest_nucleus_and_at_least_one() -> None:
 
 def test_seeded_draws_repeat_and_leave_the_global_rng_alone() -> None:
     class Uniform(ScriptedModel):
-        def forward(self, input_ids, past_key_values=None, use_cache=True):
+        def forward(self, input_ids, past_key_values=None, use_cache=True, **_):
             return _Out(torch.zeros(*input_ids.shape, len(VOCAB)), {"seen": 0})
 
     before = torch.get_rng_state()
@@ -149,7 +149,7 @@ def test_seeded_draws_repeat_and_leave_the_global_rng_alone() -> None:
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 def test_returned_logprobs_are_the_temperature_one_logprobs(temperature: float) -> None:
     class Fixed(ScriptedModel):
-        def forward(self, input_ids, past_key_values=None, use_cache=True):
+        def forward(self, input_ids, past_key_values=None, use_cache=True, **_):
             logits = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.05, 0.05, 0, 0, 0]) + 1e-30)
             return _Out(logits.expand(*input_ids.shape, len(VOCAB)).clone(), {"seen": 0})
 

@@ -1,0 +1,195 @@
+"""One forward(+backward) pass over the pending forward/forward_backward ops of several runs.
+
+Why co-batched: a pool's runs share one base model; their pending ops run as one forward over the
+concatenated rows (each row through its own run's adapter, `multilora.RowGroup`), which keeps the
+matrix units busy where one small batch per run would not. Each op is collated on its own (its own
+padding, float inputs and targets, exactly as it would be alone), the collated chunks are stacked
+into micro-batches under a logits budget, and each op's loss is computed from its own rows only and
+summed with the others' before one backward: a run's adapter only meets its own rows, so its loss,
+outputs and gradients are what it would get alone, up to the float rounding of a larger matmul.
+
+Each rank takes a contiguous shard of every op's datums; gradients are all-reduce-SUMmed (Tinker
+sums losses over tokens and datums) in one collective for all ops of the pass, and rank 0 rebuilds
+each op's outputs in request order from the gathered shards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from tinkerkube_contract.pod_api import CONTENT_PROTOBUF
+from tinkerkube_trainer import codec
+from tinkerkube_trainer.batching import Batch, collate, micro_batches, shard_bounds
+from tinkerkube_trainer.engine_api import Collective, OpError, OpOutput
+from tinkerkube_trainer.losses import LOSSES, LossConfig, LossInputs, reduce_sum
+from tinkerkube_trainer.multilora import LoraWeights, Routing, RowGroup
+
+MAX_LOGITS_PER_FORWARD = 2**28  # fp32 logits per micro-batch (1 GiB): one forward unless memory demands more
+_FLOAT_FIELDS = {"weights": "weights", "logprobs": "sampling_logprobs", "advantages": "advantages",
+                 "clip_low_threshold": "clip_low", "clip_high_threshold": "clip_high",
+                 "sequence_ratio_mask": "sequence_ratio_mask"}
+
+
+@dataclass(frozen=True, slots=True)
+class FbPayload:
+    request: codec.ForwardBackwardPayload
+    loss: str
+    cfg: LossConfig
+
+    @property
+    def train(self) -> bool:
+        return not self.request.forward_only
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(int(d.tokens.shape[0]) for d in self.request.datums)
+
+
+@dataclass(slots=True)
+class FbWork:
+    """One op of the pass: its run's adapter and its decoded request. `grads` (summed over ranks, in
+    `weights.parameters()` order) and `output` (rank 0) are filled in by `run`; `error` when the op
+    cannot be applied (nothing of it may then be accumulated)."""
+
+    weights: LoraWeights
+    payload: FbPayload
+    grads: list[torch.Tensor] | None = None
+    output: OpOutput | None = None
+    error: OpError | None = None
+    _outputs: list[dict[str, np.ndarray]] = field(default_factory=list)
+    _loss: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Chunk:
+    work: int  # index into the pass's works
+    batch: Batch
+
+
+class Model:
+    """What a pass needs of the pool's model (kept small so tests can build one around any model)."""
+
+    def __init__(self, module: torch.nn.Module, routing: Routing, *, pad_id: int, vocab_size: int,
+                 device: torch.device) -> None:
+        self.module, self.routing = module, routing
+        self.pad_id, self.vocab_size, self.device = pad_id, vocab_size, device
+
+    def logits(self, chunks: Sequence[_Chunk], works: Sequence[FbWork]) -> tuple[torch.Tensor, list[int]]:
+        """One forward over the chunks' rows; returns fp32 logits `(rows, T, V)` and each chunk's first row."""
+        width = max(c.batch.input_ids.shape[1] for c in chunks)
+        ids, masks, starts, groups, row = [], [], [], [], 0
+        equal = len({n for c in chunks for n in c.batch.lengths}) == 1
+        for c in chunks:
+            n, t = c.batch.input_ids.shape
+            ids.append(torch.nn.functional.pad(c.batch.input_ids, (0, width - t), value=self.pad_id))
+            masks.append(torch.nn.functional.pad(c.batch.attention_mask, (0, width - t)))
+            groups.append(RowGroup(row, row + n, works[c.work].weights))
+            starts.append(row)
+            row += n
+        input_ids = torch.cat(ids).to(self.device)
+        # No padding anywhere (equal lengths): no mask, so attention takes its plain causal fast path.
+        mask = None if equal else torch.cat(masks).to(self.device)
+        with self.routing.route(groups):
+            logits = self.module(input_ids=input_ids, attention_mask=mask).logits.float()
+        return logits, starts
+
+
+def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+    if targets.dim() == 3:  # (B, T, K) top-K targets: logprobs per slot
+        return logits.gather(-1, targets) - norm
+    return (logits.gather(-1, targets.unsqueeze(-1)) - norm).squeeze(-1)
+
+
+def _chunks(works: Sequence[FbWork], rank: int, world: int, budget: int, pad_id: int) -> list[list[_Chunk]]:
+    """Each op's shard collated on its own (in budget-sized pieces), packed into micro-batches."""
+    pieces: list[_Chunk] = []
+    for i, w in enumerate(works):
+        datums = w.payload.request.datums
+        start, end = shard_bounds(len(datums), rank, world)
+        for group in micro_batches(datums[start:end], budget):
+            pieces.append(_Chunk(i, collate(group, pad_id)))
+    batches: list[list[_Chunk]] = []
+    rows, width = 0, 0
+    for piece in pieces:
+        n, t = piece.batch.input_ids.shape
+        if batches and (rows + n) * max(width, t) <= budget:
+            batches[-1].append(piece)
+            rows, width = rows + n, max(width, t)
+        else:
+            batches.append([piece])
+            rows, width = n, t
+    return batches
+
+
+def _micro_batch(model: Model, chunks: list[_Chunk], works: Sequence[FbWork]) -> None:
+    training = any(works[c.work].payload.train for c in chunks)
+    with torch.set_grad_enabled(training):
+        logits, starts = model.logits(chunks, works)
+        total: torch.Tensor | None = None
+        for chunk, start in zip(chunks, starts, strict=True):
+            work, batch = works[chunk.work], chunk.batch.to(model.device)
+            n, t = batch.input_ids.shape
+            lp = _token_logprobs(logits[start:start + n, :t], batch.targets)
+            inputs = {_FLOAT_FIELDS[k]: v for k, v in batch.float_inputs.items()}
+            per_token = LOSSES[work.payload.loss](LossInputs(target_logprobs=lp, mask=batch.mask, **inputs),
+                                                  work.payload.cfg)
+            loss = reduce_sum(per_token)
+            if work.payload.train:
+                total = loss if total is None else total + loss
+            lp_np, loss_np = lp.detach().cpu().numpy(), per_token.detach().float().cpu().numpy()
+            work._outputs.extend({"logprobs": lp_np[i, :m], "elementwise_loss": loss_np[i, :m]}
+                                 for i, m in enumerate(batch.lengths))
+            work._loss += float(loss.detach())
+        del logits
+        if total is not None:
+            total.backward()
+
+
+def run(model: Model, collective: Collective, works: Sequence[FbWork]) -> None:
+    """Run the pass on this rank (every rank runs the same works): fills each work's grads, output
+    (rank 0) or error. Ops whose loss or gradients are not finite fail as the user's error with
+    nothing accumulated."""
+    rank, world = collective.rank, collective.world_size
+    params = [p for w in works if w.payload.train for p in w.weights.parameters()]
+    for p in params:
+        p.grad = None
+    budget = max(1, MAX_LOGITS_PER_FORWARD // model.vocab_size)
+    try:
+        for chunks in _chunks(works, rank, world, budget, model.pad_id):
+            _micro_batch(model, chunks, works)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        collective.all_reduce_sum_(grads)  # one collective for every run of the pass; SUM, never average
+    finally:
+        for p in params:
+            p.grad = None
+    offset = 0
+    for w in works:
+        if w.payload.train:
+            n = len(w.weights.parameters())
+            w.grads, offset = grads[offset:offset + n], offset + n
+    gathered = collective.all_gather_object([(w._outputs, w._loss) for w in works])
+    for i, w in enumerate(works):
+        loss = sum(per_rank[i][1] for per_rank in gathered)
+        if not np.isfinite(loss) or (w.grads is not None and not _all_finite(w.grads)):
+            w.grads = None
+            w.error = OpError(
+                f"the {w.payload.loss} loss of this batch is not finite (loss {loss}): nothing was accumulated; "
+                "check the inputs (logprobs, advantages, weights) and loss_fn_config", code="non_finite_loss")
+            continue
+        if rank == 0:
+            merged = [o for per_rank in gathered for o in per_rank[i][0]]
+            metrics = {"loss:sum": loss, "num_tokens:sum": float(w.payload.num_tokens)}
+            w.output = OpOutput(CONTENT_PROTOBUF, codec.encode_forward_backward_output(merged, metrics))
+        else:
+            w.output = OpOutput(CONTENT_PROTOBUF, b"")
+
+
+def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
