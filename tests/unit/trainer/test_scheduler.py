@@ -17,7 +17,6 @@ from tinkerkube_trainer.engine_api import OpError, OpOutput, PoolOpKind, Prepare
 from tinkerkube_trainer.run_queue import Entry, SeqIdReused, SeqIdStale, fingerprint
 from tinkerkube_trainer.scheduler import Limits, RunConflict, RunUnavailable, Scheduler
 
-pytestmark = pytest.mark.unit
 FB = OpKind.FORWARD_BACKWARD
 
 
