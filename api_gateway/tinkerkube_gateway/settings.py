@@ -51,6 +51,11 @@ class GatewaySettings(BaseSettings):
     trainer_nproc_per_node: int = Field(1, ge=1, le=8, description="torchrun ranks per local trainer")
     trainer_device: str = Field("auto", pattern="^(auto|cpu|cuda)$", description="device for local trainers")
     trainer_start_timeout_seconds: float = Field(300.0, gt=0, description="longest wait for a trainer's readiness")
+    pool_max_runs: int = Field(8, ge=1, le=1024, description="runs (and samplers) one trainer pool holds")
+    pool_idle_timeout_seconds: float = Field(
+        300.0, ge=0, description="a local trainer pool with no run left stops after this long")
+    share_pools_across_tenants: bool = Field(
+        False, description="let runs of different tenants share a trainer pool (same base model)")
     trainer_command: list[str] | None = Field(
         None, description="JSON argv replacing torchrun for local trainers (tests use a fake trainer)")
     # Trainer placement (kubernetes backend; local mode uses nproc_per_node and the token only).

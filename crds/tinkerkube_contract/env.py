@@ -7,8 +7,11 @@ listed: torchrun sets them.
 
 PREFIX = "TINKERKUBE_TRAINER_"
 
+BASE_MODEL = PREFIX + "BASE_MODEL"  # the pool's resident base model
+MAX_RUNS = PREFIX + "MAX_RUNS"  # runs the pool holds at once
+MAX_LORA_RANK = PREFIX + "MAX_LORA_RANK"
+# A run attached at boot (a pool started for one run), optional:
 MODEL_ID = PREFIX + "MODEL_ID"
-BASE_MODEL = PREFIX + "BASE_MODEL"
 MODE = PREFIX + "MODE"  # train | sample
 LORA = PREFIX + "LORA"  # JSON of LoraSpec
 RESTORE_FROM = PREFIX + "RESTORE_FROM"  # tinker:// path, optional

@@ -1,4 +1,4 @@
-"""How a trainer process group is started: the torchrun command and the environment.
+"""How a trainer pool's process group is started: the torchrun command and the environment.
 
 One implementation for both launchers: the gateway's local backend runs it as a subprocess and the
 operator puts it into the Pod's container. Pure: no process is started here.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 from tinkerkube_contract import env
 from tinkerkube_contract.resource import RENDEZVOUS_PORT, TRAINER_PORT, TrainingSessionSpec
@@ -40,8 +41,8 @@ def torchrun_argv(
     ]
 
 
-def trainer_env(
-    spec: TrainingSessionSpec,
+def pool_env(
+    base_model: str,
     *,
     checkpoint_dir: str,
     port: int = TRAINER_PORT,
@@ -50,24 +51,39 @@ def trainer_env(
     model_cache_dir: str | None = None,
     model_aliases: dict[str, str] | None = None,
     device: str = "auto",
+    max_runs: int | None = None,
+    max_lora_rank: int | None = None,
 ) -> dict[str, str]:
+    """A trainer pool with no run yet: runs attach over the pod API."""
     values = {
-        env.MODEL_ID: spec.model_id,
-        env.BASE_MODEL: spec.base_model,
-        env.MODE: spec.mode.value,
-        env.LORA: spec.lora.model_dump_json(),
-        env.RESTORE_OPTIMIZER: "true" if spec.restore_optimizer else "false",
+        env.BASE_MODEL: base_model,
         env.CHECKPOINT_DIR: checkpoint_dir,
         env.HOST: host,
         env.PORT: str(port),
         env.DEVICE: device,
     }
-    if spec.restore_from:
-        values[env.RESTORE_FROM] = spec.restore_from
     if auth_token:
         values[env.AUTH_TOKEN] = auth_token
     if model_cache_dir:
         values[env.MODEL_CACHE_DIR] = model_cache_dir
     if model_aliases:
         values[env.MODEL_ALIASES] = json.dumps(model_aliases, sort_keys=True)
+    if max_runs is not None:
+        values[env.MAX_RUNS] = str(max_runs)
+    if max_lora_rank is not None:
+        values[env.MAX_LORA_RANK] = str(max_lora_rank)
+    return values
+
+
+def trainer_env(spec: TrainingSessionSpec, **pool: Any) -> dict[str, str]:
+    """A pool started for one run (`spec`), which it attaches at boot. `pool`: `pool_env`'s keywords."""
+    values = pool_env(spec.base_model, **pool)
+    values.update({
+        env.MODEL_ID: spec.model_id,
+        env.MODE: spec.mode.value,
+        env.LORA: spec.lora.model_dump_json(),
+        env.RESTORE_OPTIMIZER: "true" if spec.restore_optimizer else "false",
+    })
+    if spec.restore_from:
+        values[env.RESTORE_FROM] = spec.restore_from
     return values

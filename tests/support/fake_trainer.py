@@ -1,10 +1,11 @@
-"""A fake trainer speaking the internal pod API (tinkerkube_contract.pod_api), for gateway tests.
+"""A fake trainer pool speaking the internal pod API (tinkerkube_contract.pod_api), for gateway tests.
 
 Run as a process exactly like the real trainer (`python -m tests.support.fake_trainer`, configured by
-the same TINKERKUBE_TRAINER_* variables that `launch.trainer_env` writes), so the gateway's local
-backend starts, health-checks and kills it for real. No torch: outputs are deterministic numbers of
-the right shapes. Ops run strictly in seq order, waiting for gaps; a rejected op (bad body) still
-fills its seq slot with a failure so the queue moves on.
+the same TINKERKUBE_TRAINER_* variables that `launch` writes), so the gateway's local backend starts,
+health-checks and kills it for real. No torch: outputs are deterministic numbers of the right shapes.
+Runs attach and detach (`PUT/DELETE /v1/runs/{id}`; a run named by the env attaches at boot); each
+run's ops run strictly in seq order, waiting for gaps; a rejected op (bad body) still fills its seq
+slot with a failure so the run moves on.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import struct
 import sys
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +31,40 @@ from tinkerkube_contract import env, paths, pod_api
 from tinkerkube_contract.pod_api import OpKind
 
 E = os.environ
-MODEL_ID = E.get(env.MODEL_ID, "")
+BOOT_MODEL_ID = E.get(env.MODEL_ID, "")
 TOKEN = E.get(env.AUTH_TOKEN)
 CKPT = Path(E.get(env.CHECKPOINT_DIR, "var/checkpoints"))
 BOOT_ID = uuid.uuid4().hex
+MAX_RUNS = int(E.get(env.PREFIX + "MAX_RUNS", "8"))
 BROKEN_MODEL = "broken/model"  # a base model this fake trainer fails to load (exit code 3)
 EXEC_DELAY = float(E.get("FAKE_TRAINER_OP_DELAY", "0"))
 SAMPLE_DELAY = float(E.get("FAKE_TRAINER_SAMPLE_DELAY", "0"))  # a sample's result appears this much later
 RECORD = E.get("FAKE_TRAINER_RECORD")  # a file: one JSON line per op PUT, in arrival order (ordering tests)
+
+
+@dataclass
+class _Run:
+    spec: dict[str, Any]
+    attach_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    state: str = "ready"
+    error: str | None = None
+    ops: dict[int, tuple[str, bytes]] = field(default_factory=dict)
+    results: dict[int, tuple[str, str, bytes]] = field(default_factory=dict)  # seq → (state, type, body)
+    snapshots: set[str] = field(default_factory=set)
+    next: int = 1
+    step: int = 0
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def model_id(self) -> str:
+        return str(self.spec["model_id"])
+
+
+runs: dict[str, _Run] = {}
+samples: dict[str, tuple[str, str, bytes]] = {}
+sampling: set[str] = set()  # accepted, result not there yet (SAMPLE_DELAY)
+
 
 @contextlib.asynccontextmanager
 async def _lifespan(_: FastAPI) -> Any:
@@ -45,13 +73,6 @@ async def _lifespan(_: FastAPI) -> Any:
 
 
 app = FastAPI(lifespan=_lifespan)
-ops: dict[int, tuple[str, bytes]] = {}
-results: dict[int, tuple[str, str, bytes]] = {}  # seq → (state, content_type, body)
-samples: dict[str, tuple[str, str, bytes]] = {}
-sampling: set[str] = set()  # accepted, result not there yet (SAMPLE_DELAY)
-snapshots: set[str] = set()
-changed = asyncio.Event()
-state = {"next": 1, "step": 0}
 
 
 def _auth(request: Request) -> Response | None:
@@ -67,18 +88,74 @@ async def ready() -> dict[str, bool]:
 
 
 @app.get(pod_api.INFO_PATH)
-@app.get(f"{pod_api.RUNS_PATH}/{MODEL_ID}")
 async def info() -> dict[str, Any]:
-    return {"model_id": MODEL_ID, "base_model": E[env.BASE_MODEL], "mode": E.get(env.MODE, "train"),
-            "lora": json.loads(E.get(env.LORA, "{}")), "world_size": 1, "ready": True, "boot_id": BOOT_ID,
-            "last_completed_seq_id": state["next"] - 1}
+    return {"base_model": E[env.BASE_MODEL], "world_size": 1, "ready": True, "boot_id": BOOT_ID,
+            "max_runs": MAX_RUNS, "max_lora_rank": 128, "runs": sorted(runs)}
+
+
+def _run_info(run: _Run) -> dict[str, Any]:
+    return {"model_id": run.model_id, "base_model": run.spec["base_model"], "mode": run.spec.get("mode", "train"),
+            "lora": run.spec.get("lora") or {}, "world_size": 1, "ready": run.state == "ready",
+            "boot_id": run.attach_id, "last_completed_seq_id": run.next - 1, "state": run.state, "error": run.error,
+            "restored_from": run.spec.get("restore_from")}
+
+
+def _attach(spec: dict[str, Any]) -> _Run:
+    run = _Run(spec)
+    restore = spec.get("restore_from")
+    if restore:
+        if not paths.parse_tinker_path(restore).directory(CKPT).is_dir():
+            run.state, run.error = "failed", f"cannot restore {restore}: no such checkpoint"
+        run.snapshots.add(restore)
+    if run.state == "ready":
+        run.task = asyncio.get_running_loop().create_task(_runner(run))
+    runs[run.model_id] = run
+    return run
+
+
+@app.put(pod_api.RUNS_PATH + "/{model_id:path}")
+async def attach(model_id: str, request: Request) -> Response:
+    if (denied := _auth(request)) is not None:
+        return denied
+    spec = json.loads(await request.body())
+    run = runs.get(model_id)
+    if run is None or run.state == "failed":
+        if run is None and len(runs) >= MAX_RUNS:
+            return JSONResponse({"detail": "pool full", "code": "pool_full", "category": "server"}, 429)
+        run = _attach(spec)
+    return JSONResponse(_run_info(run))
+
+
+@app.get(pod_api.RUNS_PATH + "/{model_id:path}")
+async def get_run(model_id: str, request: Request) -> Response:
+    if (denied := _auth(request)) is not None:
+        return denied
+    run = runs.get(model_id)
+    if run is None:
+        return JSONResponse({"detail": f"no run {model_id}", "code": "unknown_model", "category": "user"}, 404)
+    return JSONResponse(_run_info(run))
+
+
+@app.delete(pod_api.RUNS_PATH + "/{model_id:path}")
+async def detach(model_id: str, request: Request) -> Response:
+    if (denied := _auth(request)) is not None:
+        return denied
+    run = runs.pop(model_id, None)
+    if run is not None and run.task is not None:
+        run.task.cancel()
+    return JSONResponse({})
+
+
+def _missing(model_id: str) -> Response:
+    return JSONResponse({"detail": f"no run {model_id!r} is attached", "code": "unknown_model",
+                         "category": "user"}, 404)
 
 
 def _f32(values: list[float]) -> bytes:
     return struct.pack(f"<{len(values)}f", *values)
 
 
-def _fwdbwd(body: bytes) -> bytes:
+def _fwdbwd(run: _Run, body: bytes) -> bytes:
     req = pb.ForwardBackwardRequest()
     req.ParseFromString(body)
     record = pb.ArrayRecord(type_tag="ArrayRecord", num_datums=len(req.data))
@@ -86,7 +163,7 @@ def _fwdbwd(body: bytes) -> bytes:
     total = 0.0
     for datum in req.data:
         n = sum(len(c.encoded_text.tokens) // 4 for c in datum.model_input)
-        lps = [-1.0 - 0.01 * state["step"]] * n
+        lps = [-1.0 - 0.01 * run.step] * n
         total += -sum(lps)
         lp_data += _f32(lps)
         loss_data += _f32([-v for v in lps])
@@ -100,30 +177,31 @@ def _fwdbwd(body: bytes) -> bytes:
     return out.SerializeToString()
 
 
-def _save(kind: paths.CheckpointKind, name: str) -> dict[str, Any]:
-    tp = paths.TinkerPath(MODEL_ID, kind, name)
+def _save(run: _Run, kind: paths.CheckpointKind, name: str) -> dict[str, Any]:
+    tp = paths.TinkerPath(run.model_id, kind, name)
     directory = tp.directory(CKPT)
     directory.mkdir(parents=True, exist_ok=True)
-    meta = {"base_model": E[env.BASE_MODEL], "seq_id": state["next"], "lora": json.loads(E.get(env.LORA, "{}"))}
+    meta = {"base_model": run.spec["base_model"], "seq_id": run.next, "lora": run.spec.get("lora") or {},
+            "model_id": run.model_id}
     (directory / paths.METADATA_FILE).write_text(json.dumps(meta))
-    snapshots.add(str(tp))
+    run.snapshots.add(str(tp))
     return {"tinker_path": str(tp), "kind": kind.value, "size_bytes": 123}
 
 
-def _execute(kind: str, body: bytes) -> tuple[str, str, bytes]:
+def _execute(run: _Run, kind: str, body: bytes) -> tuple[str, str, bytes]:
     if kind == OpKind.FORWARD_BACKWARD:
-        return "complete", pod_api.CONTENT_PROTOBUF, _fwdbwd(body)
+        return "complete", pod_api.CONTENT_PROTOBUF, _fwdbwd(run, body)
     data = json.loads(body)
     if kind == OpKind.OPTIM_STEP:
-        state["step"] += 1
-        return "complete", pod_api.CONTENT_JSON, json.dumps({"metrics": {"step:max": state["step"]}}).encode()
+        run.step += 1
+        return "complete", pod_api.CONTENT_JSON, json.dumps({"metrics": {"step:max": run.step}}).encode()
     if kind == OpKind.SAVE_STATE:
-        result = {"checkpoint": _save(paths.CheckpointKind.WEIGHTS, data["name"])}
+        result = {"checkpoint": _save(run, paths.CheckpointKind.WEIGHTS, data["name"])}
     elif kind == OpKind.SAVE_SAMPLER_WEIGHTS:
         if data.get("name"):
-            result = {"checkpoint": _save(paths.CheckpointKind.SAMPLER_WEIGHTS, data["name"])}
+            result = {"checkpoint": _save(run, paths.CheckpointKind.SAMPLER_WEIGHTS, data["name"])}
         else:
-            snapshots.add(data["snapshot_id"])
+            run.snapshots.add(data["snapshot_id"])
             result = {"snapshot_id": data["snapshot_id"]}
     elif kind == OpKind.LOAD_STATE:
         result = {"path": data["path"]}
@@ -132,20 +210,20 @@ def _execute(kind: str, body: bytes) -> tuple[str, str, bytes]:
     return "complete", pod_api.CONTENT_JSON, json.dumps(result).encode()
 
 
-async def _runner() -> None:
+async def _runner(run: _Run) -> None:
     while True:
-        seq = state["next"]
-        if seq in ops:
-            kind, body = ops.pop(seq)
+        seq = run.next
+        if seq in run.ops:
+            kind, body = run.ops.pop(seq)
             if EXEC_DELAY:
                 await asyncio.sleep(EXEC_DELAY)
-            if seq not in results:
-                results[seq] = _execute(kind, body)
-            state["next"] = seq + 1
-            changed.set()
+            if seq not in run.results:
+                run.results[seq] = _execute(run, kind, body)
+            run.next = seq + 1
+            run.changed.set()
             continue
-        await changed.wait()
-        changed.clear()
+        await run.changed.wait()
+        run.changed.clear()
 
 
 def _validate(kind: str, body: bytes) -> str | None:
@@ -161,22 +239,26 @@ def _validate(kind: str, body: bytes) -> str | None:
 async def put_op(model_id: str, seq_id: int, request: Request) -> Response:
     if (denied := _auth(request)) is not None:
         return denied
+    run = runs.get(model_id)
+    if run is None or run.state != "ready":
+        return _missing(model_id)
     kind = request.headers.get(pod_api.HEADER_OP, "")
     body = await request.body()
     if RECORD:
         text = body.decode(errors="replace") if kind != OpKind.FORWARD_BACKWARD else ""
         with open(RECORD, "a") as out:
             out.write(json.dumps({"model_id": model_id, "seq": seq_id, "op": kind, "body": text}) + "\n")
-    if seq_id < state["next"] or seq_id in ops:
+    if seq_id < run.next or seq_id in run.ops:
         return JSONResponse({"state": "accepted"})
     problem = _validate(kind, body)
     if problem:
-        results[seq_id] = ("failed", pod_api.CONTENT_JSON, json.dumps({"error": problem, "category": "user"}).encode())
-        ops[seq_id] = ("noop", b"{}")
-        changed.set()
+        failed = json.dumps({"error": problem, "category": "user"}).encode()
+        run.results[seq_id] = ("failed", pod_api.CONTENT_JSON, failed)
+        run.ops[seq_id] = ("noop", b"{}")
+        run.changed.set()
         return JSONResponse({"detail": problem, "code": "invalid_request", "category": "user"}, 400)
-    ops[seq_id] = (kind, body)
-    changed.set()
+    run.ops[seq_id] = (kind, body)
+    run.changed.set()
     return JSONResponse({"state": "accepted"})
 
 
@@ -201,13 +283,20 @@ def _answer(found: tuple[str, str, bytes] | None) -> Response:
 async def get_op(model_id: str, seq_id: int, request: Request, wait: float = 0.0) -> Response:
     if (denied := _auth(request)) is not None:
         return denied
-    return _answer(await _wait_for(lambda: results.get(seq_id), min(wait, 30.0)))
+    run = runs.get(model_id)
+    if run is None:
+        return _missing(model_id)
+    return _answer(await _wait_for(lambda: run.results.get(seq_id), min(wait, 30.0)))
 
 
 def _sample(op: dict[str, Any]) -> tuple[str, str, bytes]:
     req = op["request"]
     snapshot = op.get("snapshot_id")
-    if snapshot and snapshot not in snapshots:
+    run = runs.get(op.get("model_id") or "")
+    if op.get("model_id") and run is None:
+        return "failed", pod_api.CONTENT_JSON, json.dumps({"error": f"no run {op['model_id']}",
+                                                           "category": "user"}).encode()
+    if snapshot and (run is None or snapshot not in run.snapshots):
         return "failed", pod_api.CONTENT_JSON, json.dumps({"error": f"unknown snapshot {snapshot}",
                                                            "category": "user"}).encode()
     prompt = [t for c in req["prompt"]["chunks"] for t in c.get("tokens", [])]
@@ -248,14 +337,12 @@ async def _start() -> None:
     if E[env.BASE_MODEL] == BROKEN_MODEL:
         print(f"cannot load {BROKEN_MODEL}: no such model", file=sys.stderr, flush=True)
         os._exit(3)
-    restore = E.get(env.RESTORE_FROM)
-    if restore:
-        directory = paths.parse_tinker_path(restore).directory(CKPT)
-        if not directory.is_dir():
-            print(f"cannot restore {restore}: {directory} missing", file=sys.stderr, flush=True)
+    if BOOT_MODEL_ID:
+        run = _attach({"model_id": BOOT_MODEL_ID, "base_model": E[env.BASE_MODEL], "mode": E.get(env.MODE, "train"),
+                       "lora": json.loads(E.get(env.LORA, "{}")), "restore_from": E.get(env.RESTORE_FROM)})
+        if run.state == "failed":
+            print(run.error, file=sys.stderr, flush=True)
             os._exit(3)
-        snapshots.add(restore)
-    app.state.runner = asyncio.create_task(_runner())
 
 
 if __name__ == "__main__":

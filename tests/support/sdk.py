@@ -55,8 +55,20 @@ class GatewayProc:
         return self.log_path.read_text(errors="replace")[-5000:]
 
     def trainer_pids(self) -> dict[str, int]:
+        """Trainer pool name → its process id (the local backend's pid files)."""
         logs = self.state_dir / "logs"
         return {p.stem: int(p.read_text()) for p in logs.glob("*.pid")}
+
+    def pools(self) -> dict[str, list[str]]:
+        """Trainer pool name → the runs (and samplers) placed on it (the local backend's state files)."""
+        logs = self.state_dir / "logs"
+        out = {}
+        for path in logs.glob("*.pool.json"):
+            try:
+                out[path.name.removesuffix(".pool.json")] = json.loads(path.read_text())["runs"]
+            except (OSError, ValueError, KeyError):
+                continue  # being replaced right now
+        return out
 
 
 def start_gateway(state_dir: Path, *, model_cache_dir: Path, real_trainer: bool = False,

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 
 from tinkerkube_contract import pod_api
-from tinkerkube_contract.pod_api import ErrorCategory, OpState, RunInfo
+from tinkerkube_contract.pod_api import ErrorCategory, OpState, RunInfo, RunSpec
 from tinkerkube_gateway.backends.base import TrainerHandle
 from tinkerkube_gateway.clients.http11 import TRANSPORT_ERRORS, Http11Pool, HttpResponse
 
@@ -87,10 +87,28 @@ class PodClient:
         state = OpState(response.headers.get(pod_api.HEADER_OP_STATE, _state_from_status(response.status_code)))
         return OpResult(state, response.headers.get("content-type", pod_api.CONTENT_JSON), response.content)
 
-    async def info(self, handle: TrainerHandle, model_id: str) -> RunInfo:
-        """The run's state on its trainer pool; a new `boot_id` means its in-memory state was rebuilt."""
-        response = await self._request("GET", handle.url + pod_api.run_path(model_id), headers=self._headers(handle))
+    async def info(self, handle: TrainerHandle, model_id: str, *, wait: float = 0.0) -> RunInfo:
+        """The run's state on its trainer pool; a new `boot_id` means its in-memory state was rebuilt.
+        `wait`: hold while the run is still attaching (long-poll)."""
+        response = await self._request("GET", handle.url + pod_api.run_path(model_id), params={"wait": wait},
+                                       headers=self._headers(handle), timeout=wait + self._timeout)
         return RunInfo.model_validate_json(response.content)
+
+    async def attach(self, handle: TrainerHandle, spec: RunSpec) -> RunInfo:
+        """Attach a run to the pool at `handle` (idempotent). A full pool is an OpRejected with status 429."""
+        headers = self._headers(handle, **{"Content-Type": pod_api.CONTENT_JSON})
+        try:
+            response = await self._http.request("PUT", handle.url + pod_api.run_path(spec.model_id),
+                                                content=spec.model_dump_json().encode(), headers=headers,
+                                                timeout=self._timeout)
+        except TRANSPORT_ERRORS as exc:
+            raise TrainerUnreachable(f"attach {spec.model_id}: {type(exc).__name__}: {exc}") from exc
+        if response.status_code >= 400:
+            raise _rejected(response)
+        return RunInfo.model_validate_json(response.content)
+
+    async def detach(self, handle: TrainerHandle, model_id: str) -> None:
+        await self._request("DELETE", handle.url + pod_api.run_path(model_id), headers=self._headers(handle))
 
     async def ready(self, url: str, token: str | None) -> bool:
         try:

@@ -46,7 +46,8 @@ def _heartbeating(gw: GatewayProc, session_id: str) -> Iterator[None]:
 
 def test_idle_session_is_reaped_with_its_trainers(tmp_path: Path, model_cache_dir: Path) -> None:
     extra = {"TINKERKUBE_GATEWAY_SESSION_IDLE_TIMEOUT_SECONDS": "3",
-             "TINKERKUBE_GATEWAY_REAPER_INTERVAL_SECONDS": "0.5", "FAKE_TRAINER_OP_DELAY": "30"}
+             "TINKERKUBE_GATEWAY_REAPER_INTERVAL_SECONDS": "0.5",
+             "TINKERKUBE_GATEWAY_POOL_IDLE_TIMEOUT_SECONDS": "1", "FAKE_TRAINER_OP_DELAY": "30"}
     gw = start_gateway(tmp_path / "state", model_cache_dir=model_cache_dir, extra_env=extra)
     try:
         with gw.http() as http:
@@ -58,7 +59,8 @@ def test_idle_session_is_reaped_with_its_trainers(tmp_path: Path, model_cache_di
             failed = retrieve(http, pending, timeout=30).json()
             assert "no heartbeat" in failed["error"]
             assert http.post("/api/v1/session_heartbeat", json={"session_id": session_id}).status_code == 410
-            eventually_sync(lambda: _alive(pid), lambda alive: not alive, timeout=15, what="trainer stopped")
+            # its run detached, the pool it leaves empty stops after the pool idle timeout
+            eventually_sync(lambda: _alive(pid), lambda alive: not alive, timeout=15, what="trainer pool stopped")
     finally:
         gw.stop()
 
@@ -110,13 +112,14 @@ pytestmark = pytest.mark.slow
 
 
 def test_finishing_a_session_stops_its_trainers_and_fails_its_runs(shared_gateway: GatewayProc) -> None:
+    def attached() -> set[str]:
+        return {run for runs in shared_gateway.pools().values() for run in runs}
+
     with shared_gateway.http() as http:
         session_id = new_session(http)
-        before = set(shared_gateway.trainer_pids())
         model_id = new_model(http, session_id, TINY)
-        (name,) = set(shared_gateway.trainer_pids()) - before
-        pid = shared_gateway.trainer_pids()[name]
+        assert model_id in attached()
         assert http.post(f"/api/v1/sessions/{session_id}/finish", json={"reason": {"type": "success"}}).is_success
-        eventually_sync(lambda: _alive(pid), lambda alive: not alive, timeout=15, what="trainer stopped")
+        eventually_sync(attached, lambda runs: model_id not in runs, timeout=15, what="run detached")
         late = retrieve(http, post_fwdbwd(http, fwdbwd_body(model_id, 1)).json()["request_id"]).json()
         assert "finished" in late["error"]

@@ -16,24 +16,27 @@ def _sample(client: tinker.SamplingClient) -> types.SampleResponse:
     return client.sample(types.ModelInput.from_ints([1, 2]), 1, types.SamplingParams(max_tokens=2)).result()
 
 
+def _attached(gw: GatewayProc) -> list[str]:
+    return sorted(run for runs in gw.pools().values() for run in runs)
+
+
 def test_a_checkpoint_whose_trainer_is_gone_gets_a_sampler_process(shared_gateway: GatewayProc) -> None:
     first = tinker.ServiceClient(base_url=shared_gateway.url, api_key=DEV_KEY)
     training = first.create_lora_training_client(base_model=TINY, rank=4).result()
     path = training.save_weights_for_sampler("gone").result().path
-    run_process = training.model_id.replace(":", "_")
     with shared_gateway.http() as http:
         session_id = training.model_id.split(":train:")[0]
         assert http.post(f"/api/v1/sessions/{session_id}/finish", json={"reason": {"type": "success"}}).is_success
-    eventually_sync(shared_gateway.trainer_pids, lambda pids: run_process not in pids, timeout=15,
-                    what="the run's trainer stopped")
+    eventually_sync(lambda: _attached(shared_gateway), lambda runs: training.model_id not in runs, timeout=15,
+                    what="the run detached from its pool")
     second = tinker.ServiceClient(base_url=shared_gateway.url, api_key=DEV_KEY)
     sampler = second.create_sampling_client(model_path=path)
     assert len(_sample(sampler).sequences) == 1
-    samplers = [name for name in shared_gateway.trainer_pids() if "_sampler_" in name]
-    assert samplers  # a sampler process (mode=sample, restore_from=path) serves it
+    samplers = [run for run in _attached(shared_gateway) if ":sampler:" in run]
+    assert samplers  # a sampler (mode=sample, restore_from=path) attached to a pool serves it
     again = second.create_sampling_client(model_path=path)
     assert _sample(again).sequences
-    assert [n for n in shared_gateway.trainer_pids() if "_sampler_" in n] == samplers  # shared, not a new one
+    assert [r for r in _attached(shared_gateway) if ":sampler:" in r] == samplers  # shared, not a new one
 
 
 def test_a_trainer_that_cannot_start_fails_the_create_future_clearly(shared_gateway: GatewayProc) -> None:

@@ -1,5 +1,5 @@
-"""A shared sampler process (one per tenant + weights) lives as long as any session samples from it:
-it outlives the session that started it and stops with its last user."""
+"""A shared sampler (one per tenant + weights, attached to a trainer pool) lives as long as any session
+samples from it: it outlives the session that started it and detaches with its last user."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def _finish(http: httpx.Client, session_id: str) -> None:
 
 
 def _sampler_processes(gw: GatewayProc) -> list[str]:
-    return [name for name in gw.trainer_pids() if "_sampler_" in name]
+    return sorted(run for runs in gw.pools().values() for run in runs if ":sampler:" in run)
 
 
 def test_a_shared_sampler_stops_with_its_last_user_not_its_first(gateway: GatewayProc) -> None:
@@ -40,10 +40,10 @@ def test_a_shared_sampler_stops_with_its_last_user_not_its_first(gateway: Gatewa
         first_sampler, second_sampler = _sampler(http, first), _sampler(http, second)
         assert _sample(http, first_sampler, 0).headers["content-type"].startswith("application/x-protobuf")
         processes = _sampler_processes(gateway)
-        assert len(processes) == 1  # one process for the tenant's base-model sampling, shared
+        assert len(processes) == 1  # one sampler for the tenant's base-model sampling, shared
         _finish(http, first)  # the session that started it
         assert _sample(http, second_sampler, 0).headers["content-type"].startswith("application/x-protobuf")
         assert _sampler_processes(gateway) == processes
         _finish(http, second)  # its last user
         eventually_sync(lambda: _sampler_processes(gateway), lambda names: names == [], timeout=15,
-                        what="the shared sampler process stopped with its last user")
+                        what="the shared sampler detached with its last user")
