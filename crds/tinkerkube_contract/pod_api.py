@@ -226,3 +226,5 @@ class RunInfo(TrainerInfo):
 
     state: RunState = RunState.READY
     error: str | None = None
+    num_bytes: int | None = Field(None, description="what the run holds beyond the shared base model: adapter, "
+                                  "optimizer moments, gradient accumulator, snapshots")

@@ -184,9 +184,14 @@ class TrainerRuntime:
     def run_info(self, slot: RunSlot) -> api.RunInfo:
         extra = dict(self.booted.info) if self.booted else {}
         last = slot.queue.last_finished_seq if slot.queue is not None else None
+        live: dict[str, Any] = {}
+        if slot.state is RunState.READY and self.booted is not None:
+            with contextlib.suppress(Exception):  # detached meanwhile: report what the attach said
+                live = self.booted.engine.run_info(slot.spec.model_id)
         return api.RunInfo(
             model_id=slot.spec.model_id, base_model=slot.spec.base_model, mode=slot.spec.mode,
             lora=slot.info.get("lora") or slot.spec.lora, world_size=self.booted.world_size if self.booted else 1,
             ready=slot.state is RunState.READY, boot_id=slot.attach_id, tokenizer_dir=extra.get("tokenizer_dir"),
             vocab_size=extra.get("vocab_size"), last_completed_seq_id=last,
-            restored_from=slot.info.get("restored_from"), state=slot.state, error=slot.error)
+            restored_from=slot.info.get("restored_from"), state=slot.state, error=slot.error,
+            num_bytes=live.get("num_bytes", slot.info.get("num_bytes")))
