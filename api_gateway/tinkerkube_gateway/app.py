@@ -11,6 +11,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tinkerkube_gateway.deps import Services
 from tinkerkube_gateway.errors import install_error_handlers
+from tinkerkube_gateway.refusals import consume_seq
 from tinkerkube_gateway.routers import futures, rest, sampling, service, training
 
 ServicesFactory = Callable[[], AbstractAsyncContextManager[Services]]
@@ -52,7 +53,7 @@ def create_app(make_services: ServicesFactory) -> FastAPI:
 
     app = FastAPI(title="tinkerkube gateway", version="0.1.0", lifespan=lifespan,
                   description="The Tinker training API for the unmodified tinker SDK and tinker-cookbook.")
-    install_error_handlers(app)
+    install_error_handlers(app, on_refused=consume_seq)
     for module in (service, training, sampling, futures, rest):
         app.include_router(module.router)
 

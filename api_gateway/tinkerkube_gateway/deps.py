@@ -15,6 +15,7 @@ from tinkerkube_gateway.services.ops import OpsService
 from tinkerkube_gateway.services.registry import RegistryService
 from tinkerkube_gateway.services.sampling import SamplingService
 from tinkerkube_gateway.services.sessions import SessionsService
+from tinkerkube_gateway.wire import ADDRESS_PREFIX_BYTES
 
 
 @dataclass
@@ -53,17 +54,28 @@ async def tenant(request: Request) -> str:
 
 
 async def raw_body(request: Request) -> bytes:
-    limit = _services(request).max_body_bytes
+    """The body, at most `max_body_bytes`. Kept on `request.state.body` (only its head when it is too
+    large) so that a refusal can still read which op it was (`refusals`)."""
+    return await read_body(request, _services(request).max_body_bytes)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
+    declared_too_large = bool(declared and declared.isdigit() and int(declared) > limit)
+    keep = min(limit, ADDRESS_PREFIX_BYTES) if declared_too_large else limit
     chunks, size = [], 0
     async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
-    return b"".join(chunks)
+        size += len(chunk)
+        if size > keep:
+            break
+    body = b"".join(chunks)
+    if declared_too_large or size > limit:
+        request.state.body = body[:ADDRESS_PREFIX_BYTES]
+        raise PayloadTooLarge(f"request body of {declared or f'more than {limit}'} bytes exceeds the limit of "
+                              f"{limit} bytes")
+    request.state.body = body
+    return body
 
 
 Svc = Annotated[Services, Depends(services)]

@@ -1,54 +1,63 @@
 """Routes futures to trainers: one `ModelWorker` (worker.py) per trainer process group, which forwards
 that model's ops strictly in seq_id order; samples run as independent tasks against the trainer that
-serves their sampler. Results and failures go to a `ResultSink` (the ops service)."""
+serves their sampler. Results and failures go to a `ResultSink` (services/results.py).
+
+Dependencies run one way: the dispatcher creates workers and hands them `WorkerDeps`; a worker never
+sees its dispatcher."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Protocol
 
-from tinkerkube_contract.pod_api import CONTENT_PROTOBUF, ErrorCategory, OpState, SampleOp
-from tinkerkube_gateway.backends.base import SessionBackend, TrainerHandle
-from tinkerkube_gateway.clients.pod_client import OpRejected, OpResult, PodClient, TrainerUnreachable
+from tinkerkube_contract.pod_api import ErrorCategory, OpState, SampleOp
+from tinkerkube_gateway.backends.base import SessionBackend
+from tinkerkube_gateway.clients.pod_client import OpRejected, PodClient, TrainerUnreachable
 from tinkerkube_gateway.store.records import FutureRecord
 from tinkerkube_gateway.store.repo import AsyncRepo
-from tinkerkube_gateway.worker import ModelWorker
+from tinkerkube_gateway.worker import ModelWorker, ResultSink, WorkerDeps
 
 log = logging.getLogger(__name__)
 
-
-class ResultSink(Protocol):
-    async def on_ready(self, model_id: str, handle: TrainerHandle) -> None: ...
-    async def on_dead(self, model_id: str, reason: str) -> None: ...
-    async def on_result(self, fut: FutureRecord, result: OpResult) -> None: ...
-    async def on_failure(self, fut: FutureRecord, error: str, category: ErrorCategory) -> None: ...
+DEFAULT_GAP_TIMEOUT = 300.0
+DEFAULT_MAX_AHEAD = 1000
 
 
 class Dispatcher:
-    def __init__(self, *, repo: AsyncRepo, backend: SessionBackend, pods: PodClient, start_timeout: float):
-        self.repo = repo
+    def __init__(self, *, repo: AsyncRepo, backend: SessionBackend, pods: PodClient, sink: ResultSink,
+                 start_timeout: float, gap_timeout: float = DEFAULT_GAP_TIMEOUT, max_ahead: int = DEFAULT_MAX_AHEAD,
+                 replica_id: str = "local", on_sample_done: Callable[[str], Awaitable[None]] | None = None):
+        """`max_ahead`: how far past a run's next expected seq_id a submit may be; `on_sample_done(request_id)`:
+        called when a sample finished here (not when cancelled at shutdown)."""
         self.backend = backend
         self.pods = pods
-        self.start_timeout = start_timeout
-        self.sink: ResultSink
-        self.workers: dict[str, ModelWorker] = {}
-        self.replica_id = "local"  # whose lease a worker launched with an epoch dispatches under
-        self.on_sample_done: Callable[[str], Awaitable[None]] | None = None  # (request_id)
-        self._samples: set[asyncio.Task[None]] = set()
-
-    def bind(self, sink: ResultSink) -> None:
         self.sink = sink
+        self.start_timeout = start_timeout
+        self.max_ahead = max_ahead
+        self.replica_id = replica_id
+        self.on_sample_done = on_sample_done
+        self.workers: dict[str, ModelWorker] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.deps = WorkerDeps(repo=repo, backend=backend, pods=pods, sink=sink, start_timeout=start_timeout,
+                               gap_timeout=gap_timeout, max_gap=max_ahead, replica_id=replica_id, spawn=self.spawn,
+                               lost=self.drop)
 
     def launch(self, model_id: str, first: list[FutureRecord], *, next_seq: int = 1, trainer_next: int = 1,
                resend: list[FutureRecord] | None = None, epoch: int | None = None) -> ModelWorker:
         """`epoch`: the run's lease epoch this replica holds (None: no fencing, tests)."""
         worker = self.workers.get(model_id)
         if worker is None:
-            worker = self.workers[model_id] = ModelWorker(model_id, self, next_seq, trainer_next, epoch=epoch)
+            worker = self.workers[model_id] = ModelWorker(model_id, self.deps, next_seq, trainer_next, epoch=epoch)
             worker.start(first, resend or [])
         return worker
+
+    def too_far_ahead(self, model_id: str, seq_id: int) -> int | None:
+        """The run's next expected seq_id when `seq_id` is more than `max_ahead` past it (dispatched here)."""
+        worker = self.workers.get(model_id)
+        if worker is None or seq_id <= worker.next_seq + self.max_ahead:
+            return None
+        return worker.next_seq
 
     def refill(self, model_id: str) -> None:
         """Ops for `model_id` were persisted by another replica: the worker here reads them in."""
@@ -69,14 +78,14 @@ class Dispatcher:
     def enqueue(self, fut: FutureRecord) -> None:
         worker = self.workers.get(fut.target_id)
         if worker is None:
-            self.spawn(self.sink.on_failure(fut, f"no trainer is running for {fut.target_id}", ErrorCategory.SERVER))
+            self.spawn(self._fail(fut, f"no trainer is running for {fut.target_id}", ErrorCategory.SERVER))
             return
         worker.enqueue(fut)
 
     def spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
-        self._samples.add(task)
-        task.add_done_callback(self._samples.discard)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def submit_sample(self, fut: FutureRecord, backing_model_id: str, op: SampleOp) -> None:
         self.spawn(self._run_sample(fut, backing_model_id, op))
@@ -96,11 +105,21 @@ class Dispatcher:
                     break
             await self.sink.on_result(fut, result)
         except OpRejected as exc:
-            await self.sink.on_failure(fut, exc.detail, exc.category)
+            await self._fail(fut, exc.detail, exc.category)
         except (TrainerUnreachable, TimeoutError) as exc:
-            await self.sink.on_failure(fut, f"sampling failed: {exc}; retry", ErrorCategory.SERVER)
+            await self._fail(fut, f"sampling failed: {exc}; retry", ErrorCategory.SERVER)
+        except Exception as exc:  # the task ends here: its future must not stay pending
+            log.exception("sample %s failed", fut.request_id)
+            await self._fail(fut, f"sampling failed in the gateway ({type(exc).__name__}: {exc}); retry",
+                             ErrorCategory.SERVER)
         if self.on_sample_done is not None:  # not when cancelled (shutdown): its lease expires, another re-runs it
             await self.on_sample_done(fut.request_id)
+
+    async def _fail(self, fut: FutureRecord, error: str, category: ErrorCategory) -> None:
+        try:
+            await self.sink.on_failure(fut, error, category)
+        except Exception:
+            log.exception("could not record the failure of %s (%s)", fut.request_id, error)
 
     async def stop_model(self, model_id: str, reason: str) -> None:
         worker = self.workers.pop(model_id, None)
@@ -113,12 +132,6 @@ class Dispatcher:
     async def close(self) -> None:
         for worker in list(self.workers.values()):
             await worker.cancel()
-        for task in list(self._samples):
+        for task in list(self._tasks):
             task.cancel()
         self.workers.clear()
-
-
-def is_protobuf(result: OpResult) -> bool:
-    return result.content_type.startswith(CONTENT_PROTOBUF)
-
-

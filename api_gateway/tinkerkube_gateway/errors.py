@@ -3,11 +3,16 @@
 Status-code traps of the SDK (tinker-protocol.md §0.10, §1.7): never 402 or 409 (paused / retried),
 never a 400 with an empty body (read as a proxy glitch), never a 5xx for a user's mistake (retried for
 minutes). Every body is `{detail, category}`; `x-should-retry` tells the SDK whether to retry.
+
+A refused request may still name an op (model_id + seq_id): the `on_refused` hook then records that
+seq_id as failed, so later ops of the run do not wait for it. A 5xx consumes nothing: the SDK retries it
+with the same seq_id.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,6 +29,7 @@ class GatewayError(Exception):
     status: int = 500
     category: ErrorCategory = ErrorCategory.SERVER
     retryable: bool = True
+    consumes_seq: bool = True  # a refusal of an op uses up its seq_id (see `on_refused`)
 
     def __init__(self, detail: str):
         super().__init__(detail)
@@ -36,6 +42,18 @@ class InvalidRequest(GatewayError):
 
 class SeqIdReused(InvalidRequest):
     """The same (model_id, seq_id) submitted again with a different op: 400, not 409 (the SDK retries 409)."""
+
+    consumes_seq = False  # it is already used
+
+
+class SeqIdTooFarAhead(InvalidRequest):
+    """Beyond the ahead limit: refused without using the seq_id, which stays free for its real op."""
+
+    consumes_seq = False
+
+
+class Unsupported(InvalidRequest):
+    """A Tinker route this server does not implement (yet): a clear 400, never a retried 5xx."""
 
 
 class PayloadTooLarge(GatewayError):
@@ -85,24 +103,39 @@ def _respond(status: int, detail: str, category: ErrorCategory, retryable: bool)
                         headers={"x-should-retry": "true" if retryable else "false"})
 
 
-def install_error_handlers(app: FastAPI) -> None:
+RefusalHook = Callable[[Request, str], Awaitable[None]]  # (the refused request, why)
+
+
+def install_error_handlers(app: FastAPI, on_refused: RefusalHook | None = None) -> None:
+    async def refuse(request: Request, status: int, detail: str, consumes_seq: bool = True) -> JSONResponse:
+        if on_refused is not None and consumes_seq and 400 <= status < 500:
+            try:
+                await on_refused(request, detail)
+            except Exception:  # the answer is the refusal; failing to record it must not make it a 500
+                log.exception("could not record the refused request %s %s", request.method, request.url.path)
+        return _respond(status, detail, ErrorCategory.USER, False)
+
     @app.exception_handler(GatewayError)
-    async def _gateway(_: Request, exc: GatewayError) -> JSONResponse:
+    async def _gateway(request: Request, exc: GatewayError) -> JSONResponse:
+        if exc.category is ErrorCategory.USER:
+            return await refuse(request, exc.status, exc.detail, exc.consumes_seq)
         return _respond(exc.status, exc.detail, exc.category, exc.retryable)
 
     @app.exception_handler(InvalidTinkerPath)
-    async def _path(_: Request, exc: InvalidTinkerPath) -> JSONResponse:
-        return _respond(400, str(exc), ErrorCategory.USER, False)
+    async def _path(request: Request, exc: InvalidTinkerPath) -> JSONResponse:
+        return await refuse(request, 400, str(exc))
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         parts = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()[:5]]
-        return _respond(400, "invalid request: " + "; ".join(parts), ErrorCategory.USER, False)
+        return await refuse(request, 400, "invalid request: " + "; ".join(parts))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         status = 400 if exc.status_code in (402, 409) else exc.status_code
-        return _respond(status, str(exc.detail) or "error", ErrorCategory.USER, status >= 500)
+        if status >= 500:
+            return _respond(status, str(exc.detail) or "error", ErrorCategory.SERVER, True)
+        return await refuse(request, status, str(exc.detail) or "error")
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

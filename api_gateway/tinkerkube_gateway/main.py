@@ -31,6 +31,7 @@ from tinkerkube_gateway.services.models import ModelsService
 from tinkerkube_gateway.services.ops import OpsService
 from tinkerkube_gateway.services.registry import RegistryService
 from tinkerkube_gateway.services.replicas import Replicas
+from tinkerkube_gateway.services.results import ResultsService
 from tinkerkube_gateway.services.sampling import SamplingService
 from tinkerkube_gateway.services.sessions import SessionsService
 from tinkerkube_gateway.settings import BackendKind, GatewaySettings, inherited_environment
@@ -73,8 +74,6 @@ def capabilities(settings: GatewaySettings) -> list[str]:
 def wire_replicas(replicas: Replicas, futures: FuturesService, dispatcher: Dispatcher, models: ModelsService,
                   sampling: SamplingService) -> None:
     """Cross-replica events into this replica's notifier and dispatcher (no-ops on SQLite)."""
-    dispatcher.replica_id = replicas.replica_id
-    dispatcher.on_sample_done = replicas.untrack_sample
     futures.broadcast = replicas.completed_payload
     replicas.on_completed = futures.completed_elsewhere
     replicas.on_submitted = dispatcher.refill
@@ -105,22 +104,26 @@ async def compose(settings: GatewaySettings, backend: SessionBackend | None = No
     repo = AsyncRepo(Repo(settings.effective_database_url))
     pods = PodClient(timeout=settings.trainer_request_timeout_seconds)
     backend = backend or make_backend(settings, pods)
-    dispatcher = Dispatcher(repo=repo, backend=backend, pods=pods,
-                            start_timeout=settings.trainer_start_timeout_seconds)
     futures = FuturesService(repo, metrics, long_poll_seconds=settings.long_poll_seconds)
     futures.mirror = FuturesMirror(backend, repo)
     replicas = Replicas(repo, multi=settings.multi_replica, lease_seconds=settings.lease_seconds,
                         database_url=settings.effective_database_url)
+    registry = RegistryService(repo, settings.effective_checkpoint_dir)
+    results = ResultsService(repo=repo, futures=futures, registry=registry, replicas=replicas, backend=backend,
+                             mirror_checkpoint=getattr(backend, "mirror_checkpoint", None))  # an optional hook
+    dispatcher = Dispatcher(repo=repo, backend=backend, pods=pods, sink=results,
+                            start_timeout=settings.trainer_start_timeout_seconds,
+                            gap_timeout=settings.seq_gap_timeout_seconds, max_ahead=settings.max_seq_ahead,
+                            replica_id=replicas.replica_id, on_sample_done=replicas.untrack_sample)
     sessions = SessionsService(repo, metrics, idle_timeout=settings.session_idle_timeout_seconds,
                                reap_interval=settings.reaper_interval_seconds)
     models = ModelsService(repo=repo, futures=futures, sessions=sessions, dispatcher=dispatcher, backend=backend,
                            model_cache_dir=settings.model_cache_dir.resolve(), model_aliases=settings.model_aliases,
                            idle_timeout=settings.session_idle_timeout_seconds, spec_defaults=spec_defaults(settings),
                            replicas=replicas)
-    registry = RegistryService(repo, settings.effective_checkpoint_dir)
     ops = OpsService(futures=futures, models=models, registry=registry, dispatcher=dispatcher)
     sampling = SamplingService(futures=futures, sessions=sessions, models=models, registry=registry,
-                               dispatcher=dispatcher)
+                               dispatcher=dispatcher, max_sample_tokens=settings.max_sample_tokens)
     sessions.stop_runs = models.stop_session_runs
     sessions.on_heartbeat = models.keep_session_alive
     sessions.periodic.append(registry.sweep_expired)

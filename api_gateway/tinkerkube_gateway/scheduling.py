@@ -24,6 +24,12 @@ def forwardable(next_seq: int, waiting: Mapping[int, T]) -> list[int]:
     return run
 
 
+def gap(next_seq: int, waiting: Mapping[int, T]) -> range:
+    """The hole the waiting ops are stuck behind: the seq_ids from `next_seq` up to the first one that
+    arrived (empty when nothing waits, or the next one is there)."""
+    return range(next_seq, min(waiting, default=next_seq))
+
+
 def first_expected_seq(passed: Iterable[int]) -> int:
     """After a gateway restart or a takeover: where a model's dispatcher resumes. Ops are forwarded
     strictly in order, so it is the first seq_id (from 1; create_model is 0) that has neither finished

@@ -1,20 +1,24 @@
-"""Lenient request models for the SDK's JSON bodies.
+"""Lenient request models for the SDK's JSON bodies, with the bounds of `bounds.py`.
 
 The SDK's own `tinker.types` requests are `extra="forbid"`; a server parsing with them would reject
-(400) fields that a newer SDK adds. These mirror the fields we use and ignore the rest.
+(400) fields that a newer SDK adds. These mirror the fields we use and ignore the rest. Every float must
+be finite, every integer is bounded, free-form maps hold only finite numbers.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tinkerkube_contract.pod_api import AdamParams  # one definition, shared with the trainer
+from tinkerkube_gateway.bounds import MAX_INT32, Count, JsonMap, SeqId, TtlSeconds
+
+TokenId = Annotated[int, Field(ge=0, le=MAX_INT32)]
 
 
 class _Req(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class ClientConfigRequest(_Req):
@@ -23,7 +27,7 @@ class ClientConfigRequest(_Req):
 
 class CreateSessionRequest(_Req):
     tags: list[str] = Field(default_factory=list)
-    user_metadata: dict[str, Any] | None = None
+    user_metadata: JsonMap | None = None
     sdk_version: str | None = None
     project_id: str | None = None
     display_name: str | None = None
@@ -35,7 +39,7 @@ class SessionIdRequest(_Req):
 
 class LoraConfig(_Req):
     rank: int = Field(32, ge=1, le=512)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
     train_unembed: bool = True
     train_mlp: bool = True
     train_attn: bool = True
@@ -43,11 +47,11 @@ class LoraConfig(_Req):
 
 class CreateModelRequest(_Req):
     session_id: str
-    model_seq_id: int = Field(ge=0)
+    model_seq_id: Count
     base_model: str = Field(min_length=1)
-    user_metadata: dict[str, Any] | None = None
+    user_metadata: JsonMap | None = None
     lora_config: LoraConfig | None = None
-    optimizer_config: dict[str, Any] | None = None
+    optimizer_config: JsonMap | None = None
 
 
 class ModelIdRequest(_Req):
@@ -56,57 +60,80 @@ class ModelIdRequest(_Req):
 
 class OptimStepRequest(_Req):
     model_id: str
-    seq_id: int = Field(ge=1)
+    seq_id: SeqId
     adam_params: AdamParams | None = None
-    optimizer_params: dict[str, Any] | None = None
+    optimizer_params: JsonMap | None = None
 
 
 class SaveWeightsRequest(_Req):
     model_id: str
-    seq_id: int = Field(ge=1)
+    seq_id: SeqId
     path: str | None = None
-    ttl_seconds: int | None = Field(None, ge=0)
+    ttl_seconds: TtlSeconds | None = None
     overwrite: bool = False
-    user_metadata: dict[str, Any] | None = None
+    user_metadata: JsonMap | None = None
 
 
 class SaveWeightsForSamplerRequest(_Req):
     model_id: str
-    seq_id: int = Field(ge=1)
+    seq_id: SeqId
     path: str | None = None
-    sampling_session_seq_id: int | None = Field(None, ge=0)
-    ttl_seconds: int | None = Field(None, ge=0)
-    user_metadata: dict[str, Any] | None = None
+    sampling_session_seq_id: Count | None = None
+    ttl_seconds: TtlSeconds | None = None
+    user_metadata: JsonMap | None = None
 
 
 class LoadWeightsRequest(_Req):
     path: str
     optimizer: bool = False
     model_id: str | None = None
-    seq_id: int | None = None
+    seq_id: SeqId | None = None
     session_id: str | None = None
-    model_seq_id: int | None = Field(None, ge=0)
+    model_seq_id: Count | None = None
     base_model: str | None = None
-    user_metadata: dict[str, Any] | None = None
+    user_metadata: JsonMap | None = None
 
 
 class CreateSamplingSessionRequest(_Req):
     session_id: str
-    sampling_session_seq_id: int = Field(ge=0)
+    sampling_session_seq_id: Count
     base_model: str | None = None
     model_path: str | None = None
+
+
+class SamplingParams(_Req):
+    """Checked here because the trainer's loop trusts them: a NaN temperature or an unbounded
+    max_tokens would hold its op thread. Generation as a whole is capped per request by the
+    `max_sample_tokens` setting (SamplingService)."""
+
+    max_tokens: Count | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    temperature: float = Field(1.0, ge=0)
+    top_k: int = Field(-1, ge=-1, le=MAX_INT32)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: str | list[str] | list[TokenId] | None = None
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_is_on_or_off(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("top_k must be -1 (off) or positive")
+        return value
 
 
 class SampleRequest(_Req):
-    """Only what routing needs; the whole JSON goes to the trainer as `SampleOp.request`."""
+    """What routing and bounds need; the whole JSON goes to the trainer as `SampleOp.request`."""
 
     sampling_session_id: str | None = None
-    seq_id: int | None = None
+    seq_id: Count | None = None
     num_samples: int = Field(1, ge=1, le=1024)
-    prompt: dict[str, Any]
-    sampling_params: dict[str, Any] = Field(default_factory=dict)
+    prompt: JsonMap
+    sampling_params: SamplingParams = Field(default_factory=SamplingParams)
     base_model: str | None = None
     model_path: str | None = None
+    topk_prompt_logprobs: Count = 0
+    topk_sample_logprobs: Count = 0
+    prompt_logprobs_last_n: Count | None = None
 
 
 class RetrieveFutureRequest(_Req):
@@ -120,7 +147,7 @@ class FinishSessionRequest(_Req):
 
 
 class TtlRequest(_Req):
-    ttl_seconds: int | None = Field(None, ge=0)
+    ttl_seconds: TtlSeconds | None = None
 
 
 class WeightsInfoRequest(_Req):

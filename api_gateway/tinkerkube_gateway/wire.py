@@ -1,13 +1,17 @@
-"""Codecs at the HTTP edge: zstd bodies, the forward_backward protobuf, lenient JSON parsing.
+"""Codecs at the HTTP edge: zstd bodies, the forward_backward protobuf, lenient JSON parsing, and the
+best-effort address (model_id, seq_id) of a body too broken to parse.
 
-The forward_backward body is validated here (structure and shapes, by byte arithmetic: no numpy) and
-then forwarded to the trainer verbatim, so tensors never become JSON. Callers run the decoders in a
-worker thread (`asyncio.to_thread`): a big body must not stall the event loop.
+The forward_backward body is validated here (structure, shapes by byte arithmetic: no numpy, finite
+loss config) and then forwarded to the trainer verbatim, so tensors never become JSON. Callers run the
+decoders of a big body in a worker thread (`asyncio.to_thread`): it must not stall the event loop.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import re
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import zstandard
@@ -15,6 +19,7 @@ from google.protobuf.message import DecodeError
 from pydantic import BaseModel, ValidationError
 from tinker.proto import tinker_public_pb2 as pb
 
+from tinkerkube_gateway.bounds import MAX_SEQ_ID, check_finite, check_json_depth
 from tinkerkube_gateway.errors import InvalidRequest, PayloadTooLarge
 
 M = TypeVar("M", bound=BaseModel)
@@ -38,18 +43,28 @@ def decompress(raw: bytes, content_encoding: str | None, *, max_bytes: int) -> b
     return out
 
 
-def parse_json(raw: bytes, model: type[M]) -> M:
+def load_json(raw: bytes) -> dict[str, Any]:
+    """A JSON object body; InvalidRequest for anything else, including nesting beyond `MAX_JSON_DEPTH`."""
+    check_json_depth(raw)
     try:
         data = json.loads(raw or b"{}")
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"request body is not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidRequest("request body must be a JSON object")
+    return data
+
+
+def validate(data: dict[str, Any], model: type[M]) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5]]
         raise InvalidRequest(f"invalid {model.__name__}: " + "; ".join(parts)) from None
+
+
+def parse_json(raw: bytes, model: type[M]) -> M:
+    return validate(load_json(raw), model)
 
 
 def parse_forward_backward(raw: bytes) -> pb.ForwardBackwardRequest:
@@ -63,17 +78,12 @@ def parse_forward_backward(raw: bytes) -> pb.ForwardBackwardRequest:
     return msg
 
 
-def check_forward_backward(raw: bytes, content_encoding: str | None,
-                           max_bytes: int) -> tuple[bytes, str, int, str | None]:
-    """(plain body, model_id, seq_id, problem): a body too broken to name its op raises; a well-addressed
-    body with bad content returns the problem, so the caller can skip its seq_id before rejecting it."""
+def check_forward_backward(raw: bytes, content_encoding: str | None, max_bytes: int) -> tuple[bytes, str, int]:
+    """(plain body, model_id, seq_id) of a valid request; InvalidRequest (or PayloadTooLarge) otherwise."""
     plain = decompress(raw, content_encoding, max_bytes=max_bytes)
     msg = parse_forward_backward(plain)
-    try:
-        validate_forward_backward(msg)
-    except InvalidRequest as exc:
-        return plain, msg.model_id, msg.seq_id, exc.detail
-    return plain, msg.model_id, msg.seq_id, None
+    validate_forward_backward(msg)
+    return plain, msg.model_id, msg.seq_id
 
 
 def validate_forward_backward(msg: pb.ForwardBackwardRequest) -> None:
@@ -81,6 +91,9 @@ def validate_forward_backward(msg: pb.ForwardBackwardRequest) -> None:
         raise InvalidRequest(f"forward_backward: unknown loss_fn {msg.loss_fn!r}; supported: {sorted(LOSS_FNS)}")
     if not msg.data:
         raise InvalidRequest("forward_backward: data is empty")
+    check_finite(dict(msg.loss_fn_config), "forward_backward: loss_fn_config")
+    numbers = {k: v.number for k, v in msg.loss_fn_config_v2.items() if v.WhichOneof("value") == "number"}
+    check_finite(numbers, "forward_backward: loss_fn_config")
     for i, datum in enumerate(msg.data):
         n = _datum_length(datum, i)
         for name, tensor in datum.loss_fn_inputs.items():
@@ -125,3 +138,76 @@ def _check_tensor(tensor: pb.Tensor, where: str, n: int) -> None:
 
 def json_bytes(data: Any) -> bytes:
     return json.dumps(data, separators=(",", ":")).encode()
+
+
+# --- the address of a refused body ------------------------------------------------------------------
+ADDRESS_PREFIX_BYTES = 256 * 1024  # both fields come first in every SDK body; this holds a whole zstd block
+_JSON_MODEL_ID = re.compile(rb'"model_id"\s*:\s*"([^"\\]{1,250})"')
+_JSON_SEQ_ID = re.compile(rb'"seq_id"\s*:\s*(\d{1,10})(?![\d.eE])')
+
+
+@dataclass(frozen=True, slots=True)
+class OpAddress:
+    model_id: str
+    seq_id: int
+
+
+def recover_address(raw: bytes, content_encoding: str | None = None) -> OpAddress | None:
+    """The (model_id, seq_id) a refused request names, read from a body that may be malformed,
+    truncated (a 413 keeps only a prefix) or zstd-compressed; None when it names none. Best effort: a
+    request we cannot even parse may still use a seq_id that later ops of its run wait for."""
+    head = raw[:ADDRESS_PREFIX_BYTES]
+    if (content_encoding or "").strip().lower() == "zstd":
+        try:  # only the start of the output: a bomb decompresses no further than that
+            head = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(head)).read(ADDRESS_PREFIX_BYTES)
+        except zstandard.ZstdError:
+            return None
+    found = _json_address(head) if head.lstrip()[:1] == b"{" else _protobuf_address(head)
+    if found is None or not 1 <= found[1] <= MAX_SEQ_ID:
+        return None
+    return OpAddress(*found)
+
+
+def _json_address(head: bytes) -> tuple[str, int] | None:
+    model_id, seq_id = _JSON_MODEL_ID.search(head), _JSON_SEQ_ID.search(head)
+    if model_id is None or seq_id is None:
+        return None
+    return model_id.group(1).decode(errors="replace"), int(seq_id.group(1))
+
+
+def _protobuf_address(head: bytes) -> tuple[str, int] | None:
+    """Fields 1 (model_id, a string) and 2 (seq_id, a varint) of ForwardBackwardRequest, read field by
+    field until both are found or the bytes stop making sense."""
+    model_id: str | None = None
+    seq_id: int | None = None
+    pos = 0
+    try:
+        while pos < len(head) and (model_id is None or seq_id is None):
+            key, pos = _varint(head, pos)
+            field, kind = key >> 3, key & 7
+            if kind == 0:
+                value, pos = _varint(head, pos)
+                seq_id = value if field == 2 else seq_id
+            elif kind == 2:
+                size, pos = _varint(head, pos)
+                if field == 1:
+                    model_id = head[pos:pos + size].decode()
+                pos += size
+            elif kind in (1, 5):
+                pos += 8 if kind == 1 else 4
+            else:
+                return None
+    except (IndexError, UnicodeDecodeError):
+        return None
+    return (model_id, seq_id) if model_id and seq_id is not None else None
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80 or shift > 63:
+            return value, pos
+        shift += 7

@@ -89,12 +89,24 @@ class ErrorCategory(StrEnum):
     UNKNOWN = "unknown"
 
 
+class ErrorCode(StrEnum):
+    """`ErrorBody.code` values the gateway acts on (the trainer sends others too, for people and metrics)."""
+
+    UNKNOWN_OP = "unknown_op"  # polled an op this trainer boot never had, or whose result expired
+    UNKNOWN_SAMPLE = "unknown_sample"
+    SEQ_ID_REUSED = "seq_id_reused"
+    SEQ_ID_STALE = "seq_id_stale"
+
+
 class _Wire(BaseModel):
     # Lenient on input: a newer gateway may send fields an older trainer does not know.
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
 class AdamParams(_Wire):
+    # Finite only: pydantic would accept inf and then serialise it as JSON null on the way to the trainer.
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
+
     learning_rate: float = Field(1e-4, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)

@@ -21,11 +21,14 @@ class TrainerUnreachable(Exception):
 
 
 class OpRejected(Exception):
-    def __init__(self, status: int, detail: str, category: ErrorCategory):
+    """The trainer refused a request (4xx `ErrorBody`); `code` is its `ErrorBody.code` (see `ErrorCode`)."""
+
+    def __init__(self, status: int, detail: str, category: ErrorCategory, code: str = ""):
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.category = category
+        self.code = code
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,12 +127,14 @@ def _state_from_status(status: int) -> str:
 
 
 def _rejected(response: HttpResponse) -> OpRejected:
+    code = ""
     try:
         data = json.loads(response.content)
         detail = str(data.get("detail") or data.get("error") or response.text)
         category = ErrorCategory(data.get("category", ErrorCategory.USER))
+        code = str(data.get("code") or "")
     except (ValueError, json.JSONDecodeError, AttributeError):
         detail, category = response.text or f"HTTP {response.status_code}", ErrorCategory.USER
     if response.status_code in (401, 403):
         category = ErrorCategory.SERVER
-    return OpRejected(response.status_code, detail, category)
+    return OpRejected(response.status_code, detail, category, code)

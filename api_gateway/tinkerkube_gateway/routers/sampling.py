@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fastapi import APIRouter
 
+from tinkerkube_gateway import wire
 from tinkerkube_gateway.deps import Body, Svc, Tenant
 from tinkerkube_gateway.routers.common import parse, submitted
 from tinkerkube_gateway.schemas import CreateSamplingSessionRequest, SampleRequest
@@ -27,6 +27,6 @@ async def get_sampler(svc: Svc, tenant: Tenant, sampler_id: str) -> dict[str, An
 
 @router.post("/asample", summary="Sample completions (future → protobuf SampleResponse)")
 async def asample(svc: Svc, tenant: Tenant, body: Body) -> dict[str, Any]:
-    req = parse(body, SampleRequest)
-    fut, sequence_ids = await svc.sampling.sample(tenant, req, json.loads(body))
+    raw = wire.load_json(body)
+    fut, sequence_ids = await svc.sampling.sample(tenant, wire.validate(raw, SampleRequest), raw)
     return submitted(fut, sample_sequence_ids=sequence_ids)

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 
 from tinkerkube_gateway import wire
 from tinkerkube_gateway.deps import Body, Svc, Tenant
+from tinkerkube_gateway.errors import Unsupported
 from tinkerkube_gateway.routers.common import parse, submitted
 from tinkerkube_gateway.schemas import (
     CreateModelRequest,
@@ -38,10 +39,10 @@ async def forward_backward(svc: Svc, tenant: Tenant, body: Body, request: Reques
     args = (body, request.headers.get("content-encoding"), svc.max_body_bytes)
     # Decoding a large batch must not stall the event loop; a small one costs less than the thread hop.
     if len(body) <= INLINE_CHECK_BYTES:
-        plain, model_id, seq_id, problem = wire.check_forward_backward(*args)
+        plain, model_id, seq_id = wire.check_forward_backward(*args)
     else:
-        plain, model_id, seq_id, problem = await asyncio.to_thread(wire.check_forward_backward, *args)
-    return submitted(await svc.ops.forward_backward(tenant, model_id, seq_id, plain, problem))
+        plain, model_id, seq_id = await asyncio.to_thread(wire.check_forward_backward, *args)
+    return submitted(await svc.ops.forward_backward(tenant, model_id, seq_id, plain))
 
 
 @router.post("/optim_step", summary="AdamW step on the accumulated gradients (future)")
@@ -62,3 +63,10 @@ async def save_for_sampler(svc: Svc, tenant: Tenant, body: Body) -> dict[str, An
 @router.post("/load_weights", summary="Load a checkpoint: into a new run (resume) or an existing one")
 async def load_weights(svc: Svc, tenant: Tenant, body: Body) -> dict[str, Any]:
     return submitted(await svc.ops.load_weights(tenant, parse(body, LoadWeightsRequest)))
+
+
+@router.post("/save_weights_external", summary="Not supported yet: refused with a 400 that uses up its seq_id")
+async def save_weights_external(_: Tenant, __: Body) -> dict[str, Any]:
+    raise Unsupported("save_weights_external (export in an external format, used by `tinker checkpoint download` "
+                      "and the cookbook's weight download) is not supported by this server yet; use "
+                      "save_weights_for_sampler for a LoRA adapter checkpoint of this run")

@@ -22,10 +22,11 @@ from collections.abc import Callable
 from typing import Any
 
 from tinkerkube_contract.pod_api import ErrorCategory
+from tinkerkube_contract.resource import SessionMode
 from tinkerkube_gateway.errors import SeqIdReused, UnknownFuture
 from tinkerkube_gateway.metrics import Metrics
 from tinkerkube_gateway.services.mirror import FuturesMirror
-from tinkerkube_gateway.store.records import FutureRecord, FutureState, ModelRecord
+from tinkerkube_gateway.store.records import FutureOp, FutureRecord, FutureState, ModelRecord
 from tinkerkube_gateway.store.repo import AsyncRepo
 
 _RECENT = 512  # finished records kept for their first retrieval
@@ -72,12 +73,12 @@ def new_request_id() -> str:
     return "req-" + uuid.uuid4().hex
 
 
-def _new_record(tenant: str, session_id: str | None, target_id: str, seq_id: int | None, op: str,
+def _new_record(tenant: str, session_id: str | None, target_id: str, seq_id: int | None, op: FutureOp | str,
                 body: bytes | None, body_type: str | None, meta: dict[str, object] | None) -> FutureRecord:
     return FutureRecord(
         request_id=new_request_id(), tenant=tenant, session_id=session_id, target_id=target_id, seq_id=seq_id,
-        trainer_seq=None, op=op, state=FutureState.PENDING, body=body, body_type=body_type, meta=meta, result=None,
-        result_type=None, error=None, category=None, created_at=time.time(), completed_at=None)
+        trainer_seq=None, op=FutureOp(op), state=FutureState.PENDING, body=body, body_type=body_type, meta=meta,
+        result=None, result_type=None, error=None, category=None, created_at=time.time(), completed_at=None)
 
 
 class FuturesService:
@@ -91,7 +92,8 @@ class FuturesService:
         self._recent: dict[str, FutureRecord] = {}  # finished here, not yet retrieved (oldest first)
         self._pending_here: dict[str, str] = {}  # request_id -> tenant: created here, not known finished
 
-    async def create(self, *, tenant: str, session_id: str | None, target_id: str, seq_id: int | None, op: str,
+    async def create(self, *, tenant: str, session_id: str | None, target_id: str, seq_id: int | None,
+                     op: FutureOp | str,
                      body: bytes | None = None, body_type: str | None = None,
                      meta: dict[str, object] | None = None) -> tuple[FutureRecord, bool]:
         """Returns the new future, or the original one for a retried submit of the same key."""
@@ -100,9 +102,9 @@ class FuturesService:
         await self._created(record, stored, created)
         return stored, created
 
-    async def create_op(self, *, tenant: str, model_id: str, seq_id: int, op: str, body: bytes, body_type: str,
+    async def create_op(self, *, tenant: str, model_id: str, seq_id: int, op: FutureOp, body: bytes, body_type: str,
                         meta: dict[str, object] | None,
-                        kind: str = "train") -> tuple[ModelRecord | None, FutureRecord | None, bool]:
+                        kind: SessionMode = SessionMode.TRAIN) -> tuple[ModelRecord | None, FutureRecord | None, bool]:
         """`create` for a training op, under the run's session, in one store call (`insert_op_future`,
         which also touches the run): (None, None, False) when the run is not the tenant's."""
         record = _new_record(tenant, None, model_id, seq_id, op, body, body_type, meta)
@@ -111,7 +113,26 @@ class FuturesService:
             await self._created(record, stored, created)
         return model, stored, created
 
+    async def refuse(self, *, tenant: str, session_id: str | None, target_id: str, seq_id: int, op: FutureOp,
+                     problem: str) -> FutureRecord | None:
+        """Uses up `seq_id` of `target_id` with a future that failed at once (nothing ran): a request the
+        gateway refused, or a gap sealed. The run's worker skips it like any finished op. None when the
+        seq_id already has a future (the refused request was a retry, or the gap filled after all)."""
+        record = dataclasses.replace(
+            _new_record(tenant, session_id, target_id, seq_id, op, None, None, {"rejected": problem}),
+            state=FutureState.FAILED, error=problem, category=ErrorCategory.USER.value, completed_at=time.time())
+        stored, created = await self.repo.insert_future(record)
+        if not created:
+            return None
+        self.metrics.futures_total.labels(op=record.op, outcome=FutureState.FAILED.value).inc()
+        if self.mirror is not None:
+            await self.mirror.changed(stored, FutureState.FAILED)
+        return stored
+
     async def _created(self, record: FutureRecord, stored: FutureRecord, created: bool) -> None:
+        if not created and stored.rejected is not None:
+            raise SeqIdReused(f"seq_id {record.seq_id} of {record.target_id} was already used by a request the "
+                              f"gateway refused: {stored.rejected}")
         if not created and (stored.op != record.op or stored.tenant != record.tenant or stored.body != record.body):
             raise SeqIdReused(f"seq_id {record.seq_id} of {record.target_id} was already used by a different "
                               f"request ({stored.op}); every request needs the next seq_id")

@@ -17,7 +17,7 @@ from tinkerkube_contract import paths
 from tinkerkube_contract.models import resolve_model
 from tinkerkube_contract.pod_api import ErrorCategory
 from tinkerkube_contract.resource import LoraSpec, SessionMode, TrainingSessionSpec
-from tinkerkube_gateway.backends.base import SessionBackend, TrainerHandle
+from tinkerkube_gateway.backends.base import SessionBackend
 from tinkerkube_gateway.dispatcher import Dispatcher
 from tinkerkube_gateway.errors import InvalidRequest, UnknownCheckpoint, UnknownModel
 from tinkerkube_gateway.scheduling import first_expected_seq
@@ -25,13 +25,18 @@ from tinkerkube_gateway.schemas import CreateModelRequest, LoadWeightsRequest, L
 from tinkerkube_gateway.services.futures import FuturesService
 from tinkerkube_gateway.services.replicas import Replicas
 from tinkerkube_gateway.services.sessions import SessionsService
-from tinkerkube_gateway.store.records import FutureRecord, FutureState, ModelRecord, ModelStatus
+from tinkerkube_gateway.store.records import (
+    CREATE_OPS,
+    LIVE,
+    FutureOp,
+    FutureRecord,
+    FutureState,
+    ModelRecord,
+    ModelStatus,
+)
 from tinkerkube_gateway.store.repo import AsyncRepo
 
 log = logging.getLogger(__name__)
-
-CREATE_OPS = ("create_model", "load_weights_create", "start_sampler")
-LIVE = (ModelStatus.STARTING, ModelStatus.READY)
 
 
 class ModelsService:
@@ -51,7 +56,7 @@ class ModelsService:
         self.idle_timeout = idle_timeout
         self.spec_defaults = spec_defaults or {}  # placement: replicas, procs_per_pod, resources, ...
 
-    async def get_owned(self, tenant: str, model_id: str, *, kind: str = "train") -> ModelRecord:
+    async def get_owned(self, tenant: str, model_id: str, *, kind: SessionMode = SessionMode.TRAIN) -> ModelRecord:
         record = await self.repo.get_model(model_id)
         if record is None or record.tenant != tenant or record.kind != kind:
             raise UnknownModel(f"unknown model_id {model_id!r}")
@@ -73,7 +78,7 @@ class ModelsService:
                         train_attn=lora_cfg.train_attn, train_unembed=lora_cfg.train_unembed, seed=lora_cfg.seed)
         spec = self.spec_for(model_id=model_id, tenant=tenant, session_id=req.session_id,
                              base_model=req.base_model, lora=lora)
-        return await self.launch(tenant, spec, "create_model", req.user_metadata, req.optimizer_config)
+        return await self.launch(tenant, spec, FutureOp.CREATE_MODEL, req.user_metadata, req.optimizer_config)
 
     async def create_from_checkpoint(self, tenant: str, req: LoadWeightsRequest, resolve: Any) -> FutureRecord:
         """Create-via-load: the new run takes base model and LoRA config from the checkpoint's run."""
@@ -89,9 +94,9 @@ class ModelsService:
                              base_model=source.base_model, lora=LoraSpec.model_validate(source.lora or {}),
                              restore_from=checkpoint.tinker_path, restore_optimizer=req.optimizer)
         metadata = req.user_metadata if req.user_metadata is not None else source.user_metadata
-        return await self.launch(tenant, spec, "load_weights_create", metadata, source.optimizer_config)
+        return await self.launch(tenant, spec, FutureOp.LOAD_WEIGHTS_CREATE, metadata, source.optimizer_config)
 
-    async def launch(self, tenant: str, spec: TrainingSessionSpec, op: str, user_metadata: dict[str, Any] | None,
+    async def launch(self, tenant: str, spec: TrainingSessionSpec, op: FutureOp, user_metadata: dict[str, Any] | None,
                       optimizer_config: dict[str, Any] | None, weights_key: str | None = None) -> FutureRecord:
         fut, created = await self.futures.create(tenant=tenant, session_id=spec.tinker_session,
                                                  target_id=spec.model_id, seq_id=0, op=op,
@@ -121,32 +126,23 @@ class ModelsService:
                 "lora_rank": lora.get("rank"), "model_name": record.base_model, "type": "get_info",
                 **({"optimizer_config": record.optimizer_config} if record.optimizer_config else {})}
 
-    # --- ResultSink hooks ------------------------------------------------------------------------
-    async def on_ready(self, model_id: str, handle: TrainerHandle) -> None:
-        await self.repo.update_model(model_id, status=ModelStatus.READY)
-
-    async def on_dead(self, model_id: str, reason: str) -> None:
-        await self.repo.update_model(model_id, status=ModelStatus.FAILED, error=reason[:4000])
-        await self.backend.stop(model_id)
-        await self.replicas.release(model_id)  # a failed run is nobody's to take over
-
     async def keep_session_alive(self, session_id: str) -> None:
         """On heartbeat: the session's live training runs are in use even when no op is running."""
         if self.futures.mirror is None:
             return
         runs = await self.repo.list_models(session_id=session_id, live_only=True)
-        self.futures.mirror.keepalive([r.model_id for r in runs if r.kind == "train"])
+        self.futures.mirror.keepalive([r.model_id for r in runs if r.kind == SessionMode.TRAIN])
 
     async def stop_session_runs(self, session_id: str, reason: str) -> None:
         """The session's runs stop; a shared sampler process stops with its last user (any session that
         holds a sampling client on it), whichever session started it."""
         for record in await self.repo.list_models(session_id=session_id, live_only=True):
-            if record.kind == "sample" and await self.repo.sampler_users(record.model_id) > 0:
+            if record.kind == SessionMode.SAMPLE and await self.repo.sampler_users(record.model_id) > 0:
                 continue
             await self._stop(record.model_id, reason)
         for sampler in await self.repo.list_samplers(session_id):
             backing = await self.repo.get_model(sampler.backing_model_id)
-            if (backing is not None and backing.kind == "sample" and backing.session_id != session_id
+            if (backing is not None and backing.kind == SessionMode.SAMPLE and backing.session_id != session_id
                     and backing.status in LIVE and await self.repo.sampler_users(backing.model_id) == 0):
                 await self._stop(backing.model_id, f"its last sampling session ended: {reason}")
 
@@ -212,7 +208,7 @@ class ModelsService:
                       "retry (recreate the client from your last checkpoint)")
             for fut in futs:
                 await self.futures.fail(fut, reason, ErrorCategory.SERVER)
-            if record is not None and record.status in (ModelStatus.STARTING, ModelStatus.READY):
+            if record is not None and record.status in LIVE:
                 await self.repo.update_model(target_id, status=ModelStatus.STOPPED, error=reason)
             return
         passed = [f.seq_id for f in await self.repo.futures_for_target(target_id)

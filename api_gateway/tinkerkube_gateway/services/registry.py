@@ -16,17 +16,22 @@ from pathlib import Path
 from typing import Any
 
 from tinkerkube_contract import paths, pod_api
+from tinkerkube_contract.resource import SessionMode
 from tinkerkube_gateway.errors import InvalidRequest, UnknownCheckpoint, UnknownModel
-from tinkerkube_gateway.store.records import CheckpointRecord, FutureRecord, ModelRecord
+from tinkerkube_gateway.store.records import CheckpointRecord, FutureRecord, ModelRecord, ModelStatus
 from tinkerkube_gateway.store.repo import AsyncRepo
 
 log = logging.getLogger(__name__)
 
-_TYPE = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
+_TYPE = {paths.CheckpointKind.WEIGHTS: "training", paths.CheckpointKind.SAMPLER_WEIGHTS: "sampler",
+         paths.CheckpointKind.EXTERNAL_WEIGHTS: "external"}
+_LAST_DATE = datetime(9999, 12, 31, tzinfo=UTC).timestamp()
 
 
 def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat()
+    """An ISO date; a time past year 9999 (never accepted now, but maybe stored before bounds) is shown
+    as that year rather than failing every listing that includes it."""
+    return datetime.fromtimestamp(min(ts, _LAST_DATE), UTC).isoformat()
 
 
 def _str_map(data: dict[str, Any] | None) -> dict[str, str] | None:
@@ -106,25 +111,28 @@ class RegistryService:
 
     async def run_json(self, record: ModelRecord) -> dict[str, Any]:
         checkpoints = await self.repo.list_checkpoints(tenant=record.tenant, run_id=record.model_id, limit=1000)
-        last = {kind: next((c for c in checkpoints if c.kind == kind), None) for kind in ("weights", "sampler_weights")}
+        last = {kind: next((c for c in checkpoints if c.kind == kind), None)
+                for kind in (paths.CheckpointKind.WEIGHTS, paths.CheckpointKind.SAMPLER_WEIGHTS)}
         return {"training_run_id": record.model_id, "base_model": record.base_model, "model_owner": record.tenant,
-                "is_lora": True, "corrupted": record.status == "failed",
+                "is_lora": True, "corrupted": record.status == ModelStatus.FAILED,
                 "lora_rank": (record.lora or {}).get("rank"), "last_request_time": iso(record.last_request_time),
-                "last_checkpoint": self.checkpoint_json(last["weights"]) if last["weights"] else None,
-                "last_sampler_checkpoint": self.checkpoint_json(last["sampler_weights"])
-                if last["sampler_weights"] else None,
+                "last_checkpoint": self._json_or_none(last[paths.CheckpointKind.WEIGHTS]),
+                "last_sampler_checkpoint": self._json_or_none(last[paths.CheckpointKind.SAMPLER_WEIGHTS]),
                 "user_metadata": _str_map(record.user_metadata)}
+
+    def _json_or_none(self, record: CheckpointRecord | None) -> dict[str, Any] | None:
+        return None if record is None else self.checkpoint_json(record)
 
     async def get_run(self, tenant: str, run_id: str) -> ModelRecord:
         paths.validate_run_id(run_id)
         record = await self.repo.get_model(run_id)
-        if record is None or record.tenant != tenant or record.kind != "train":
+        if record is None or record.tenant != tenant or record.kind != SessionMode.TRAIN:
             raise UnknownModel(f"unknown training run {run_id!r}")
         return record
 
     async def list_runs(self, tenant: str, limit: int, offset: int) -> dict[str, Any]:
-        runs = await self.repo.list_models(tenant=tenant, kind="train", limit=limit, offset=offset)
-        total = await self.repo.count_models(tenant, "train")
+        runs = await self.repo.list_models(tenant=tenant, kind=SessionMode.TRAIN, limit=limit, offset=offset)
+        total = await self.repo.count_models(tenant, SessionMode.TRAIN)
         return {"training_runs": [await self.run_json(r) for r in runs],
                 "cursor": {"offset": offset, "limit": limit, "total_count": total}}
 

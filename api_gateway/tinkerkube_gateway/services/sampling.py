@@ -21,15 +21,17 @@ from tinkerkube_gateway.services.futures import FuturesService
 from tinkerkube_gateway.services.models import ModelsService
 from tinkerkube_gateway.services.registry import RegistryService
 from tinkerkube_gateway.services.sessions import SessionsService
-from tinkerkube_gateway.store.records import FutureRecord, FutureState, ModelRecord, SamplerRecord
+from tinkerkube_gateway.store.records import LIVE, FutureOp, FutureRecord, FutureState, ModelRecord, SamplerRecord
 from tinkerkube_gateway.wire import json_bytes
 
 log = logging.getLogger(__name__)
+DEFAULT_MAX_TOKENS = 262_144
 
 
 class SamplingService:
     def __init__(self, *, futures: FuturesService, sessions: SessionsService, models: ModelsService,
-                 registry: RegistryService, dispatcher: Dispatcher):
+                 registry: RegistryService, dispatcher: Dispatcher, max_sample_tokens: int = DEFAULT_MAX_TOKENS):
+        self.max_sample_tokens = max_sample_tokens  # tokens one request may generate, over all its samples
         self.futures = futures
         self.sessions = sessions
         self.models = models
@@ -86,7 +88,7 @@ class SamplingService:
         process_id = sampler_id.replace(":sample:", ":sampler:")  # sample futures are keyed by sampler_id
         spec = self.models.spec_for(model_id=process_id, tenant=tenant, session_id=session_id, base_model=base_model,
                                     lora=lora, mode=SessionMode.SAMPLE, restore_from=restore_from)
-        await self.models.launch(tenant, spec, "start_sampler", None, None, weights_key=key)
+        await self.models.launch(tenant, spec, FutureOp.START_SAMPLER, None, None, weights_key=key)
         record = await self.models.repo.get_model(process_id)
         assert record is not None
         return record
@@ -94,7 +96,7 @@ class SamplingService:
     async def _dispatched_elsewhere(self, model_id: str) -> bool:
         """Live, and another gateway replica holds its lease (so `adopt` did not take it)."""
         record = await self.models.repo.get_model(model_id)
-        return (self.models.replicas.multi and record is not None and record.status in ("starting", "ready")
+        return (self.models.replicas.multi and record is not None and record.status in LIVE
                 and await self.dispatcher.backend.handle(model_id) is not None)
 
     async def get_owned(self, tenant: str, sampler_id: str) -> SamplerRecord:
@@ -110,9 +112,13 @@ class SamplingService:
     async def sample(self, tenant: str, req: SampleRequest, raw: dict[str, Any]) -> tuple[FutureRecord, list[str]]:
         if not req.sampling_session_id:
             raise InvalidRequest("asample needs sampling_session_id (create a sampling session first)")
+        max_tokens = req.sampling_params.max_tokens
+        if max_tokens is not None and req.num_samples * max_tokens > self.max_sample_tokens:
+            raise InvalidRequest(f"num_samples * max_tokens = {req.num_samples} * {max_tokens} exceeds the "
+                                 f"{self.max_sample_tokens} tokens one sample request may generate here")
         sampler = await self.get_owned(tenant, req.sampling_session_id)
         fut, created = await self.futures.create(tenant=tenant, session_id=sampler.session_id,
-                                                 target_id=sampler.sampler_id, seq_id=req.seq_id, op="sample",
+                                                 target_id=sampler.sampler_id, seq_id=req.seq_id, op=FutureOp.SAMPLE,
                                                  body=json_bytes(raw), body_type=pod_api.CONTENT_JSON)
         if created:
             await self.models.adopt(sampler.backing_model_id)

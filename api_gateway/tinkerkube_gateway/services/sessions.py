@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from tinkerkube_contract.resource import SessionMode
 from tinkerkube_gateway.errors import SessionGone, UnknownSession
 from tinkerkube_gateway.metrics import Metrics
 from tinkerkube_gateway.schemas import CreateSessionRequest
@@ -88,7 +89,7 @@ class SessionsService:
 
     async def describe(self, tenant: str, session_id: str) -> dict[str, Any]:
         session = await self.get_owned(tenant, session_id)
-        runs = await self.repo.list_models(session_id=session_id, kind="train")
+        runs = await self.repo.list_models(session_id=session_id, kind=SessionMode.TRAIN)
         samplers = await self.repo.list_samplers(session_id)
         metadata = None if session.user_metadata is None else {k: str(v) for k, v in session.user_metadata.items()}
         return {"training_run_ids": [r.model_id for r in runs], "sampler_ids": [s.sampler_id for s in samplers],

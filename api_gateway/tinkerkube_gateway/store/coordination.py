@@ -18,11 +18,10 @@ from sqlalchemy import Engine, case, delete, distinct, func, insert, literal, or
 from sqlalchemy.exc import IntegrityError
 
 from tinkerkube_gateway.store import tables as t
-from tinkerkube_gateway.store.records import FutureState, SessionStatus
+from tinkerkube_gateway.store.records import LIVE, FutureState, SessionStatus
 
 CHANNEL = "tinkerkube_gateway"
 SAMPLE_LEASE = "sample:"  # + request_id: the replica running a sample (model ids start with a session id)
-LIVE = ("starting", "ready")
 
 
 class CoordinationQueries:

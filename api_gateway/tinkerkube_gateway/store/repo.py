@@ -16,9 +16,11 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, delete, event, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from tinkerkube_contract.resource import SessionMode
 from tinkerkube_gateway.store import tables as t
 from tinkerkube_gateway.store.coordination import CoordinationQueries
 from tinkerkube_gateway.store.records import (
+    LIVE,
     CheckpointRecord,
     FutureRecord,
     FutureState,
@@ -113,7 +115,7 @@ class Repo(CoordinationQueries):
     def update_model(self, model_id: str, **values: Any) -> None:
         self._write(update(t.models).where(t.models.c.model_id == model_id).values(**values))
 
-    def list_models(self, *, tenant: str | None = None, session_id: str | None = None, kind: str | None = None,
+    def list_models(self, *, tenant: str | None = None, session_id: str | None = None, kind: SessionMode | None = None,
                     live_only: bool = False, limit: int = 1000, offset: int = 0) -> list[ModelRecord]:
         stmt = select(t.models)
         if tenant is not None:
@@ -123,20 +125,19 @@ class Repo(CoordinationQueries):
         if kind is not None:
             stmt = stmt.where(t.models.c.kind == kind)
         if live_only:
-            stmt = stmt.where(t.models.c.status.in_(("starting", "ready")))
+            stmt = stmt.where(t.models.c.status.in_(LIVE))
         stmt = stmt.order_by(t.models.c.created_at.desc()).limit(limit).offset(offset)
         return self._all(stmt, ModelRecord)
 
-    def count_models(self, tenant: str, kind: str) -> int:
+    def count_models(self, tenant: str, kind: SessionMode) -> int:
         with self.engine.connect() as conn:
             stmt = select(func.count()).select_from(t.models).where(t.models.c.tenant == tenant,
                                                                     t.models.c.kind == kind)
             return int(conn.execute(stmt).scalar_one())
 
     def find_sampler_process(self, tenant: str, weights_key: str) -> ModelRecord | None:
-        stmt = select(t.models).where(t.models.c.tenant == tenant, t.models.c.kind == "sample",
-                                      t.models.c.weights_key == weights_key,
-                                      t.models.c.status.in_(("starting", "ready")))
+        stmt = select(t.models).where(t.models.c.tenant == tenant, t.models.c.kind == SessionMode.SAMPLE,
+                                      t.models.c.weights_key == weights_key, t.models.c.status.in_(LIVE))
         return self._one(stmt, ModelRecord)
 
     # --- samplers ---------------------------------------------------------------------------------
@@ -169,7 +170,7 @@ class Repo(CoordinationQueries):
                 raise
             return existing, False
 
-    def insert_op_future(self, record: FutureRecord, *, kind: str,
+    def insert_op_future(self, record: FutureRecord, *, kind: SessionMode,
                          now: float) -> tuple[ModelRecord | None, FutureRecord | None, bool]:
         """A training op's submit in one call (one worker-thread hop): the run, None unless it is
         `record.tenant`'s and of `kind` (then nothing is written); the future inserted idempotently under

@@ -53,8 +53,8 @@ async def _restart_gateway(repo: AsyncRepo, futures: FuturesService, trainer: Fa
                            tmp_path: Path) -> Dispatcher:
     """A new gateway process on that store, its trainer still running: `ModelsService.recover()`."""
     backend = FakeBackend(trainer)
-    dispatcher = Dispatcher(repo=repo, backend=backend, pods=trainer, start_timeout=5)  # type: ignore[arg-type]
-    dispatcher.bind(CompletingSink(futures))  # type: ignore[arg-type]
+    dispatcher = Dispatcher(repo=repo, backend=backend, pods=trainer, sink=CompletingSink(futures),  # type: ignore
+                            start_timeout=5)
     sessions = SessionsService(repo, Metrics(), idle_timeout=60, reap_interval=60)
     models = ModelsService(repo=repo, futures=futures, sessions=sessions, dispatcher=dispatcher,
                            backend=backend,  # type: ignore[arg-type]

@@ -116,10 +116,10 @@ class Sink:
 async def _run(tmp_path: Path, trainer: FakeTrainer, seqs: list[int]) -> Sink:
     repo = AsyncRepo(Repo(f"sqlite:///{tmp_path / 'gw.db'}"))
     futures = FuturesService(repo, Metrics())
-    dispatcher = Dispatcher(repo=repo, backend=FakeBackend(trainer), pods=trainer, start_timeout=5)  # type: ignore
     sink = Sink()
     sink.expected = len(seqs)
-    dispatcher.bind(sink)
+    dispatcher = Dispatcher(repo=repo, backend=FakeBackend(trainer), pods=trainer, sink=sink,  # type: ignore
+                            start_timeout=5)
     worker = dispatcher.launch(MODEL, [])
     for seq in seqs:
         fut, _ = await futures.create(tenant="t", session_id="s", target_id=MODEL, seq_id=seq, op="optim_step",
