@@ -126,7 +126,7 @@ class Dispatcher:
         if worker is not None:
             await worker.cancel()
             for fut in worker.pending():
-                await self.sink.on_failure(fut, reason, ErrorCategory.USER)
+                await self._fail(fut, reason, ErrorCategory.USER)
         await self.backend.stop(model_id)
 
     async def close(self) -> None:

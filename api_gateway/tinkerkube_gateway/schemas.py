@@ -113,6 +113,13 @@ class SamplingParams(_Req):
     top_p: float = Field(1.0, gt=0, le=1)
     stop: str | list[str] | list[TokenId] | None = None
 
+    @field_validator("temperature", "top_p", mode="before")
+    @classmethod
+    def _not_null(cls, value: object) -> object:
+        if value is None:  # the tinker SDK serialises inf and NaN as null (pydantic's JSON mode)
+            raise ValueError("must be a finite number, got null (the tinker SDK sends inf and NaN as null)")
+        return value
+
     @field_validator("top_k")
     @classmethod
     def _top_k_is_on_or_off(cls, value: int) -> int:

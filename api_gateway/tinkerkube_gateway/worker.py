@@ -201,7 +201,11 @@ class ModelWorker:
             if self._overdue is None or self._overdue[0] != self.next_seq:
                 self._overdue = (self.next_seq, now + self.deps.gap_timeout)
             if self._overdue[1] <= now:
-                await self._seal_gap(waiting)
+                try:
+                    await self._seal_gap(waiting)
+                except Exception:  # the store failed us: try again after another timeout
+                    log.exception("sealing the gap of %s at seq %s failed", self.model_id, self.next_seq)
+                    self._overdue = (self.next_seq, now + self.deps.gap_timeout)
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._overdue[1] - now)

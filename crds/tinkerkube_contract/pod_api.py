@@ -30,7 +30,7 @@ from enum import StrEnum
 from typing import Any, Literal
 from urllib.parse import quote
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tinkerkube_contract.resource import LoraSpec, SessionMode
 
@@ -113,6 +113,13 @@ class AdamParams(_Wire):
     eps: float = Field(1e-12, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip_norm: float = Field(0.0, ge=0, description="0 disables clipping")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _not_null(cls, value: object) -> object:
+        if value is None:  # the tinker SDK serialises inf and NaN as null (pydantic's JSON mode)
+            raise ValueError("must be a finite number, got null (the tinker SDK sends inf and NaN as null)")
+        return value
 
 
 class OptimStepOp(_Wire):

@@ -2,9 +2,10 @@
 seq_id that never arrives is sealed after the gap timeout, one far ahead is refused, and the run's next
 steps equal those of a twin that never saw the bad request.
 
-Raw HTTP (the SDK hides statuses behind retries) against one gateway with short limits and fake
-trainers: these checks are about ordering, not math (test_bad_input_twin.py has the real-trainer twin).
-The fake trainer's logprobs move with every optim step it applies, so equal results mean equal steps.
+Raw HTTP for exact statuses (the SDK hides them behind retries), and the real SDK for what a user meets,
+against one gateway with short limits and fake trainers: these checks are about ordering, not math
+(test_bad_input_twin.py has the real-trainer twin). The fake trainer's logprobs move with every optim
+step it applies, so equal results mean equal steps.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from typing import Any
 
 import httpx
 import pytest
+import tinker
 import zstandard
+from tinker import types
 from tinker.proto import tinker_public_pb2 as pb
 
 from tests.component.gateway.conftest import TINY
 from tests.support.gateway_raw import fwdbwd_body, new_model, new_session, optim, post_fwdbwd, retrieve
-from tests.support.sdk import GatewayProc, start_gateway
+from tests.support.sdk import DEV_KEY, GatewayProc, start_gateway
 
 GAP_TIMEOUT = 2
 MAX_AHEAD = 8
@@ -214,3 +217,37 @@ def test_no_route_answers_a_5xx_to_garbage(http: httpx.Client, strict_gateway: G
         response = http.get("/api/v1/checkpoints", params={"offset": offset})
         assert response.status_code == 400 and "offset" in response.text, response.text
     assert answered > 100 and http.get("/api/v1/checkpoints").status_code == 200
+
+
+def _datum(n: int = 6) -> types.Datum:
+    tokens = list(range(1, n + 1))
+    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                       loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (n - 1)})
+
+
+def test_the_sdk_gets_a_clear_error_for_each_bad_request_and_its_run_goes_on(strict_gateway: GatewayProc) -> None:
+    with tinker.ServiceClient(base_url=strict_gateway.url, api_key=DEV_KEY) as service:
+        training = service.create_lora_training_client(base_model=TINY, rank=4).result()
+        data = [_datum()]
+        before = training.forward_backward(data, "cross_entropy").result()
+        refused: list[tuple[Callable[[], Any], str]] = [
+            (lambda: training.optim_step(types.AdamParams(learning_rate=-1.0)), "learning_rate"),
+            (lambda: training.optim_step(types.AdamParams(learning_rate=math.inf)), "finite number"),
+            (lambda: training.forward_backward(data, "dro", {"beta": math.nan}), "loss_fn_config"),
+            (lambda: training.save_state("a", ttl_seconds=-5), "ttl_seconds"),
+            (lambda: training.save_weights_for_sampler("b", ttl_seconds=-1), "ttl_seconds"),
+            (lambda: training.save_weights_external("c"), "not supported"),
+        ]
+        for call, phrase in refused:
+            with pytest.raises(tinker.BadRequestError, match=phrase):
+                call().result()
+        assert training.forward_backward(data, "cross_entropy").result().metrics == before.metrics
+        assert training.optim_step(types.AdamParams(learning_rate=1e-4)).result().metrics == {"step:max": 1.0}
+
+        sampler = training.save_weights_and_get_sampling_client()
+        prompt = types.ModelInput.from_ints([1, 2])
+        with pytest.raises(tinker.BadRequestError, match="tokens one sample request may generate"):
+            sampler.sample(prompt, 2, types.SamplingParams(max_tokens=2**31 - 1, stop=[])).result()
+        with pytest.raises(tinker.BadRequestError, match="top_p"):  # (a NaN the SDK refuses to send itself)
+            sampler.sample(prompt, 1, types.SamplingParams(top_p=0.0)).result()
+        assert len(sampler.sample(prompt, 1, types.SamplingParams(max_tokens=2)).result().sequences) == 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tinkerkube_gateway.scheduling import first_expected_seq, forwardable, replay_plan
+from tinkerkube_gateway.scheduling import first_expected_seq, forwardable, gap, replay_plan
 
 
 @pytest.mark.parametrize(("next_seq", "present", "expected"), [
@@ -17,6 +17,16 @@ from tinkerkube_gateway.scheduling import first_expected_seq, forwardable, repla
 def test_only_the_contiguous_run_from_the_next_seq_is_forwardable(next_seq: int, present: set[int],
                                                                  expected: list[int]) -> None:
     assert forwardable(next_seq, dict.fromkeys(present, "op")) == expected
+
+
+@pytest.mark.parametrize(("next_seq", "present", "expected"), [
+    (2, {4, 5}, [2, 3]),  # ops 4 and 5 wait behind 2 and 3
+    (2, {3, 7}, [2]),  # only the hole before the first arrival: what follows it is reached afterwards
+    (2, set(), []),  # nothing waits: no gap, whatever is missing
+])
+def test_the_gap_is_the_hole_before_the_first_waiting_op(next_seq: int, present: set[int],
+                                                         expected: list[int]) -> None:
+    assert list(gap(next_seq, dict.fromkeys(present, "op"))) == expected
 
 
 def test_restart_resumes_at_the_first_seq_neither_finished_nor_forwarded() -> None:
