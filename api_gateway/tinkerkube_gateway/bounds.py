@@ -22,6 +22,11 @@ MAX_INT32 = 2**31 - 1
 MAX_SEQ_ID = MAX_INT32
 MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
 MAX_JSON_DEPTH = 64
+# Defaults of the settings of the same name: how long ops wait behind a missing seq_id, how far ahead of
+# the next expected seq_id a submit may be, how many tokens one sample request may generate.
+SEQ_GAP_TIMEOUT_SECONDS = 300.0
+MAX_SEQ_AHEAD = 1000
+MAX_SAMPLE_TOKENS = 262_144
 
 SeqId = Annotated[int, Field(ge=1, le=MAX_SEQ_ID)]
 Count = Annotated[int, Field(ge=0, le=MAX_INT32)]  # counters and offsets: model_seq_id, sampling seq ids

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 
 from tinkerkube_contract.pod_api import ErrorCategory, OpState, SampleOp
 from tinkerkube_gateway.backends.base import SessionBackend
+from tinkerkube_gateway.bounds import MAX_SEQ_AHEAD, SEQ_GAP_TIMEOUT_SECONDS
 from tinkerkube_gateway.clients.pod_client import OpRejected, PodClient, TrainerUnreachable
 from tinkerkube_gateway.store.records import FutureRecord
 from tinkerkube_gateway.store.repo import AsyncRepo
@@ -20,13 +21,11 @@ from tinkerkube_gateway.worker import ModelWorker, ResultSink, WorkerDeps
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GAP_TIMEOUT = 300.0
-DEFAULT_MAX_AHEAD = 1000
 
 
 class Dispatcher:
     def __init__(self, *, repo: AsyncRepo, backend: SessionBackend, pods: PodClient, sink: ResultSink,
-                 start_timeout: float, gap_timeout: float = DEFAULT_GAP_TIMEOUT, max_ahead: int = DEFAULT_MAX_AHEAD,
+                 start_timeout: float, gap_timeout: float = SEQ_GAP_TIMEOUT_SECONDS, max_ahead: int = MAX_SEQ_AHEAD,
                  replica_id: str = "local", on_sample_done: Callable[[str], Awaitable[None]] | None = None):
         """`max_ahead`: how far past a run's next expected seq_id a submit may be; `on_sample_done(request_id)`:
         called when a sample finished here (not when cancelled at shutdown)."""

@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tinkerkube_contract.models import DEFAULT_MODEL
+from tinkerkube_gateway import bounds
 
 ENV_PREFIX = "TINKERKUBE_GATEWAY_"
 LOCAL_DEV_KEY = "tml-local"
@@ -49,14 +50,14 @@ class GatewaySettings(BaseSettings):
     long_poll_seconds: float = Field(30.0, gt=0, le=40, description="retrieve_future holds this long, then try_again")
     max_body_bytes: int = Field(64 * 1024 * 1024, gt=0, description="larger request bodies get a 413 JSON error")
     seq_gap_timeout_seconds: float = Field(
-        300.0, gt=0, description="ops waiting behind a seq_id that never arrives fail after this long, naming it; "
-        "the gap is sealed (a late arrival is refused) and later ops go on")
+        bounds.SEQ_GAP_TIMEOUT_SECONDS, gt=0, description="ops waiting behind a seq_id that never arrives fail "
+        "after this long, naming it; the gap is sealed (a late arrival is refused) and later ops go on")
     max_seq_ahead: int = Field(
-        1000, ge=1, description="how far past a run's next expected seq_id a submit may be (a 400 beyond, which "
-        "leaves that seq_id free); also the longest gap sealed seq_id by seq_id")
+        bounds.MAX_SEQ_AHEAD, ge=1, description="how far past a run's next expected seq_id a submit may be (a 400 "
+        "beyond, which leaves that seq_id free); also the longest gap sealed seq_id by seq_id")
     max_sample_tokens: int = Field(
-        262_144, ge=1, description="most tokens one sample request may generate (num_samples * max_tokens); "
-        "a 400 beyond")
+        bounds.MAX_SAMPLE_TOKENS, ge=1, description="most tokens one sample request may generate "
+        "(num_samples * max_tokens); a 400 beyond")
     trainer_nproc_per_node: int = Field(1, ge=1, le=8, description="torchrun ranks per local trainer")
     trainer_device: str = Field("auto", pattern="^(auto|cpu|cuda)$", description="device for local trainers")
     trainer_start_timeout_seconds: float = Field(300.0, gt=0, description="longest wait for a trainer's readiness")

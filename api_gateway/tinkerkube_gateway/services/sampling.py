@@ -25,12 +25,11 @@ from tinkerkube_gateway.store.records import LIVE, FutureOp, FutureRecord, Futur
 from tinkerkube_gateway.wire import json_bytes
 
 log = logging.getLogger(__name__)
-DEFAULT_MAX_TOKENS = 262_144
 
 
 class SamplingService:
     def __init__(self, *, futures: FuturesService, sessions: SessionsService, models: ModelsService,
-                 registry: RegistryService, dispatcher: Dispatcher, max_sample_tokens: int = DEFAULT_MAX_TOKENS):
+                 registry: RegistryService, dispatcher: Dispatcher, max_sample_tokens: int):
         self.max_sample_tokens = max_sample_tokens  # tokens one request may generate, over all its samples
         self.futures = futures
         self.sessions = sessions

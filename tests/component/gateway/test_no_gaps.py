@@ -244,7 +244,7 @@ def test_the_sdk_gets_a_clear_error_for_each_bad_request_and_its_run_goes_on(str
         assert training.forward_backward(data, "cross_entropy").result().metrics == before.metrics
         assert training.optim_step(types.AdamParams(learning_rate=1e-4)).result().metrics == {"step:max": 1.0}
 
-        sampler = training.save_weights_and_get_sampling_client()
+        sampler = training.save_weights_and_get_sampling_client().result()
         prompt = types.ModelInput.from_ints([1, 2])
         with pytest.raises(tinker.BadRequestError, match="tokens one sample request may generate"):
             sampler.sample(prompt, 2, types.SamplingParams(max_tokens=2**31 - 1, stop=[])).result()
