@@ -8,6 +8,7 @@ import math
 
 import pytest
 import zstandard
+from tinker.proto import tinker_public_pb2 as pb
 
 from tests.support.gateway_raw import fwdbwd_body
 from tinkerkube_contract import pod_api
@@ -21,6 +22,7 @@ from tinkerkube_gateway.schemas import (
     SaveWeightsRequest,
     TtlRequest,
 )
+from tinkerkube_gateway.services.registry import iso
 
 
 def test_json_deeper_than_the_limit_is_refused_before_any_parser_recurses() -> None:
@@ -142,3 +144,21 @@ def test_a_broken_protobuf_body_still_names_its_op_even_compressed_or_cut() -> N
 ])
 def test_a_body_that_names_no_op_yields_no_address(body: bytes, encoding: str | None) -> None:
     assert wire.recover_address(body, encoding) is None
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_a_non_finite_loss_fn_config_number_is_refused_in_either_map(legacy: bool, value: float) -> None:
+    msg = pb.ForwardBackwardRequest()
+    msg.ParseFromString(fwdbwd_body("s:train:0", 4))
+    if legacy:
+        msg.loss_fn_config["clip_low_threshold"] = value
+    else:
+        msg.loss_fn_config_v2["beta"].number = value
+    msg.loss_fn_config_v2["note"].text = "text values are the trainer's to judge"
+    with pytest.raises(InvalidRequest, match="loss_fn_config"):
+        wire.check_forward_backward(msg.SerializeToString(), None, 10**6)
+
+
+def test_an_expiry_stored_past_year_9999_still_lists() -> None:
+    assert iso(1e30).startswith("9999-12-31") and iso(0).startswith("1970-01-01")
