@@ -96,6 +96,14 @@ class FakeEngine:
                 outcomes.append(exc)
         return outcomes
 
+    def run_samples(self, feed: Any) -> None:
+        while taken := feed.poll():
+            for key, op in taken:
+                try:
+                    feed.done(key, self.execute(op))
+                except OpError as exc:
+                    feed.done(key, exc)
+
     def execute(self, op: PreparedOp) -> OpOutput:
         if op.kind is PoolOpKind.ATTACH:
             self.runs[str(op.model_id)] = op.payload

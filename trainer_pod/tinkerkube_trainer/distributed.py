@@ -26,7 +26,15 @@ import torch
 import torch.distributed as dist
 
 from tinkerkube_contract.pod_api import ErrorCategory, OpKind
-from tinkerkube_trainer.engine_api import Collective, Engine, LocalCollective, OpError, OpOutput, PreparedOp
+from tinkerkube_trainer.engine_api import (
+    Collective,
+    Engine,
+    LocalCollective,
+    OpError,
+    OpOutput,
+    PreparedOp,
+    SampleFeed,
+)
 from tinkerkube_trainer.settings import DistEnv
 
 log = logging.getLogger(__name__)
@@ -154,9 +162,9 @@ def execute_everywhere(ctx: DistContext, engine: Engine, ops: list[PreparedOp]) 
     return execute_in_step(ctx, engine, ops)
 
 
-def execute_local(engine: Engine, ops: list[PreparedOp]) -> list[OpOutput | OpError]:
+def execute_local(engine: Engine, feed: SampleFeed) -> None:
     """Rank 0 alone (samples): no collective involved, so any failure is just those ops' failure."""
-    return engine.run_pass(ops)
+    engine.run_samples(feed)
 
 
 def heartbeat(ctx: DistContext) -> None:

@@ -37,14 +37,22 @@ from tinkerkube_contract.pod_api import (
 )
 from tinkerkube_contract.resource import LoraSpec, SessionMode
 from tinkerkube_trainer import checkpoints, codec, multilora, train_pass
-from tinkerkube_trainer.engine_api import Collective, OpError, OpOutput, PoolConfig, PoolOpKind, PreparedOp
+from tinkerkube_trainer.engine_api import (
+    Collective,
+    OpError,
+    OpOutput,
+    PoolConfig,
+    PoolOpKind,
+    PreparedOp,
+    SampleFeed,
+)
 from tinkerkube_trainer.lora import DEFAULT_SEED
 from tinkerkube_trainer.losses import REQUIRED_INPUTS, canonical_loss_name
 from tinkerkube_trainer.losses import parse_config as parse_loss_config
 from tinkerkube_trainer.model_loading import load_base_model
 from tinkerkube_trainer.optim import LoraOptimizer
 from tinkerkube_trainer.runs import LIVE, Run
-from tinkerkube_trainer.sampling import SampleJob, sample_batch
+from tinkerkube_trainer.sampling import SampleJob, decode_stream
 from tinkerkube_trainer.train_pass import FbPayload, FbWork
 
 M = TypeVar("M", bound=BaseModel)
@@ -368,22 +376,42 @@ class PoolEngine:
 
     def _sample(self, ops: Sequence[PreparedOp]) -> list[OpOutput | OpError]:
         """Rank 0: every request of the pass decoded together; one that cannot run fails alone."""
-        outcomes: list[OpOutput | OpError | None] = [None] * len(ops)
-        jobs: list[tuple[int, SampleJob]] = []
-        for i, op in enumerate(ops):
-            try:
-                weights = None if op.model_id is None else self._run(op.model_id).weights_for(op.payload.snapshot_id)
-            except OpError as exc:
-                outcomes[i] = exc
-                continue
-            jobs.append((i, SampleJob(op.payload.params, weights)))
-        if jobs:
-            results = sample_batch(self.module, [j for _, j in jobs], eos_ids=self.eos_ids, device=self.device,
-                                   routing=self.sites.routing,
-                                   decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False))
-            for (i, _), result in zip(jobs, results, strict=True):
-                outcomes[i] = OpOutput(CONTENT_PROTOBUF, codec.encode_sample_response(result))
-        return outcomes  # type: ignore[return-value]
+        feed = _ListFeed(ops)
+        self.run_samples(feed)
+        return feed.outcomes  # type: ignore[return-value]
+
+    def run_samples(self, feed: SampleFeed) -> None:
+        def take() -> list[tuple[Any, SampleJob]]:
+            jobs = []
+            for key, op in feed.poll():
+                try:
+                    run = None if op.model_id is None else self._run(op.model_id)
+                    jobs.append((key, SampleJob(op.payload.params, None if run is None else
+                                                run.weights_for(op.payload.snapshot_id))))
+                except OpError as exc:
+                    feed.done(key, exc)
+            return jobs
+
+        def done(key: Any, result: codec.SampleResult) -> None:
+            feed.done(key, OpOutput(CONTENT_PROTOBUF, codec.encode_sample_response(result)))
+
+        decode_stream(self.module, take, done, eos_ids=self.eos_ids, device=self.device, routing=self.sites.routing,
+                      decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False))
+
+
+class _ListFeed:
+    """A sampling pass over a fixed list of ops (no joiners), outcomes in op order."""
+
+    def __init__(self, ops: Sequence[PreparedOp]) -> None:
+        self._ops: list[tuple[Any, PreparedOp]] = list(enumerate(ops))
+        self.outcomes: list[OpOutput | OpError | None] = [None] * len(ops)
+
+    def poll(self) -> list[tuple[Any, PreparedOp]]:
+        taken, self._ops = self._ops, []
+        return taken
+
+    def done(self, key: Any, outcome: OpOutput | OpError) -> None:
+        self.outcomes[key] = outcome
 
 
 def build_engine(config: PoolConfig, collective: Collective) -> PoolEngine:

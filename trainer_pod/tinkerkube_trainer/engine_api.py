@@ -88,6 +88,15 @@ class LocalCollective:
         return [obj]
 
 
+class SampleFeed(Protocol):
+    """How a sampling pass receives requests (also while it decodes: continuous batching) and hands
+    each result back as soon as it is ready. Keys are opaque to the engine."""
+
+    def poll(self) -> list[tuple[Any, PreparedOp]]: ...
+
+    def done(self, key: Any, outcome: OpOutput | OpError) -> None: ...
+
+
 class Engine(Protocol):
     config: PoolConfig
 
@@ -108,6 +117,11 @@ class Engine(Protocol):
         """Run a pass (at most one op per run; forward/backward ops co-batched) on every rank, or a pass
         of samples on rank 0 alone. One outcome per op, in order: a failure of one op is its own
         OpError and never touches another run. Raises only for failures of the whole pass."""
+        ...
+
+    def run_samples(self, feed: SampleFeed) -> None:
+        """Rank 0 alone: decode every request the feed hands over (joining new ones while decoding),
+        answering each through `feed.done`; returns when nothing is running and the feed is empty."""
         ...
 
     def info(self) -> dict[str, Any]:

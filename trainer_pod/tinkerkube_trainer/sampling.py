@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from tinkerkube_trainer.codec import TOPK_PAD_LOGPROB, TOPK_PAD_TOKEN, SampledSeq, SampleParams, SampleResult
 from tinkerkube_trainer.multilora import LoraWeights, Routing, RowGroup
@@ -160,7 +161,7 @@ class _Batch:
         self.model, self.routing, self.device = model, routing, device
         self.cache: Any = None
         self.mask: torch.Tensor | None = None  # (rows, seen) once any prompt needed left padding
-        self.positions: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None  # (rows, 1): each row's last position, with `mask`
 
     def forward(self, input_ids: torch.Tensor, groups: list[RowGroup]) -> torch.Tensor:
         kwargs: dict[str, Any] = {"use_cache": True}
@@ -185,7 +186,10 @@ class _Batch:
         if any(len(p) != width for p in prompts):
             self.mask = mask.to(self.device)
             self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
-        return self.forward(ids.to(self.device), groups)
+        logits = self.forward(ids.to(self.device), groups)
+        if self.positions is not None:
+            self.positions = self.positions[:, -1:]
+        return logits
 
     def select(self, index: torch.Tensor) -> bool:
         """Keep (and repeat) rows of the cache; False when this cache type cannot select rows."""
@@ -199,11 +203,173 @@ class _Batch:
     def step(self, tokens: torch.Tensor, groups: list[RowGroup]) -> torch.Tensor:
         if self.mask is not None and self.positions is not None:
             self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
-            self.positions = self.positions[:, -1:] + 1
+            self.positions = self.positions + 1
         return self.forward(tokens[:, None], groups)[:, -1, :].float()
+
+    # ---- joining another batch (continuous batching) ------------------------------------------------
+
+    def _layers(self) -> list[Any] | None:
+        layers = getattr(self.cache, "layers", None)
+        if not layers or any(type(layer) is not DynamicLayer or layer.keys is None for layer in layers):
+            return None  # only plain dynamic KV caches can be padded and joined
+        return list(layers)
+
+    def _explicit(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This batch's mask and last positions, made explicit when it had no padding."""
+        if self.mask is not None and self.positions is not None:
+            return self.mask, self.positions
+        layers = self._layers()
+        assert layers is not None
+        rows, seen = layers[0].keys.shape[0], layers[0].keys.shape[-2]
+        mask = torch.ones((rows, seen), dtype=torch.long, device=self.device)
+        return mask, torch.full((rows, 1), seen - 1, dtype=torch.long, device=self.device)
+
+    def join(self, other: _Batch) -> bool:
+        """Append `other`'s rows: both KV caches left-padded to one length (the padding masked out), then
+        stacked. False (nothing changed) when either cache cannot be joined."""
+        mine, theirs = self._layers(), other._layers()
+        if mine is None or theirs is None or len(mine) != len(theirs):
+            return False
+        (mask_a, pos_a), (mask_b, pos_b) = self._explicit(), other._explicit()
+        width = max(mask_a.shape[1], mask_b.shape[1])
+
+        def left(t: torch.Tensor, dim: int) -> torch.Tensor:
+            pad = width - t.shape[dim]
+            if pad == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = pad
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        for a, b in zip(mine, theirs, strict=True):
+            a.keys = torch.cat([left(a.keys, -2), left(b.keys, -2)], dim=0)
+            a.values = torch.cat([left(a.values, -2), left(b.values, -2)], dim=0)
+        self.mask = torch.cat([left(mask_a, 1), left(mask_b, 1)], dim=0)
+        self.positions = torch.cat([pos_a, pos_b], dim=0)
+        return True
+
+
+Key = Any  # what the caller names a request by (echoed to `on_done`)
+
+
+class Decoder:
+    """A running decode that requests can join at step boundaries (continuous batching). Each request's
+    rows stay contiguous; requests leave as they finish and are reported at once through `on_done`."""
+
+    def __init__(self, model: torch.nn.Module, *, eos_ids: Sequence[int], decode: Callable[[list[int]], str],
+                 device: torch.device, routing: Routing | None,
+                 on_done: Callable[[Key, SampleResult], None]) -> None:
+        self.model, self.eos_ids, self.decode, self.device, self.routing = model, eos_ids, decode, device, routing
+        self.on_done = on_done
+        self.batch: _Batch | None = None
+        self.jobs: list[_Job] = []
+        self.keys: list[Key] = []
+        self.live: list[tuple[int, int]] = []  # (job, sample) per batch row
+        self.last: torch.Tensor | None = None  # (rows, V) logits to draw the next tokens from
+        self.can_drop = True
+        self.reported: set[int] = set()
+
+    @property
+    def rows(self) -> int:
+        return len(self.live)
+
+    def admit(self, requests: Sequence[tuple[Key, SampleJob]]) -> bool:
+        """Prefill `requests` and join them to the running rows; False when they cannot join the running
+        batch (its cache type), so the caller admits them once it is empty."""
+        if not requests:
+            return True
+        batch = _Batch(self.model, self.routing, self.device)
+        groups = [RowGroup(i, i + 1, r.weights) for i, (_, r) in enumerate(requests)]
+        logits = batch.prefill([r.params.prompt for _, r in requests], groups)
+        first = len(self.jobs)
+        jobs = [_new_job(r, self.eos_ids, logits.shape[-1], self.device) for _, r in requests]
+        width = logits.shape[1]
+        for i, job in enumerate(jobs):
+            p = job.params
+            if p.prompt_logprobs or p.topk_prompt_logprobs or p.target_prompt_ids is not None:
+                own = logits[i, width - len(p.prompt):].float()
+                job.scores = prompt_scores(torch.log_softmax(own, dim=-1), torch.tensor(p.prompt, device=self.device),
+                                           p)
+        live = [(first + j, s) for j, job in enumerate(jobs) if job.params.max_tokens > 0
+                for s in range(job.params.num_samples)]
+        rows = [j - first for j, _ in live]
+        last = logits[:, -1, :].float()[torch.tensor(rows, dtype=torch.long, device=self.device)]
+        del logits
+        if live and rows != list(range(len(requests))) and not batch.select(torch.tensor(rows, device=self.device)):
+            # A cache that cannot repeat rows: prefill again with one prompt copy per sample.
+            batch = _Batch(self.model, self.routing, self.device)
+            groups = [RowGroup(b, b + 1, jobs[j - first].weights) for b, (j, _) in enumerate(live)]
+            last = batch.prefill([jobs[j - first].params.prompt for j, _ in live], groups)[:, -1, :].float()
+        if live:
+            if not self.live:
+                self.batch, self.last = batch, last
+            elif self.batch is not None and self.batch.join(batch):
+                self.last = torch.cat([self.last, last], dim=0)  # type: ignore[list-item]
+            else:
+                return False
+        self.jobs.extend(jobs)
+        self.keys.extend(k for k, _ in requests)
+        self.live.extend(live)
+        for j, job in enumerate(jobs, start=first):
+            if job.params.max_tokens == 0:
+                self._report(j)
+        return True
+
+    def _report(self, j: int) -> None:
+        if j not in self.reported:
+            self.reported.add(j)
+            self.on_done(self.keys[j], _result(self.jobs[j]))
+
+    def step(self) -> None:
+        """One token for every live row; requests whose samples are all done are reported and leave."""
+        assert self.batch is not None and self.last is not None
+        nxt = _decode_step(self.last, self.live, self.jobs, self.decode)
+        for j in sorted({j for j, _ in self.live}):
+            job = self.jobs[j]
+            if all(job.finished(s) for s in range(job.params.num_samples)):
+                self._report(j)
+        keep = [b for b, (j, s) in enumerate(self.live) if not self.jobs[j].finished(s)]
+        if not keep:
+            self.live, self.last, self.batch = [], None, None
+            return
+        if len(keep) < len(self.live) and self.can_drop:
+            index = torch.tensor(keep, device=self.device)
+            if self.batch.select(index):
+                nxt, self.live = nxt[index], [self.live[b] for b in keep]
+            else:
+                self.can_drop = False  # finished rows stay in the batch; their draws are ignored
+        self.last = self.batch.step(nxt, _groups(self.live, self.jobs))
 
 
 @torch.inference_mode()
+def decode_stream(
+    model: torch.nn.Module,
+    take: Callable[[], Sequence[tuple[Key, SampleJob]]],
+    on_done: Callable[[Key, SampleResult], None],
+    *,
+    eos_ids: Sequence[int],
+    decode: Callable[[list[int]], str],
+    device: torch.device,
+    routing: Routing | None = None,
+) -> None:
+    """Decode every request `take` hands over, joining new ones at step boundaries (continuous
+    batching: one prefill per arriving group, its KV cache then repeated for its samples), each row
+    through its request's adapter with its request's sampling params, stops and private RNG; each
+    request is reported through `on_done` as soon as all its samples are done. Returns when nothing is
+    running and `take` has nothing more."""
+    decoder = Decoder(model, eos_ids=eos_ids, decode=decode, device=device, routing=routing, on_done=on_done)
+    waiting: list[tuple[Key, SampleJob]] = []
+    while True:
+        waiting.extend(take())
+        if waiting and decoder.admit(waiting):
+            waiting = []
+        if not decoder.rows:
+            if not waiting:
+                return
+            continue
+        decoder.step()
+
+
 def sample_batch(
     model: torch.nn.Module,
     requests: Sequence[SampleJob],
@@ -213,43 +379,12 @@ def sample_batch(
     device: torch.device,
     routing: Routing | None = None,
 ) -> list[SampleResult]:
-    """Generate every request's `num_samples` sequences together: one prefill of all prompts (each
-    request's KV cache then repeated for its samples), then lockstep decode steps over all rows,
-    each row through its request's adapter with its request's sampling params, stops and private
-    RNG; rows leave the batch (and the cache) as they finish."""
-    batch = _Batch(model, routing, device)
-    prompt_groups = [RowGroup(i, i + 1, r.weights) for i, r in enumerate(requests)]
-    logits = batch.prefill([r.params.prompt for r in requests], prompt_groups)
-    jobs = [_new_job(r, eos_ids, logits.shape[-1], device) for r in requests]
-    width = logits.shape[1]
-    for i, job in enumerate(jobs):
-        p = job.params
-        if p.prompt_logprobs or p.topk_prompt_logprobs or p.target_prompt_ids is not None:
-            own = logits[i, width - len(p.prompt):].float()
-            job.scores = prompt_scores(torch.log_softmax(own, dim=-1), torch.tensor(p.prompt, device=device), p)
-    live = [(j, s) for j, job in enumerate(jobs) if job.params.max_tokens > 0 for s in range(job.params.num_samples)]
-    rows = [j for j, _ in live]
-    index = torch.tensor(rows, dtype=torch.long, device=device)
-    last = logits[:, -1, :].float()[index]
-    del logits
-    if live and rows != list(range(len(requests))) and not batch.select(index):
-        # A cache that cannot repeat rows: prefill again with one prompt copy per sample.
-        batch = _Batch(model, routing, device)
-        last = batch.prefill([jobs[j].params.prompt for j, _ in live], _groups(live, jobs))[:, -1, :].float()
-    can_drop = True
-    while live:
-        nxt = _decode_step(last, live, jobs, decode)
-        keep = [b for b, (j, s) in enumerate(live) if not jobs[j].finished(s)]
-        if not keep:
-            break
-        if len(keep) < len(live) and can_drop:
-            index = torch.tensor(keep, device=device)
-            if batch.select(index):
-                nxt, live = nxt[index], [live[b] for b in keep]
-            else:
-                can_drop = False  # finished rows stay in the batch; their draws are ignored
-        last = batch.step(nxt, _groups(live, jobs))
-    return [_result(job) for job in jobs]
+    """Every request decoded together (`decode_stream` of requests all there at the start)."""
+    pending = [list(enumerate(requests))]
+    results: dict[int, SampleResult] = {}
+    decode_stream(model, lambda: pending.pop() if pending else [], results.__setitem__, eos_ids=eos_ids,
+                  decode=decode, device=device, routing=routing)
+    return [results[i] for i in range(len(requests))]
 
 
 def _decode_step(last: torch.Tensor, live: list[tuple[int, int]], jobs: list[_Job],

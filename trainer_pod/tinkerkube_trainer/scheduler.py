@@ -9,7 +9,9 @@ A pass is a group of ops the engine runs at once. Rules, in the order they apply
    first next time. Fair means: every run with a ready op is served once per pass or, when the
    token budget is reached, first in the next one; no run can be starved by a busier one.
 4. A sampling pass takes waiting samples oldest first (any runs, base-model samples too) up to
-   `max_sample_rows` sequences, decoded together. It runs on rank 0 alone.
+   `max_sample_rows` sequences, decoded together on rank 0 alone. Samples that arrive while it decodes
+   join it at the next step (continuous batching) as long as rows are free and no training op waits;
+   each sample is answered as soon as its sequences are done.
 
 Everything here runs on the event loop thread except the passes themselves (on the executor).
 """
@@ -21,6 +23,7 @@ import contextlib
 import itertools
 import json
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -35,6 +38,7 @@ from tinkerkube_trainer.run_queue import Entry, Retention, RunQueue, SeqIdReused
 log = logging.getLogger(__name__)
 
 PassRunner = Callable[[list[PreparedOp]], list["OpOutput | OpError"]]
+SampleRunner = Callable[["SampleFeed"], None]
 FinishHook = Callable[[Entry], None]
 
 
@@ -81,6 +85,60 @@ class Notifier:
         return True
 
 
+class SampleFeed:
+    """Hands a running sampling pass its samples, including those that arrive while it decodes, and
+    their outcomes back to the event loop one by one. Offered on the event loop, polled and answered
+    on the op thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_done: Callable[[Entry, OpOutput | OpFailure], None],
+                 max_rows: int) -> None:
+        self._loop, self._on_done, self._max_rows = loop, on_done, max_rows
+        self._lock = threading.Lock()
+        self._queue: list[Entry] = []
+        self._active: dict[int, tuple[Entry, int]] = {}  # id(entry) → (entry, rows)
+        self._rows = 0
+        self._closed = False
+        self.served = 0
+
+    def offer(self, entry: Entry) -> bool:
+        rows = _sample_rows(entry)
+        with self._lock:
+            if self._closed or (self._rows and self._rows + rows > self._max_rows):
+                return False
+            self._rows += rows
+            self._queue.append(entry)
+            return True
+
+    def poll(self) -> list[tuple[Any, PreparedOp]]:
+        with self._lock:
+            taken, self._queue = self._queue, []
+            for entry in taken:
+                self._active[id(entry)] = (entry, _sample_rows(entry))
+        self.served += len(taken)
+        return [(entry, entry.prepared) for entry in taken if entry.prepared is not None]
+
+    def done(self, key: Any, outcome: OpOutput | OpError | OpFailure) -> None:
+        if isinstance(outcome, OpError):
+            outcome = OpFailure(error=outcome.message, category=outcome.category)
+        with self._lock:
+            entry, rows = self._active.pop(id(key))
+            self._rows -= rows
+        self._loop.call_soon_threadsafe(self._on_done, entry, outcome)
+
+    def fail_active(self, failure: OpFailure) -> None:
+        with self._lock:
+            active = [entry for entry, _ in self._active.values()]
+        for entry in active:
+            self.done(entry, failure)
+
+    def close(self) -> list[Entry]:
+        """No more joiners; returns what was offered but never taken (to wait for the next pass)."""
+        with self._lock:
+            self._closed = True
+            left, self._queue = self._queue, []
+            return left
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_runs: int = 8
@@ -91,7 +149,7 @@ class Limits:
 
 
 class Scheduler:
-    def __init__(self, *, run_training: PassRunner, run_sample: PassRunner, executor: Executor,
+    def __init__(self, *, run_training: PassRunner, run_sample: SampleRunner, executor: Executor,
                  limits: Limits = Limits(), clock: Callable[[], float] = time.monotonic,
                  on_finish: FinishHook | None = None, on_pass: Callable[[str, int], None] | None = None,
                  idle_task: Callable[[], None] | None = None, idle_interval: float = 5.0,
@@ -116,6 +174,7 @@ class Scheduler:
         self._worker: asyncio.Task[None] | None = None
         self._stopping = False
         self.running: list[Entry] = []
+        self._feed: SampleFeed | None = None  # the sampling pass now decoding, while it takes joiners
 
     # ---- runs ----------------------------------------------------------------------------------
 
@@ -194,6 +253,10 @@ class Scheduler:
             return existing
         entry = self._entry(request_id, OpKind.SAMPLE, prepared, fp)
         self._samples[request_id] = entry
+        if self._feed is not None and not self._control and not self._heads() and self._feed.offer(entry):
+            entry.running, entry.started_at = True, self._clock()  # joins the decode under way
+            self.running.append(entry)
+            return entry
         self._pending_samples.append(entry)
         self._wake.set()
         return entry
@@ -307,7 +370,6 @@ class Scheduler:
                 log.exception("idle task failed")
 
     async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
         while not self._stopping:
             entries = self.next_pass()
             if not entries:
@@ -316,20 +378,41 @@ class Scheduler:
             now = self._clock()
             for entry in entries:
                 entry.running, entry.started_at = True, now
-            self.running = entries
-            sample = entries[0].is_sample
-            runner = self._run_sample if sample else self._run_training
-            ops = [e.prepared for e in entries]
-            outcomes = await loop.run_in_executor(self._executor, _invoke, runner, ops)
-            if self._on_pass is not None:
-                self._on_pass("sample" if sample else "train", len(entries))
+            self.running = list(entries)
+            if entries[0].is_sample:
+                await self._sample_pass_run(entries)
+            else:
+                await self._training_pass_run(entries)
             self.running = []
-            for entry, outcome in zip(entries, outcomes, strict=True):
-                self._finish(entry, outcome, notify=False)
-            self.notifier.notify_all()
+
+    async def _training_pass_run(self, entries: list[Entry]) -> None:
+        ops = [e.prepared for e in entries]
+        outcomes = await asyncio.get_running_loop().run_in_executor(self._executor, _invoke, self._run_training, ops)
+        if self._on_pass is not None:
+            self._on_pass("train", len(entries))
+        for entry, outcome in zip(entries, outcomes, strict=True):
+            self._finish(entry, outcome, notify=False)
+        self.notifier.notify_all()
+
+    async def _sample_pass_run(self, entries: list[Entry]) -> None:
+        loop = asyncio.get_running_loop()
+        feed = self._feed = SampleFeed(loop, self._finish, self.limits.max_sample_rows)
+        for entry in entries:
+            feed.offer(entry)
+        try:
+            await loop.run_in_executor(self._executor, _invoke_samples, self._run_sample, feed)
+        finally:
+            self._feed = None
+            for entry in reversed(feed.close()):  # offered too late: first in line for the next pass
+                entry.running, entry.started_at = False, None
+                self._pending_samples.appendleft(entry)
+        if self._on_pass is not None:
+            self._on_pass("sample", feed.served)
 
     def _finish(self, entry: Entry, outcome: OpOutput | OpFailure, *, notify: bool = True) -> None:
         model_id = entry.model_id
+        if entry in self.running:
+            self.running.remove(entry)
         entry.finish(outcome, self._clock())
         if entry.kind in (PoolOpKind.ATTACH, PoolOpKind.DETACH):
             self._control_done(str(entry.key), entry)
@@ -377,6 +460,17 @@ def _sample_rows(entry: Entry) -> int:
     payload = entry.prepared.payload if entry.prepared is not None else None
     params = getattr(payload, "params", None)
     return int(getattr(params, "num_samples", 1) or 1)
+
+
+def _invoke_samples(runner: SampleRunner, feed: SampleFeed) -> None:
+    """Runs on the executor thread: a sampling pass; if it breaks, every sample it holds fails as a server
+    failure (the ones still queued wait for the next pass)."""
+    try:
+        runner(feed)
+    except Exception as exc:
+        log.exception("sampling pass failed")
+        feed.fail_active(OpFailure(error=f"internal error: {type(exc).__name__}: {exc}",
+                                   category=ErrorCategory.SERVER))
 
 
 def _invoke(runner: PassRunner, ops: list[PreparedOp | None]) -> list[OpOutput | OpFailure]:

@@ -22,7 +22,7 @@ from tinkerkube_contract.pod_api import OpKind, RunSpec, RunState
 from tinkerkube_trainer.engine_api import Engine, OpError, OpOutput, PreparedOp
 from tinkerkube_trainer.metrics import TrainerMetrics, count_tokens
 from tinkerkube_trainer.run_queue import Entry
-from tinkerkube_trainer.scheduler import Limits, RunConflict, RunSlot, RunUnavailable, Scheduler
+from tinkerkube_trainer.scheduler import Limits, RunConflict, RunSlot, RunUnavailable, SampleRunner, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class Booted:
 
     engine: Engine
     run_training: PassRunner  # rank 0: broadcast the pass + run it in step with every rank
-    run_sample: PassRunner  # rank 0 alone
+    run_sample: SampleRunner  # rank 0 alone
     world_size: int = 1
     info: dict[str, Any] = field(default_factory=dict)  # engine.info() at boot
     heartbeat: Callable[[], None] | None = None  # rank 0, while idle: checks every rank is still there
@@ -77,7 +77,7 @@ class TrainerRuntime:
     @classmethod
     def for_engine(cls, engine: Engine, options: RuntimeOptions, **kwargs: Any) -> TrainerRuntime:
         """One rank, engine already built (tests, benchmarks)."""
-        return cls(options, lambda: Booted(engine, engine.run_pass, engine.run_pass, 1, dict(engine.info())),
+        return cls(options, lambda: Booted(engine, engine.run_pass, engine.run_samples, 1, dict(engine.info())),
                    **kwargs)
 
     @property

@@ -205,3 +205,46 @@ def test_runs_attach_detach_and_refuse_what_the_pool_cannot_serve(tmp_path: Path
     with pytest.raises(OpError) as err:
         fb(shared, "pool:train:0", 0)
     assert err.value.code == "run_not_found"
+
+
+def test_requests_joining_a_running_decode_get_their_alone_results(tmp_path: Path, model_cache_dir: Path) -> None:
+    from tinkerkube_trainer.sampling import SampleJob, decode_stream
+
+    shared = pool(tmp_path / "shared", model_cache_dir, *RUNS)
+    for m in RUNS:
+        ok(shared.run_pass([fb(shared, m, 0)])[0])
+        ok(shared.run_pass([step(shared, m, lr=0.5)])[0])
+    jobs = [sample_op(shared, m, None, **p).payload.params for m, p in [
+        ("pool:train:0", dict(num_samples=2, max_tokens=9, temperature=0.0, stop=[])),
+        ("pool:train:1", dict(num_samples=3, max_tokens=4, seed=3, stop=[], prompt_len=2)),  # joins at step 2
+        (None, dict(num_samples=1, max_tokens=6, temperature=0.0, stop=[], prompt_len=4)),  # joins at step 5
+        ("pool:train:2", dict(num_samples=2, max_tokens=0, stop=[]))]]  # nothing to generate
+    weights = [shared.runs["pool:train:0"].weights, shared.runs["pool:train:1"].weights, None,
+               shared.runs["pool:train:2"].weights]
+    arrivals = {0: [0], 2: [1], 5: [2, 3]}
+    calls, finished = [0], {}
+
+    def take() -> list[tuple[int, SampleJob]]:
+        due = arrivals.pop(calls[0], [])
+        calls[0] += 1
+        return [(i, SampleJob(jobs[i], weights[i])) for i in due]
+
+    def done(i: int, result: Any) -> None:
+        finished[i] = (calls[0], [s.tokens for s in result.sequences], [s.logprobs for s in result.sequences])
+
+    decode_stream(shared.module, take, done, eos_ids=shared.eos_ids, device=shared.device,
+                  routing=shared.sites.routing, decode=lambda ids: shared.tokenizer.decode(ids))
+    assert sorted(finished) == [0, 1, 2, 3]
+    assert finished[3][1] == [[], []] and finished[1][0] < finished[0][0]  # reported as soon as done
+    for i in range(4):
+        alone = decode_stream_alone(shared, jobs[i], weights[i])
+        assert finished[i][1] == [s.tokens for s in alone.sequences], i
+        for got, want in zip(finished[i][2], [s.logprobs for s in alone.sequences], strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def decode_stream_alone(engine: PoolEngine, params: Any, weights: Any) -> Any:
+    from tinkerkube_trainer.sampling import SampleJob, sample_batch
+
+    return sample_batch(engine.module, [SampleJob(params, weights)], eos_ids=engine.eos_ids, device=engine.device,
+                        routing=engine.sites.routing, decode=lambda ids: engine.tokenizer.decode(ids))[0]

@@ -98,7 +98,7 @@ async def test_before_the_engine_is_ready_ops_get_a_retryable_503() -> None:
 
     def slow_boot() -> Booted:
         release.wait(10)
-        return Booted(engine, engine.run_pass, engine.run_pass, 1, engine.info())
+        return Booted(engine, engine.run_pass, engine.run_samples, 1, engine.info())
 
     boot_run = api.RunSpec(model_id=MODEL_ID, base_model="fake")
     runtime = TrainerRuntime(RuntimeOptions(base_model="fake", boot_run=boot_run), slow_boot)

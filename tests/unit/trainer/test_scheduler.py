@@ -9,6 +9,7 @@ import threading
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -51,6 +52,16 @@ class Recorder:
     @property
     def ran(self) -> list[str]:
         return [label for p in self.passes for label in p if not label.startswith("attach:")]
+
+    def run_samples(self, feed: Any) -> None:
+        """A sampling pass: decodes what the feed hands over, also what joins while it runs."""
+        labels: list[str] = []
+        self.passes.append(labels)  # recorded before any answer: answers go out as soon as they are done
+        while taken := feed.poll():
+            assert self.gate.wait(10), "gate never opened"
+            for key, op in taken:
+                labels.append(op.payload.label)
+                feed.done(key, OpOutput("application/json", json.dumps({"ran": op.payload.label}).encode()))
 
     def run(self, ops: Sequence[PreparedOp]) -> list[OpOutput | OpError]:
         assert self.gate.wait(10), "gate never opened"
@@ -100,7 +111,7 @@ def clock() -> Clock:
 
 
 async def make(recorder: Recorder, clock: Clock | None = None, **limits: int | float) -> Scheduler:
-    s = Scheduler(run_training=recorder.run, run_sample=recorder.run, executor=ThreadPoolExecutor(1),
+    s = Scheduler(run_training=recorder.run, run_sample=recorder.run_samples, executor=ThreadPoolExecutor(1),
                   limits=Limits(**{"ttl": 60, "max_retained": 100, **limits}), clock=clock or Clock())
     s.start()
     return s
@@ -281,20 +292,32 @@ async def test_a_busy_run_cannot_starve_another(recorder: Recorder) -> None:
         await s.stop()
 
 
-async def test_waiting_samples_are_decoded_together_within_the_row_budget(recorder: Recorder) -> None:
+async def test_samples_join_the_running_decode_within_the_row_budget(recorder: Recorder) -> None:
     s = await make(recorder, max_sample_rows=8)
     try:
         await attach(s, "m")
         recorder.gate.clear()
         first = sample(s, "first")
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # its pass is decoding
         rest = [sample(s, name, n=3) for name in ("a", "b", "c")]
         assert s.depth == 4
         recorder.gate.set()
         await done(s, first, *rest)
-        assert recorder.passes[-2:] == [["s-a", "s-b"], ["s-c"]]  # 3 + 3 rows fit in 8, the third does not
+        # a and b join the running decode (1 + 3 + 3 rows <= 8); c does not fit and waits for the next pass
+        assert recorder.passes[-2:] == [["s-first", "s-a", "s-b"], ["s-c"]]
     finally:
         await s.stop()
+
+
+async def test_a_waiting_training_op_stops_samples_joining(sched: Scheduler, recorder: Recorder) -> None:
+    recorder.gate.clear()
+    first = sample(sched, "first")
+    await asyncio.sleep(0.05)
+    op = submit(sched, 1)
+    late = sample(sched, "late")  # the training op is older: it goes next, the late sample after it
+    recorder.gate.set()
+    await done(sched, first, op, late)
+    assert recorder.passes[-3:] == [["s-first"], ["m:op1"], ["s-late"]]
 
 
 async def test_samples_and_training_alternate_by_age(sched: Scheduler, recorder: Recorder) -> None:
@@ -367,7 +390,8 @@ async def test_a_failing_finish_hook_does_not_stall_the_scheduler(recorder: Reco
     def hook(_: Entry) -> None:
         raise ValueError("metrics broke")
 
-    s = Scheduler(run_training=recorder.run, run_sample=recorder.run, executor=ThreadPoolExecutor(1), on_finish=hook)
+    s = Scheduler(run_training=recorder.run, run_sample=recorder.run_samples, executor=ThreadPoolExecutor(1),
+                  on_finish=hook)
     s.start()
     try:
         await attach(s, "m")
