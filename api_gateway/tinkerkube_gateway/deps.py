@@ -43,14 +43,18 @@ async def services(request: Request) -> Services:
     return _services(request)
 
 
-async def tenant(request: Request) -> str:
-    key = request.headers.get("x-api-key")
+def tenant_of_key(request: Request, key: str | None, missing: str) -> str:
     if not key:
-        raise Unauthenticated("missing X-API-Key header (set TINKER_API_KEY=tml-...)")
+        raise Unauthenticated(missing)
     found = _services(request).tenant_keys.get(key)
     if found is None:
         raise Unauthenticated("unknown API key")
     return found
+
+
+async def tenant(request: Request) -> str:
+    return tenant_of_key(request, request.headers.get("x-api-key"),
+                         "missing X-API-Key header (set TINKER_API_KEY=tml-...)")
 
 
 async def raw_body(request: Request) -> bytes:

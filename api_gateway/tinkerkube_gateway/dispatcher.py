@@ -89,14 +89,18 @@ class Dispatcher:
     def submit_sample(self, fut: FutureRecord, backing_model_id: str, op: SampleOp) -> None:
         self.spawn(self._run_sample(fut, backing_model_id, op))
 
+    async def trainer_handle(self, model_id: str, serving: str | None = None) -> TrainerHandle:
+        """The trainer process group of `model_id`, once ready (samples and the text routes go there).
+        Another replica may dispatch the run's training ops; samples need no order, only the trainer."""
+        worker = self.workers.get(model_id)
+        handle = await (worker.get_handle(self.start_timeout) if worker is not None else self.backend.handle(model_id))
+        if handle is None:
+            raise TrainerUnreachable(f"the trainer serving {serving or model_id} is not running")
+        return handle
+
     async def _run_sample(self, fut: FutureRecord, backing_model_id: str, op: SampleOp) -> None:
-        worker = self.workers.get(backing_model_id)
         try:
-            # another replica may dispatch the run's training ops; samples need no order, only the trainer
-            handle = await (worker.get_handle(self.start_timeout) if worker is not None
-                            else self.backend.handle(backing_model_id))
-            if handle is None:
-                raise TrainerUnreachable(f"the trainer serving {fut.target_id} is not running")
+            handle = await self.trainer_handle(backing_model_id, fut.target_id)
             await self.pods.submit_sample(handle, fut.request_id, op)
             while True:
                 result = await self.pods.poll_sample(handle, fut.request_id)

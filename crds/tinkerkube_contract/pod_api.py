@@ -247,3 +247,56 @@ class RunInfo(TrainerInfo):
     error: str | None = None
     num_bytes: int | None = Field(None, description="what the run holds beyond the shared base model: adapter, "
                                   "optimizer moments, gradient accumulator, snapshots")
+
+
+# ---------------------------------------------------------------- text: the served model's tokenizer
+# The gateway's OpenAI/Anthropic-compatible endpoints need the model's chat template and tokenizer, and
+# the gateway holds no model files (in Kubernetes its pod has none): the trainer that backs the sampler
+# renders, encodes and decodes. POST JSON in, JSON out; errors are `ErrorBody` 4xx like the op routes.
+
+TEXT_CHAT_PATH = "/v1/text/chat"  # RenderChatRequest → TokenIds (one row)
+TEXT_ENCODE_PATH = "/v1/text/encode"  # EncodeRequest → TokenIds
+TEXT_DECODE_PATH = "/v1/text/decode"  # DecodeRequest → DecodedTexts
+
+MAX_TEXT_ITEMS = 1024  # messages, texts or sequences in one text request
+
+
+class ChatMessage(_Wire):
+    """One chat turn, content already flattened to text (the gateway refuses non-text parts)."""
+
+    role: str = Field(min_length=1, max_length=64)
+    content: str
+
+
+class RenderChatRequest(_Wire):
+    """Apply the tokenizer's own chat template, then encode (no special tokens added twice)."""
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_TEXT_ITEMS)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = Field(False, description="continue the last (assistant) turn: a prefill")
+
+
+class EncodeRequest(_Wire):
+    texts: list[str] = Field(min_length=1, max_length=MAX_TEXT_ITEMS)
+    add_special_tokens: bool = True
+
+
+class TokenIds(_Wire):
+    ids: list[list[int]]
+    context_length: int | None = Field(None, description="the model's maximum positions, when it states one")
+
+
+class DecodeRequest(_Wire):
+    sequences: list[list[int]] = Field(min_length=1, max_length=MAX_TEXT_ITEMS)
+    pieces: bool = Field(False, description="also each token's own text and whether it is a special token")
+
+
+class DecodedText(_Wire):
+    text: str = Field(description="the whole sequence, special tokens skipped")
+    pieces: list[str] | None = None
+    special: list[bool] | None = None
+
+
+class DecodedTexts(_Wire):
+    sequences: list[DecodedText]
+    context_length: int | None = None

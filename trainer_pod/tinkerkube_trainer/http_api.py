@@ -26,6 +26,7 @@ from tinkerkube_trainer.engine_api import OpError, PreparedOp
 from tinkerkube_trainer.run_queue import Entry, RunQueue, SeqIdReused, SeqIdStale, fingerprint
 from tinkerkube_trainer.scheduler import RunConflict, RunUnavailable, Scheduler
 from tinkerkube_trainer.server import TrainerRuntime
+from tinkerkube_trainer.text_api import add_text_routes, text_model_of
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ def create_app(runtime: TrainerRuntime) -> FastAPI:
     _add_run_routes(app, runtime)
     _add_op_routes(app, runtime)
     _add_sample_routes(app, runtime)
+    add_text_routes(app, lambda: text_model_of(runtime.booted.engine) if runtime.booted else None)
     return app
 
 

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import TypeVar
+
+from pydantic import BaseModel
 
 from tinkerkube_contract import pod_api
 from tinkerkube_contract.pod_api import ErrorCategory, OpState, RunInfo, RunSpec
 from tinkerkube_gateway.backends.base import TrainerHandle
 from tinkerkube_gateway.clients.http11 import TRANSPORT_ERRORS, Http11Pool, HttpResponse
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class TrainerUnreachable(Exception):
@@ -89,6 +94,13 @@ class PodClient:
                                        timeout=self._long_poll + 15)
         state = OpState(response.headers.get(pod_api.HEADER_OP_STATE, _state_from_status(response.status_code)))
         return OpResult(state, response.headers.get("content-type", pod_api.CONTENT_JSON), response.content)
+
+    async def post_json(self, handle: TrainerHandle, path: str, body: BaseModel, reply: type[M]) -> M:
+        """A small JSON call (the text routes): 4xx → OpRejected, trouble → TrainerUnreachable."""
+        headers = self._headers(handle, **{"Content-Type": pod_api.CONTENT_JSON})
+        response = await self._request("POST", handle.url + path, content=body.model_dump_json().encode(),
+                                       headers=headers)
+        return reply.model_validate_json(response.content)
 
     async def info(self, handle: TrainerHandle, model_id: str, *, wait: float = 0.0) -> RunInfo:
         """The run's state on its trainer pool; a new `boot_id` means its in-memory state was rebuilt.

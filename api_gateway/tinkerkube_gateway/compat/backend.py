@@ -1,0 +1,160 @@
+"""Tokenize, sample and detokenize for the compatible APIs: typed values in and out, no HTTP shapes.
+
+A request goes: `target` (model → the tenant's sampler, through `CompatSamplers`, and the trainer behind
+it) → `render_chat` / `encode` on that trainer → `generate` (a Tinker sample future through
+`SamplingService`, exactly as `asample` makes one, awaited like `retrieve_future` awaits it) → `decode`
+on that trainer. The sampler returns whole samples: streaming replays them (see openai_api).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+from tinker.proto.response_conv import deserialize_sample_response
+
+from tinkerkube_contract import pod_api
+from tinkerkube_contract.pod_api import ErrorCategory
+from tinkerkube_gateway.backends.base import TrainerHandle
+from tinkerkube_gateway.clients.pod_client import OpRejected, TrainerUnreachable
+from tinkerkube_gateway.compat.samplers import CompatSamplers
+from tinkerkube_gateway.compat.shaping import Choice, TokenInfo, choice, prompt_tokens, top_ids
+from tinkerkube_gateway.compat.values import Generation, Sampled, SampleSpec, TopList
+from tinkerkube_gateway.errors import InvalidRequest, TrainerUnavailable
+from tinkerkube_gateway.schemas import SampleRequest
+from tinkerkube_gateway.services.futures import FuturesService
+from tinkerkube_gateway.services.sampling import SamplingService
+from tinkerkube_gateway.store.records import FutureState, SamplerRecord
+
+M = TypeVar("M", bound=BaseModel)
+FALLBACK_MAX_TOKENS = 4096  # when neither the request nor the model's context length bounds it
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    tenant: str
+    model: str
+    sampler: SamplerRecord
+    handle: TrainerHandle
+
+
+class CompatBackend:
+    def __init__(self, samplers: CompatSamplers, sampling: SamplingService, futures: FuturesService):
+        self.samplers = samplers
+        self.sampling = sampling
+        self.futures = futures
+        self.dispatcher = sampling.dispatcher
+
+    async def target(self, tenant: str, model: str) -> Target:
+        sampler = await self.samplers.sampler(tenant, model)
+        try:
+            handle = await self.dispatcher.trainer_handle(sampler.backing_model_id, sampler.sampler_id)
+        except (TrainerUnreachable, TimeoutError) as exc:
+            self.samplers.forget(tenant, model)
+            raise TrainerUnavailable(f"the sampler for {model} is not available: {exc}; retry") from None
+        return Target(tenant, model, sampler, handle)
+
+    async def _text(self, target: Target, path: str, body: BaseModel, reply: type[M]) -> M:
+        try:
+            return await self.dispatcher.pods.post_json(target.handle, path, body, reply)
+        except OpRejected as exc:
+            if exc.category is ErrorCategory.USER:
+                raise InvalidRequest(exc.detail) from None
+            raise TrainerUnavailable(f"the sampler's trainer refused a text request: {exc.detail}") from None
+        except (TrainerUnreachable, TimeoutError) as exc:
+            self.samplers.forget(target.tenant, target.model)
+            raise TrainerUnavailable(f"the sampler's trainer is unreachable: {exc}; retry") from None
+
+    async def render_chat(self, target: Target, messages: list[tuple[str, str]], *,
+                          continue_final: bool = False) -> tuple[list[int], int | None]:
+        req = pod_api.RenderChatRequest(messages=[pod_api.ChatMessage(role=r, content=c) for r, c in messages],
+                                        continue_final_message=continue_final)
+        out = await self._text(target, pod_api.TEXT_CHAT_PATH, req, pod_api.TokenIds)
+        return out.ids[0], out.context_length
+
+    async def encode(self, target: Target, texts: list[str]) -> tuple[list[list[int]], int | None]:
+        out = await self._text(target, pod_api.TEXT_ENCODE_PATH, pod_api.EncodeRequest(texts=texts),
+                               pod_api.TokenIds)
+        return out.ids, out.context_length
+
+    async def decode(self, target: Target, sequences: list[list[int]], *, pieces: bool) -> pod_api.DecodedTexts:
+        return await self._text(target, pod_api.TEXT_DECODE_PATH,
+                                pod_api.DecodeRequest(sequences=sequences, pieces=pieces), pod_api.DecodedTexts)
+
+    async def generate(self, target: Target, prompt: list[int], spec: SampleSpec,
+                       context_length: int | None) -> Generation:
+        if not prompt:
+            raise InvalidRequest("the prompt is empty")
+        max_tokens = _token_budget(len(prompt), spec.max_tokens, context_length)
+        raw = _sample_request(target.sampler.sampler_id, prompt, spec, max_tokens)
+        fut, _ = await self.sampling.sample(target.tenant, SampleRequest.model_validate(raw), raw)
+        record = await self.futures.wait(target.tenant, fut.request_id)
+        while record.state == FutureState.PENDING:
+            record = await self.futures.wait(target.tenant, fut.request_id)
+        if record.state == FutureState.FAILED:
+            if record.category == ErrorCategory.USER.value:
+                raise InvalidRequest(record.error or "the sampler refused the request")
+            self.samplers.forget(target.tenant, target.model)
+            raise TrainerUnavailable(f"sampling failed: {record.error}")
+        return _generation(prompt, record.result or b"")
+
+    async def choices(self, target: Target, generation: Generation, stops: tuple[str, ...], *, pieces: bool,
+                      echo: bool = False) -> tuple[list[Choice], tuple[TokenInfo, ...] | None, str]:
+        """Decode (one trainer call: the sequences, the top-logprob ids and, for `echo`, the prompt) and
+        shape: the choices, the prompt's tokens (echo) and the prompt's text (echo, else "")."""
+        tops = top_ids(generation)
+        seqs = [s.tokens for s in generation.sequences]
+        rows = seqs + [[tid] for tid in tops] + ([generation.prompt] if echo else [])
+        decoded = (await self.decode(target, rows, pieces=pieces or echo or bool(tops))).sequences
+        names = {tid: (decoded[len(seqs) + j].pieces or [""])[0] for j, tid in enumerate(tops)}
+        shaped = [choice(seq, text, stops, names) for seq, text in zip(generation.sequences, decoded, strict=False)]
+        if not echo:
+            return shaped, None, ""
+        return shaped, prompt_tokens(generation, decoded[-1], names), decoded[-1].text
+
+
+def _token_budget(prompt_len: int, asked: int | None, context_length: int | None) -> int:
+    if context_length is None:
+        return asked if asked is not None else FALLBACK_MAX_TOKENS
+    room = context_length - prompt_len
+    if room <= 0:
+        raise InvalidRequest(f"the prompt is {prompt_len} tokens; this model's context length is {context_length}")
+    if asked is not None and asked > room:
+        raise InvalidRequest(f"this model's maximum context length is {context_length} tokens; the prompt is "
+                             f"{prompt_len} tokens and {asked} were asked for: reduce max_tokens or the prompt")
+    return asked if asked is not None else room
+
+
+def _sample_request(sampler_id: str, prompt: list[int], spec: SampleSpec, max_tokens: int) -> dict[str, Any]:
+    """The Tinker SampleRequest JSON, as the SDK would send it (seq_id None: these are not retried)."""
+    greedy = spec.top_p == 0  # OpenAI allows top_p=0: the nucleus is the single best token
+    return {
+        "sampling_session_id": sampler_id, "seq_id": None, "num_samples": spec.n,
+        "prompt": {"chunks": [{"type": "encoded_text", "tokens": prompt}]},
+        "sampling_params": {"max_tokens": max_tokens, "temperature": 0.0 if greedy else spec.temperature,
+                            "top_p": 1.0 if greedy else spec.top_p, "top_k": spec.top_k if spec.top_k > 0 else -1,
+                            "seed": spec.seed, "stop": list(spec.stop) or None},
+        "topk_sample_logprobs": spec.top_logprobs, "prompt_logprobs": spec.prompt_logprobs,
+        "topk_prompt_logprobs": spec.top_logprobs if spec.prompt_logprobs else 0,
+    }
+
+
+def _top_rows(topk: Any) -> list[TopList] | None:
+    if topk is None:
+        return None
+    return [list(zip(ids.tolist(), lps.tolist(), strict=True)) for ids, lps in zip(topk.token_ids, topk.logprobs,
+                                                                                    strict=True)]
+
+
+def _generation(prompt: list[int], body: bytes) -> Generation:
+    """The trainer's protobuf SampleResponse, decoded with the SDK's own converter."""
+    response = deserialize_sample_response(body)
+    sequences = [Sampled(tokens=seq.tokens_np.tolist(),
+                         logprobs=[] if seq.logprobs_np is None else seq.logprobs_np.tolist(),
+                         top=_top_rows(seq.topk_logprobs_np), stopped=seq.stop_reason == "stop")
+                 for seq in response.sequences]
+    prompt_lps = None
+    if response.prompt_logprobs_np is not None:
+        prompt_lps = [None if lp != lp else float(lp) for lp in response.prompt_logprobs_np.tolist()]  # NaN: none
+    return Generation(prompt, sequences, prompt_lps, _top_rows(response.topk_prompt_logprobs_np))
