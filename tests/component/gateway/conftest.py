@@ -63,3 +63,16 @@ def training(real_client: tinker.ServiceClient) -> tinker.TrainingClient:
     """One LoRA run (one trainer process group) shared by a module's tests, which run in order."""
     return real_client.create_lora_training_client(base_model=TINY, rank=8,
                                                    user_metadata={"renderer_name": "role_colon"}).result()
+
+
+COMPAT_KEYS = '{"tml-alice": "alice", "tml-bob": "bob"}'
+
+
+@pytest.fixture(scope="module")
+def compat_gateway(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
+                   model_cache_dir: Path) -> Iterator[GatewayProc]:
+    """Real trainers on the tiny model and two tenants (alice, bob), for the OpenAI/Anthropic-compatible APIs."""
+    gw = start_gateway(tmp_path_factory.mktemp("gw-compat") / "state", model_cache_dir=model_cache_dir,
+                       real_trainer=True, extra_env={"TINKERKUBE_GATEWAY_API_KEYS": COMPAT_KEYS})
+    yield gw
+    gw.stop()
