@@ -140,7 +140,8 @@ def test_completions_take_text_or_token_prompts_and_echo_prompt_logprobs(
     lp = echo.choices[0].logprobs
     assert lp.token_logprobs[0] is None and len(lp.tokens) == len(ids) + 1
     assert echo.choices[0].text.startswith("Once upon a time")
-    reference = sdk.create_sampling_client(base_model=TINY).result().compute_logprobs(types.ModelInput.from_ints(ids)).result()
+    sampler = sdk.create_sampling_client(base_model=TINY).result()
+    reference = sampler.compute_logprobs(types.ModelInput.from_ints(ids)).result()
     assert np.allclose(lp.token_logprobs[1: len(ids)], reference[1:], rtol=0, atol=1e-5)
     assert all(len(top) == 1 for top in lp.top_logprobs[1:])
 
