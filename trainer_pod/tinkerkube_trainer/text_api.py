@@ -3,8 +3,12 @@ own tokenizer.
 
 Why the trainer: the gateway's OpenAI/Anthropic-compatible endpoints need the model's chat template and
 tokenizer, but the gateway stays free of torch and model files (its Kubernetes pod has none). The trainer
-that backs a sampler already holds both, so the gateway asks it. Tokenizer calls are short but not free;
-they run in a worker thread so that long-polls on the event loop never wait on them.
+that backs a sampler already holds both, so the gateway asks it.
+
+Small requests (a chat, a sample's tokens) run on the event loop: a thread hop costs more than the work
+while the op thread holds the GIL sampling. Large ones go to a worker thread so that long-polls never wait
+on them. One text at a time, never the tokenizer's batch calls: those start a Rust thread pool that
+competes with torch's threads for the cores.
 
 `add_text_routes(app, text_model)` is all a server needs: `text_model()` returns the tokenizer (and the
 context length) once the model is loaded, None before (503, retry).
@@ -25,6 +29,7 @@ from tinkerkube_contract import pod_api as api
 from tinkerkube_contract.pod_api import ErrorCategory
 
 _SANE_CONTEXT = 10**8  # HF's "no limit" sentinel for model_max_length is ~1e30
+_INLINE_MAX = 32_000  # characters (~4 per token): smaller requests run on the event loop, larger in a thread
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +73,8 @@ def render_chat(model: TextModel, req: api.RenderChatRequest) -> list[int]:
 
 
 def encode(model: TextModel, req: api.EncodeRequest) -> list[list[int]]:
-    return [list(ids) for ids in model.tokenizer(req.texts, add_special_tokens=req.add_special_tokens)["input_ids"]]
+    tok = model.tokenizer
+    return [list(tok(text, add_special_tokens=req.add_special_tokens)["input_ids"]) for text in req.texts]
 
 
 def decode(model: TextModel, req: api.DecodeRequest) -> list[api.DecodedText]:
@@ -77,15 +83,12 @@ def decode(model: TextModel, req: api.DecodeRequest) -> list[api.DecodedText]:
     for i, ids in enumerate(req.sequences):
         if any(t < 0 or t >= size for t in ids):
             raise TextError(400, "token_out_of_range", f"sequences[{i}] has token ids outside [0, {size})")
-    texts = tok.batch_decode(req.sequences, skip_special_tokens=True)
+    texts = [tok.decode(ids, skip_special_tokens=True) for ids in req.sequences]
     if not req.pieces:
         return [api.DecodedText(text=t) for t in texts]
     special = set(tok.all_special_ids)
-    out = []
-    for ids, text in zip(req.sequences, texts, strict=True):
-        pieces = tok.batch_decode([[t] for t in ids], skip_special_tokens=False) if ids else []
-        out.append(api.DecodedText(text=text, pieces=pieces, special=[t in special for t in ids]))
-    return out
+    return [api.DecodedText(text=text, pieces=[tok.decode([t]) for t in ids], special=[t in special for t in ids])
+            for ids, text in zip(req.sequences, texts, strict=True)]
 
 
 def _error(status: int, code: str, detail: str) -> JSONResponse:
@@ -98,12 +101,13 @@ def _error(status: int, code: str, detail: str) -> JSONResponse:
 def add_text_routes(app: FastAPI, text_model: Callable[[], TextModel | None]) -> None:
     router = APIRouter()
 
-    async def answer(fn: Callable[[TextModel], Any], wrap: Callable[[Any, TextModel], BaseModel]) -> Response:
+    async def answer(fn: Callable[[TextModel], Any], wrap: Callable[[Any, TextModel], BaseModel],
+                     size: int) -> Response:
         model = text_model()
         if model is None:
             return _error(503, "not_ready", "the trainer is still loading its model; retry shortly")
         try:
-            result = await asyncio.to_thread(fn, model)
+            result = await asyncio.to_thread(fn, model) if size > _INLINE_MAX else fn(model)
         except TextError as exc:
             return _error(exc.status, exc.code, exc.detail)
         return JSONResponse(wrap(result, model).model_dump(mode="json"))
@@ -111,16 +115,16 @@ def add_text_routes(app: FastAPI, text_model: Callable[[], TextModel | None]) ->
     @router.post(api.TEXT_CHAT_PATH)
     async def chat(req: api.RenderChatRequest) -> Response:
         return await answer(lambda m: render_chat(m, req), lambda ids, m: api.TokenIds(
-            ids=[ids], context_length=m.context_length))
+            ids=[ids], context_length=m.context_length), sum(len(x.content) for x in req.messages))
 
     @router.post(api.TEXT_ENCODE_PATH)
     async def encode_texts(req: api.EncodeRequest) -> Response:
         return await answer(lambda m: encode(m, req), lambda ids, m: api.TokenIds(
-            ids=ids, context_length=m.context_length))
+            ids=ids, context_length=m.context_length), sum(len(t) for t in req.texts))
 
     @router.post(api.TEXT_DECODE_PATH)
     async def decode_ids(req: api.DecodeRequest) -> Response:
         return await answer(lambda m: decode(m, req), lambda seqs, m: api.DecodedTexts(
-            sequences=seqs, context_length=m.context_length))
+            sequences=seqs, context_length=m.context_length), sum(len(ids) for ids in req.sequences) * 4)
 
     app.include_router(router)
