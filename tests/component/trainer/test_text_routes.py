@@ -13,8 +13,8 @@ from fastapi import FastAPI
 from transformers import AutoTokenizer
 
 from tinkerkube_contract import pod_api as api
+from tinkerkube_trainer.http_api import _install_error_handlers  # the trainer app's own 4xx handlers
 from tinkerkube_trainer.metrics import TrainerMetrics
-from tinkerkube_trainer.server import _install_error_handlers  # the trainer app's own 4xx handlers
 from tinkerkube_trainer.text_api import TextModel, add_text_routes, text_model_of
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
