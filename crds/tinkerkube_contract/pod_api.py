@@ -254,7 +254,7 @@ class RunInfo(TrainerInfo):
 # the gateway holds no model files (in Kubernetes its pod has none): the trainer that backs the sampler
 # renders, encodes and decodes. POST JSON in, JSON out; errors are `ErrorBody` 4xx like the op routes.
 
-TEXT_CHAT_PATH = "/v1/text/chat"  # RenderChatRequest → TokenIds (one row)
+TEXT_CHAT_PATH = "/v1/text/chat"  # RenderChatsRequest → RenderedChats (a row or an error per chat)
 TEXT_ENCODE_PATH = "/v1/text/encode"  # EncodeRequest → TokenIds
 TEXT_DECODE_PATH = "/v1/text/decode"  # DecodeRequest → DecodedTexts
 
@@ -274,6 +274,22 @@ class RenderChatRequest(_Wire):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_TEXT_ITEMS)
     add_generation_prompt: bool = True
     continue_final_message: bool = Field(False, description="continue the last (assistant) turn: a prefill")
+
+
+class RenderChatsRequest(_Wire):
+    """Several chats in one call: the gateway merges concurrent requests' chats (each may fail alone)."""
+
+    chats: list[RenderChatRequest] = Field(min_length=1, max_length=MAX_TEXT_ITEMS)
+
+
+class RenderedChat(_Wire):
+    ids: list[int] = Field(default_factory=list)
+    error: str | None = Field(None, description="why this chat could not be rendered (the caller's fault)")
+
+
+class RenderedChats(_Wire):
+    chats: list[RenderedChat]
+    context_length: int | None = Field(None, description="the model's maximum positions, when it states one")
 
 
 class EncodeRequest(_Wire):

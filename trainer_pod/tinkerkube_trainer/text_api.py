@@ -72,6 +72,17 @@ def render_chat(model: TextModel, req: api.RenderChatRequest) -> list[int]:
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
+def render_chats(model: TextModel, req: api.RenderChatsRequest) -> list[api.RenderedChat]:
+    """Each chat rendered on its own: one chat's bad turn is that chat's error, not the others'."""
+    out = []
+    for chat in req.chats:
+        try:
+            out.append(api.RenderedChat(ids=render_chat(model, chat)))
+        except TextError as exc:
+            out.append(api.RenderedChat(error=exc.detail))
+    return out
+
+
 def encode(model: TextModel, req: api.EncodeRequest) -> list[list[int]]:
     tok = model.tokenizer
     return [list(tok(text, add_special_tokens=req.add_special_tokens)["input_ids"]) for text in req.texts]
@@ -113,9 +124,9 @@ def add_text_routes(app: FastAPI, text_model: Callable[[], TextModel | None]) ->
         return JSONResponse(wrap(result, model).model_dump(mode="json"))
 
     @router.post(api.TEXT_CHAT_PATH)
-    async def chat(req: api.RenderChatRequest) -> Response:
-        return await answer(lambda m: render_chat(m, req), lambda ids, m: api.TokenIds(
-            ids=[ids], context_length=m.context_length), sum(len(x.content) for x in req.messages))
+    async def chat(req: api.RenderChatsRequest) -> Response:
+        return await answer(lambda m: render_chats(m, req), lambda chats, m: api.RenderedChats(
+            chats=chats, context_length=m.context_length), sum(len(x.content) for c in req.chats for x in c.messages))
 
     @router.post(api.TEXT_ENCODE_PATH)
     async def encode_texts(req: api.EncodeRequest) -> Response:

@@ -18,6 +18,7 @@ from tinkerkube_contract import pod_api
 from tinkerkube_contract.pod_api import ErrorCategory
 from tinkerkube_gateway.backends.base import TrainerHandle
 from tinkerkube_gateway.clients.pod_client import OpRejected, TrainerUnreachable
+from tinkerkube_gateway.compat.coalesce import Coalescer
 from tinkerkube_gateway.compat.samplers import CompatSamplers
 from tinkerkube_gateway.compat.shaping import Choice, TokenInfo, choice, prompt_tokens, top_ids
 from tinkerkube_gateway.compat.values import Generation, Sampled, SampleSpec, TopList
@@ -29,6 +30,7 @@ from tinkerkube_gateway.store.records import FutureState, SamplerRecord
 
 M = TypeVar("M", bound=BaseModel)
 FALLBACK_MAX_TOKENS = 4096  # when neither the request nor the model's context length bounds it
+RENDER_WINDOW_SECONDS = 0.01  # how long a chat waits for concurrent requests' chats to share its render call
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +47,9 @@ class CompatBackend:
         self.sampling = sampling
         self.futures = futures
         self.dispatcher = sampling.dispatcher
+        self._renders: Coalescer[pod_api.RenderChatRequest, pod_api.RenderedChat] = Coalescer(
+            window=RENDER_WINDOW_SECONDS, limit=pod_api.MAX_TEXT_ITEMS)
+        self._context: dict[str, int | None] = {}  # backing model id → its context length (never changes)
 
     async def target(self, tenant: str, model: str) -> Target:
         sampler = await self.samplers.sampler(tenant, model)
@@ -68,15 +73,36 @@ class CompatBackend:
 
     async def render_chat(self, target: Target, messages: list[tuple[str, str]], *,
                           continue_final: bool = False) -> tuple[list[int], int | None]:
+        """The chat's prompt tokens and the model's context length. Concurrent requests' chats for the
+        same trainer go in one call (see coalesce), so that their samples can share a sampling pass."""
         req = pod_api.RenderChatRequest(messages=[pod_api.ChatMessage(role=r, content=c) for r, c in messages],
                                         continue_final_message=continue_final)
-        out = await self._text(target, pod_api.TEXT_CHAT_PATH, req, pod_api.TokenIds)
-        return out.ids[0], out.context_length
+        backing = target.sampler.backing_model_id
+
+        async def call(chats: list[pod_api.RenderChatRequest]) -> list[pod_api.RenderedChat]:
+            out = await self._text(target, pod_api.TEXT_CHAT_PATH, pod_api.RenderChatsRequest(chats=chats),
+                                   pod_api.RenderedChats)
+            self._context[backing] = out.context_length
+            return out.chats
+
+        rendered = await self._renders.submit(f"{target.handle.url} {backing}", req, call)
+        if rendered.error is not None:
+            raise InvalidRequest(rendered.error)
+        return rendered.ids, self._context.get(backing)
 
     async def encode(self, target: Target, texts: list[str]) -> tuple[list[list[int]], int | None]:
         out = await self._text(target, pod_api.TEXT_ENCODE_PATH, pod_api.EncodeRequest(texts=texts),
                                pod_api.TokenIds)
+        self._context[target.sampler.backing_model_id] = out.context_length
         return out.ids, out.context_length
+
+    async def context_length(self, target: Target) -> int | None:
+        """The model's context length: known from any earlier text call to its trainer, else asked once
+        (a decode of nothing)."""
+        backing = target.sampler.backing_model_id
+        if backing not in self._context:
+            self._context[backing] = (await self.decode(target, [[]], pieces=False)).context_length
+        return self._context[backing]
 
     async def decode(self, target: Target, sequences: list[list[int]], *, pieces: bool) -> pod_api.DecodedTexts:
         return await self._text(target, pod_api.TEXT_DECODE_PATH,

@@ -35,23 +35,24 @@ async def client(tokenizer: object) -> AsyncIterator[httpx.AsyncClient]:
 
 async def test_chat_renders_the_tokenizers_own_template_with_the_generation_prompt(
         client: httpx.AsyncClient, tokenizer: object) -> None:
-    response = await client.post(api.TEXT_CHAT_PATH, json={"messages": MESSAGES})
+    response = await client.post(api.TEXT_CHAT_PATH, json={"chats": [{"messages": MESSAGES}]})
     assert response.status_code == 200, response.text
-    out = api.TokenIds.model_validate(response.json())
+    out = api.RenderedChats.model_validate(response.json())
     expected = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True)  # type: ignore[attr-defined]
-    assert out.ids == [list(expected["input_ids"])] and out.context_length == 64
-    text = tokenizer.decode(out.ids[0])  # type: ignore[attr-defined]
+    assert [c.ids for c in out.chats] == [list(expected["input_ids"])] and out.context_length == 64
+    text = tokenizer.decode(out.chats[0].ids)  # type: ignore[attr-defined]
     assert text.endswith("<|im_start|>assistant\n") and "Be brief." in text
 
 
 async def test_continuing_the_final_assistant_turn_is_a_prefill(client: httpx.AsyncClient, tokenizer: object) -> None:
     messages = [*MESSAGES, {"role": "assistant", "content": "Sure, here"}]
-    response = await client.post(api.TEXT_CHAT_PATH, json={"messages": messages, "continue_final_message": True})
+    chats = [{"messages": messages, "continue_final_message": True},
+             {"messages": MESSAGES, "continue_final_message": True}]  # the second has no assistant turn to continue
+    response = await client.post(api.TEXT_CHAT_PATH, json={"chats": chats})
     assert response.status_code == 200, response.text
-    text = tokenizer.decode(response.json()["ids"][0])  # type: ignore[attr-defined]
-    assert text.endswith("Sure, here")
-    refused = await client.post(api.TEXT_CHAT_PATH, json={"messages": MESSAGES, "continue_final_message": True})
-    assert refused.status_code == 400 and refused.json()["code"] == "invalid_request"
+    first, second = api.RenderedChats.model_validate(response.json()).chats
+    assert tokenizer.decode(first.ids).endswith("Sure, here") and first.error is None  # type: ignore[attr-defined]
+    assert second.ids == [] and "assistant" in (second.error or "")  # its own error, not the whole call's
 
 
 async def test_encode_then_decode_round_trips_with_pieces_and_special_flags(client: httpx.AsyncClient) -> None:
@@ -72,8 +73,9 @@ async def test_encode_then_decode_round_trips_with_pieces_and_special_flags(clie
     (api.TEXT_DECODE_PATH, {"sequences": [[-1]]}, 400),
     (api.TEXT_DECODE_PATH, {"sequences": []}, 400),
     (api.TEXT_ENCODE_PATH, {"texts": []}, 400),
-    (api.TEXT_CHAT_PATH, {"messages": []}, 400),
-    (api.TEXT_CHAT_PATH, {"messages": [{"role": "", "content": "x"}]}, 400),
+    (api.TEXT_CHAT_PATH, {"chats": []}, 400),
+    (api.TEXT_CHAT_PATH, {"chats": [{"messages": []}]}, 400),
+    (api.TEXT_CHAT_PATH, {"chats": [{"messages": [{"role": "", "content": "x"}]}]}, 400),
 ])
 async def test_bad_input_is_a_json_4xx(tokenizer: object, path: str, body: dict[str, object], status: int) -> None:
     app = FastAPI()
@@ -85,16 +87,18 @@ async def test_bad_input_is_a_json_4xx(tokenizer: object, path: str, body: dict[
     assert response.json()["category"] == "user"
 
 
-async def test_a_tokenizer_without_a_chat_template_is_a_400_and_no_model_yet_a_503(tokenizer: object) -> None:
+async def test_a_tokenizer_without_a_chat_template_is_each_chats_error_and_no_model_yet_a_503() -> None:
     class Plain:
         chat_template = None
 
-    for model, status in ((TextModel(Plain()), 400), (None, 503)):
+    for model, status in ((TextModel(Plain()), 200), (None, 503)):
         app = FastAPI()
         add_text_routes(app, lambda m=model: m)  # type: ignore[misc]
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://trainer") as http:
-            response = await http.post(api.TEXT_CHAT_PATH, json={"messages": MESSAGES})
+            response = await http.post(api.TEXT_CHAT_PATH, json={"chats": [{"messages": MESSAGES}]})
         assert response.status_code == status, response.text
+        if status == 200:
+            assert "no chat template" in response.json()["chats"][0]["error"]
 
 
 def test_text_model_of_reads_the_engines_tokenizer_and_context_length(tokenizer: object) -> None:
