@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from tinker.proto.response_conv import deserialize_sample_response
 
 from tinkerkube_contract import pod_api
@@ -75,8 +75,11 @@ class CompatBackend:
                           continue_final: bool = False) -> tuple[list[int], int | None]:
         """The chat's prompt tokens and the model's context length. Concurrent requests' chats for the
         same trainer go in one call (see coalesce), so that their samples can share a sampling pass."""
-        req = pod_api.RenderChatRequest(messages=[pod_api.ChatMessage(role=r, content=c) for r, c in messages],
-                                        continue_final_message=continue_final)
+        try:
+            req = pod_api.RenderChatRequest(messages=[pod_api.ChatMessage(role=r, content=c) for r, c in messages],
+                                            continue_final_message=continue_final)
+        except ValidationError as exc:  # e.g. a system prompt on top of the most messages a chat may have
+            raise InvalidRequest(f"the chat cannot be rendered: {exc.errors()[0]['msg']}") from None
         backing = target.sampler.backing_model_id
 
         async def call(chats: list[pod_api.RenderChatRequest]) -> list[pod_api.RenderedChat]:
@@ -131,9 +134,9 @@ class CompatBackend:
         shape: the choices, the prompt's tokens (echo) and the prompt's text (echo, else "")."""
         tops = top_ids(generation)
         seqs = [s.tokens for s in generation.sequences]
-        rows = seqs + [[tid] for tid in tops] + ([generation.prompt] if echo else [])
+        rows = seqs + [tops] + ([generation.prompt] if echo else [])  # one row names every top-logprob id
         decoded = (await self.decode(target, rows, pieces=pieces or echo or bool(tops))).sequences
-        names = {tid: (decoded[len(seqs) + j].pieces or [""])[0] for j, tid in enumerate(tops)}
+        names = dict(zip(tops, decoded[len(seqs)].pieces or [], strict=False))
         shaped = [choice(seq, text, stops, names) for seq, text in zip(generation.sequences, decoded, strict=False)]
         if not echo:
             return shaped, None, ""

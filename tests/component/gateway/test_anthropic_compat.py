@@ -104,6 +104,7 @@ def test_bearer_auth_works_and_a_bad_key_is_a_401(compat_gateway: GatewayProc) -
     {"max_tokens": 0}, {"temperature": 1.5}, {"top_k": 0}, {"top_p": 2}, {"messages": []},
     {"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": "x"}}]}]},
     {"stop_sequences": ["x"] * 17}, {"max_tokens": 100_000}, {"model": "no/such-model"},
+    {"system": "s", "messages": [{"role": "user", "content": "x"}] * 1024},  # one turn more than a chat may have
 ])
 def test_bad_input_is_a_4xx_in_anthropic_shape(compat_gateway: GatewayProc, change: dict[str, Any]) -> None:
     body = {"model": TINY, "max_tokens": 4, "messages": MESSAGES, **change}
