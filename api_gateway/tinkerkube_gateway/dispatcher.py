@@ -12,7 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from tinkerkube_contract.pod_api import ErrorCategory, OpState, SampleOp
-from tinkerkube_gateway.backends.base import SessionBackend
+from tinkerkube_gateway.backends.base import SessionBackend, TrainerHandle
 from tinkerkube_gateway.bounds import MAX_SEQ_AHEAD, SEQ_GAP_TIMEOUT_SECONDS
 from tinkerkube_gateway.clients.pod_client import OpRejected, PodClient, TrainerUnreachable
 from tinkerkube_gateway.store.records import FutureRecord
