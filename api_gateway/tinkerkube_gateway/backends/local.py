@@ -138,6 +138,9 @@ class LocalBackend:
             nnodes=1, nproc_per_node=cfg.nproc_per_node, node_rank=0, master_addr="127.0.0.1",
             master_port=free_port())
         env = {k: v for k, v in cfg.base_env.items() if not k.startswith(contract_env.PREFIX)}  # launcher's only
+        # torchrun would pin each rank to one thread; a pool is this machine's one trainer, so its ranks share
+        # the cores (unless the user chose a thread count).
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.nproc_per_node)))
         env.update(launch.pool_env(
             key[1], checkpoint_dir=str(cfg.checkpoint_dir), port=port, host="127.0.0.1", auth_token=cfg.token,
             model_cache_dir=str(cfg.model_cache_dir), model_aliases=cfg.model_aliases or None, device=cfg.device,
