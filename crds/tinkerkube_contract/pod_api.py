@@ -203,6 +203,9 @@ class RunSpec(_Wire):
     lora: LoraSpec = Field(default_factory=LoraSpec)
     restore_from: str | None = Field(None, description="tinker:// path restored at attach")
     restore_optimizer: bool = False
+    resume: bool = Field(False, description="restore this run's newest durable checkpoint (its own save_state or "
+                         "automatic checkpoint, with the optimizer) when one exists, else `restore_from`: how a "
+                         "run comes back after its pool restarted")
 
 
 class RunState(StrEnum):

@@ -37,6 +37,7 @@ from tinkerkube_contract.pod_api import (
 )
 from tinkerkube_contract.resource import LoraSpec, SessionMode
 from tinkerkube_trainer import checkpoints, codec, multilora, train_pass
+from tinkerkube_trainer.autosave import AutoSaver, latest_durable
 from tinkerkube_trainer.engine_api import (
     Collective,
     OpError,
@@ -110,7 +111,9 @@ class PoolEngine:
         self.model = train_pass.Model(loaded.model, self.sites.routing, pad_id=self.pad_id,
                                       vocab_size=self.vocab_size, device=self.device)
         self.runs: dict[str, Run] = {}
-        self._runners: dict[OpKind, Callable[[Run, Any], OpOutput]] = {
+        self.autosave = AutoSaver(config.checkpoint_dir, every_steps=config.auto_checkpoint_steps,
+                                  every_seconds=config.auto_checkpoint_seconds, keep=config.auto_checkpoints_kept)
+        self._runners: dict[OpKind, Callable[[Run, PreparedOp], OpOutput]] = {
             OpKind.OPTIM_STEP: self._optim_step,
             OpKind.SAVE_STATE: self._save_state,
             OpKind.SAVE_SAMPLER_WEIGHTS: self._save_sampler_weights,
@@ -135,12 +138,16 @@ class PoolEngine:
                 "mode": run.spec.mode.value, "num_bytes": run.num_bytes()}
 
     def prepare_attach(self, spec: RunSpec) -> PreparedOp:
+        """`spec.resume`: attach from the run's newest durable checkpoint (with its optimizer) when it has one."""
         if spec.base_model != self.config.base_model:
             raise OpError(f"this pool serves {self.config.base_model!r}, not {spec.base_model!r}",
                           code="pool_mismatch")
         if spec.lora.rank > self.config.max_lora_rank:
             raise OpError(f"LoRA rank {spec.lora.rank} exceeds this pool's maximum of {self.config.max_lora_rank}",
                           code="rank_too_large")
+        durable = latest_durable(self.config.checkpoint_dir, spec.model_id) if spec.resume else None
+        if durable is not None:
+            spec = spec.model_copy(update={"restore_from": durable.path, "restore_optimizer": True})
         try:
             self.sites.paths(spec.lora)
             directory = None if not spec.restore_from else \
@@ -167,7 +174,7 @@ class PoolEngine:
             payload = self._decode(run, kind, body, seq_id)
         except InvalidTinkerPath as exc:
             raise OpError(str(exc), code="invalid_path") from None
-        return PreparedOp(kind=kind, payload=payload, model_id=model_id)
+        return PreparedOp(kind=kind, payload=payload, model_id=model_id, seq_id=seq_id)
 
     def run_pass(self, ops: Sequence[PreparedOp]) -> list[OpOutput | OpError]:
         outcomes: list[OpOutput | OpError | None] = [None] * len(ops)
@@ -192,11 +199,12 @@ class PoolEngine:
             return self._attach(op.payload)
         if op.kind is PoolOpKind.DETACH:
             self.runs.pop(str(op.model_id), None)
+            self.autosave.forget(str(op.model_id))
             return OpOutput(CONTENT_JSON, b"{}")
         runner = self._runners.get(op.kind)  # type: ignore[call-overload]
         if runner is None:
             raise OpError(f"unknown op kind {op.kind!r}", code="unknown_op")
-        return runner(self._run(op.model_id), op.payload)
+        return runner(self._run(op.model_id), op)
 
     def _run(self, model_id: str | None) -> Run:
         run = self.runs.get(str(model_id))
@@ -327,8 +335,14 @@ class PoolEngine:
 
     # ------------------------------------------------------------------ optimizer and checkpoints
 
-    def _optim_step(self, run: Run, op: OptimStepOp) -> OpOutput:
-        return _json(OptimStepResult(metrics=run.step(op.adam_params)))
+    def _optim_step(self, run: Run, op: PreparedOp) -> OpOutput:
+        metrics = run.step(op.payload.adam_params)
+        if self.autosave.stepped(run.model_id) and self.collective.rank == 0 and op.seq_id is not None:
+            assert run.weights is not None and run.optimizer is not None
+            self.autosave.save(run.model_id, op.seq_id, multilora.peft_state_dict(run.weights),
+                               self.sites.peft_config(run.spec.lora, self.model_dir),
+                               self._metadata(run, CheckpointKind.WEIGHTS, op.seq_id), run.optimizer.state_dict())
+        return _json(OptimStepResult(metrics=metrics))
 
     def _metadata(self, run: Run, kind: CheckpointKind, seq_id: int | None) -> dict[str, Any]:
         return {"model_id": run.model_id, "base_model": self.config.base_model, "kind": kind.value,
@@ -345,11 +359,13 @@ class PoolEngine:
         kind = "weights" if path.kind is CheckpointKind.WEIGHTS else "sampler_weights"
         return CheckpointWritten(tinker_path=str(path), kind=kind, size_bytes=size)
 
-    def _save_state(self, run: Run, p: SavePayload) -> OpOutput:
+    def _save_state(self, run: Run, op: PreparedOp) -> OpOutput:
+        p: SavePayload = op.payload
         assert p.path is not None
         return _json(SaveResult(checkpoint=self._write(run, p.path, p.seq_id, with_optimizer=True)))
 
-    def _save_sampler_weights(self, run: Run, p: SavePayload) -> OpOutput:
+    def _save_sampler_weights(self, run: Run, op: PreparedOp) -> OpOutput:
+        p: SavePayload = op.payload
         written = None
         if p.path is not None:
             written = self._write(run, p.path, p.seq_id, with_optimizer=False)
@@ -359,7 +375,8 @@ class PoolEngine:
             run.remember(p.snapshot_id)
         return _json(SaveResult(checkpoint=written, snapshot_id=p.snapshot_id))
 
-    def _load_state(self, run: Run, p: LoadPayload) -> OpOutput:
+    def _load_state(self, run: Run, op: PreparedOp) -> OpOutput:
+        p: LoadPayload = op.payload
         directory = p.path.directory(self.config.checkpoint_dir)
         adapter, opt_state = checkpoints.from_rank0(self.collective, lambda: (
             checkpoints.read_adapter(directory),

@@ -46,6 +46,9 @@ class PoolConfig:
     max_runs: int = 8
     max_lora_rank: int = 128
     max_snapshots_per_run: int = 8  # oldest in-memory sampler snapshots of a run are dropped beyond this
+    auto_checkpoint_steps: int = 20  # a run's weights + optimizer written every this many optim_steps (0: never)
+    auto_checkpoint_seconds: float = 600.0  # ... or after this long since the last one, at its next optim_step
+    auto_checkpoints_kept: int = 2  # older automatic checkpoints of a run are deleted
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +58,7 @@ class PreparedOp:
     kind: OpKind | PoolOpKind
     payload: Any  # the engine's own decoded, validated form of the request
     model_id: str | None = None  # the run it belongs to (None: the base model, for samples)
+    seq_id: int | None = None  # its place in the run's order (run ops)
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,6 +38,11 @@ class TrainerSettings(BaseSettings):
     max_pass_tokens: int = Field(65_536, ge=1, description="tokens of co-batched forward/backward ops per pass")
     max_sample_rows: int = Field(64, ge=1, description="sequences decoded together in one sampling pass")
     max_snapshots_per_run: int = Field(8, ge=1, le=1024, description="in-memory sampler snapshots kept per run")
+    auto_checkpoint_steps: int = Field(20, ge=0, description="write a run's weights + optimizer every this many "
+                                       "optim_steps, off the op thread (0: never); bounds what a restart replays")
+    auto_checkpoint_seconds: float = Field(600.0, gt=0, description="... or at the first optim_step this long "
+                                           "after the run's last automatic checkpoint")
+    auto_checkpoints_kept: int = Field(2, ge=1, description="a run's older automatic checkpoints are deleted")
     checkpoint_dir: Path = Field(Path("var/checkpoints"), description="root of the checkpoint store")
     model_cache_dir: Path = Field(default_factory=default_cache_dir, description="built-in models live here")
     model_aliases: dict[str, str] = Field(default_factory=dict, description="JSON {name: name-or-dir}")
@@ -73,6 +78,9 @@ class TrainerSettings(BaseSettings):
             max_runs=self.max_runs,
             max_lora_rank=self.max_lora_rank,
             max_snapshots_per_run=self.max_snapshots_per_run,
+            auto_checkpoint_steps=self.auto_checkpoint_steps,
+            auto_checkpoint_seconds=self.auto_checkpoint_seconds,
+            auto_checkpoints_kept=self.auto_checkpoints_kept,
         )
 
     def boot_run(self) -> RunSpec | None:
