@@ -66,6 +66,9 @@ class GatewaySettings(BaseSettings):
         300.0, ge=0, description="a local trainer pool with no run left stops after this long")
     share_pools_across_tenants: bool = Field(
         False, description="let runs of different tenants share a trainer pool (same base model)")
+    pool_max_restarts: int = Field(
+        3, ge=0, description="a local pool that died is started again at most this often within the window")
+    pool_restart_window_seconds: float = Field(600.0, gt=0, description="the window of pool_max_restarts")
     trainer_command: list[str] | None = Field(
         None, description="JSON argv replacing torchrun for local trainers (tests use a fake trainer)")
     # Trainer placement (kubernetes backend; local mode uses nproc_per_node and the token only).

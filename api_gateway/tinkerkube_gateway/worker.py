@@ -135,20 +135,28 @@ class ModelWorker:
     async def _start(self, first: list[FutureRecord], resend: list[FutureRecord]) -> None:
         try:
             self.handle = await self.deps.backend.wait_ready(self.model_id, self.deps.start_timeout)
-            self.boot_id = (await self.deps.pods.info(self.handle, self.model_id)).boot_id
+            info = await self.deps.pods.info(self.handle, self.model_id)
         except (TrainerStartFailed, TimeoutError, TrainerUnreachable, OpRejected) as exc:
             await self._die(f"trainer for {self.model_id} failed to start: {getattr(exc, 'message', exc)}", first)
             return
+        self.boot_id = info.boot_id
         await self.deps.sink.on_ready(self.model_id, self.handle)
         self.ready.set()
         for fut in first:
             await self.deps.sink.on_result(fut, CREATED)
         self.first = []
         self._tasks.append(asyncio.create_task(self._poll_loop(), name=f"poller:{self.model_id}"))
-        for fut in resend:  # forwarded before a gateway restart: same trainer_seq, idempotent PUT
-            if await self._forward(fut) is False:
+        behind = (info.last_completed_seq_id or 0) < self.trainer_next - 1
+        if behind:  # restored from a checkpoint while no gateway watched (its pool died): replay the tail
+            self.inflight.extend(resend)
+            if not await self._resubmit(self.handle, info.last_completed_seq_id, self.trainer_next - 1,
+                                        "its trainer was restored while the gateway was down"):
                 return
-            self.inflight.append(fut)
+        else:
+            for fut in resend:  # forwarded before a gateway restart: same trainer_seq, idempotent PUT
+                if await self._forward(fut) is False:
+                    return
+                self.inflight.append(fut)
         self._poll_wake.set()
         await self._forward_loop()
 
@@ -311,6 +319,13 @@ class ModelWorker:
         return False
 
     async def _replay(self, handle: TrainerHandle, boot_id: str, restored: int | None, upto: int) -> bool:
+        self.handle, self.boot_id = handle, boot_id
+        await self._fail_unfetched(restored or 0)
+        return await self._resubmit(handle, restored, upto, f"its trainer restarted (boot {boot_id})")
+
+    async def _resubmit(self, handle: TrainerHandle, restored: int | None, upto: int, why: str) -> bool:
+        """Re-send, in order, every op after the trainer's restore point up to `upto` from the op log
+        (idempotent for ops the trainer still holds); False when that is impossible (the run dies)."""
         rows = await self.deps.repo.futures_after_trainer_seq(self.model_id, restored or 0)
         logged = {f.trainer_seq: f.body is not None for f in rows if f.trainer_seq is not None}
         plan = scheduling.replay_plan(restored, logged, upto)
@@ -318,9 +333,7 @@ class ModelWorker:
             await self._die(f"the trainer for {self.model_id} restarted and its lost ops cannot be replayed "
                             f"({plan.reason}); retry from your last checkpoint", [])
             return False
-        log.warning("trainer %s restarted (boot %s); replaying %s", self.model_id, boot_id, plan.seq_ids)
-        self.handle, self.boot_id = handle, boot_id
-        await self._fail_unfetched(restored or 0)
+        log.warning("%s: %s; replaying trainer seq %s", self.model_id, why, plan.seq_ids)
         by_seq = {f.trainer_seq: f for f in rows}
         for seq in plan.seq_ids:
             fut = by_seq[seq]

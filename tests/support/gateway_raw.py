@@ -61,3 +61,10 @@ def post_fwdbwd(http: httpx.Client, body: bytes) -> httpx.Response:
 def optim(http: httpx.Client, model_id: str, seq_id: int) -> httpx.Response:
     return http.post("/api/v1/optim_step", json={"model_id": model_id, "seq_id": seq_id,
                                                  "adam_params": {"learning_rate": 1e-4}})
+
+
+def loss_of(body: bytes) -> float:
+    """The `loss:sum` of a forward_backward result (the SDK's protobuf)."""
+    from tinker.proto import tinker_public_pb2 as pb
+
+    return float(pb.ForwardBackwardOutput.FromString(body).metrics["loss:sum"])

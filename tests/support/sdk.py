@@ -65,7 +65,7 @@ class GatewayProc:
         out = {}
         for path in logs.glob("*.pool.json"):
             try:
-                out[path.name.removesuffix(".pool.json")] = json.loads(path.read_text())["runs"]
+                out[path.name.removesuffix(".pool.json")] = sorted(json.loads(path.read_text())["runs"])
             except (OSError, ValueError, KeyError):
                 continue  # being replaced right now
         return out

@@ -12,28 +12,21 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ValidationError
 
-from tinkerkube_contract.paths import CheckpointKind, InvalidTinkerPath, TinkerPath, parse_tinker_path, validate_name
+from tinkerkube_contract.paths import CheckpointKind, InvalidTinkerPath, TinkerPath, parse_tinker_path
 from tinkerkube_contract.pod_api import (
     CONTENT_JSON,
     CONTENT_PROTOBUF,
     CheckpointWritten,
     LoadResult,
-    LoadStateOp,
     OpKind,
-    OptimStepOp,
     OptimStepResult,
     RunSpec,
     SampleOp,
     SaveResult,
-    SaveSamplerWeightsOp,
-    SaveStateOp,
 )
 from tinkerkube_contract.resource import LoraSpec, SessionMode
 from tinkerkube_trainer import checkpoints, codec, multilora, train_pass
@@ -48,52 +41,19 @@ from tinkerkube_trainer.engine_api import (
     SampleFeed,
 )
 from tinkerkube_trainer.lora import DEFAULT_SEED
-from tinkerkube_trainer.losses import REQUIRED_INPUTS, canonical_loss_name
-from tinkerkube_trainer.losses import parse_config as parse_loss_config
 from tinkerkube_trainer.model_loading import load_base_model
+from tinkerkube_trainer.op_decode import (
+    AttachPayload,
+    LoadPayload,
+    OpDecoder,
+    SavePayload,
+    json_output,
+    parse_json,
+)
 from tinkerkube_trainer.optim import LoraOptimizer
 from tinkerkube_trainer.runs import LIVE, Run
 from tinkerkube_trainer.sampling import SampleJob, decode_stream
-from tinkerkube_trainer.train_pass import FbPayload, FbWork
-
-M = TypeVar("M", bound=BaseModel)
-
-
-@dataclass(frozen=True, slots=True)
-class SavePayload:
-    path: TinkerPath | None  # None: in-memory snapshot only
-    snapshot_id: str | None
-    seq_id: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class LoadPayload:
-    path: TinkerPath
-    with_optimizer: bool
-
-
-@dataclass(frozen=True, slots=True)
-class SamplePayload:
-    params: codec.SampleParams
-    snapshot_id: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class AttachPayload:
-    spec: RunSpec
-    restore_dir: Path | None
-
-
-def _json(model: BaseModel) -> OpOutput:
-    return OpOutput(CONTENT_JSON, model.model_dump_json().encode())
-
-
-def _parse_json(cls: type[M], body: bytes) -> tuple[M, dict[str, Any]]:
-    try:
-        raw = json.loads(body or b"{}")
-        return cls.model_validate(raw), raw if isinstance(raw, dict) else {}
-    except (ValueError, ValidationError) as exc:
-        raise OpError(f"invalid {cls.__name__} body: {exc}", code="invalid_request") from None
+from tinkerkube_trainer.train_pass import FbWork
 
 
 class PoolEngine:
@@ -106,6 +66,7 @@ class PoolEngine:
         self.vocab_size = int(loaded.model.get_input_embeddings().num_embeddings)
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
         self.eos_ids = sorted(self._eos_ids(loaded.model))
+        self.decoder = OpDecoder(config, self.vocab_size)
         self.sites = multilora.AdapterSites.install(loaded.model)
         self.module = loaded.model
         self.model = train_pass.Model(loaded.model, self.sites.routing, pad_id=self.pad_id,
@@ -164,14 +125,14 @@ class PoolEngine:
         """Decode + validate on rank 0; touches no state. `seq_id` (optional) is recorded in checkpoints.
         Samples name their run (or none: the base model) in the body; `model_id` is then ignored."""
         if kind is OpKind.SAMPLE:
-            op = _parse_json(SampleOp, body)[0]
+            op = parse_json(SampleOp, body)[0]
             run = None if op.model_id is None else self._run(op.model_id)
-            return PreparedOp(kind, self._decode_sample(run, op), op.model_id)
+            return PreparedOp(kind, self.decoder.decode_sample(run, op), op.model_id)
         run = self._run(model_id)
         if not run.training:
             raise OpError(f"this run only samples; {kind.value} needs a training run", code="sample_only")
         try:
-            payload = self._decode(run, kind, body, seq_id)
+            payload = self.decoder.decode(run, kind, body, seq_id)
         except InvalidTinkerPath as exc:
             raise OpError(str(exc), code="invalid_path") from None
         return PreparedOp(kind=kind, payload=payload, model_id=model_id, seq_id=seq_id)
@@ -214,63 +175,6 @@ class PoolEngine:
 
     # ------------------------------------------------------------------ prepare
 
-    def _decode(self, run: Run, kind: OpKind, body: bytes, seq_id: int | None) -> Any:
-        if kind is OpKind.FORWARD_BACKWARD:
-            request = codec.decode_forward_backward(body)
-            loss = canonical_loss_name(request.loss_fn)
-            codec.validate_forward_backward(request, REQUIRED_INPUTS[loss], self.vocab_size,
-                                            allow_topk=loss == "cross_entropy")
-            return FbPayload(request, loss, parse_loss_config(request.config, request.legacy_config))
-        if kind is OpKind.OPTIM_STEP:
-            return _parse_json(OptimStepOp, body)[0]
-        if kind is OpKind.SAVE_STATE:
-            op, raw = _parse_json(SaveStateOp, body)
-            path = TinkerPath(run.model_id, CheckpointKind.WEIGHTS, validate_name(op.name))
-            return SavePayload(path, None, seq_id if seq_id is not None else raw.get("seq_id"))
-        if kind is OpKind.SAVE_SAMPLER_WEIGHTS:
-            sop, raw = _parse_json(SaveSamplerWeightsOp, body)
-            if sop.name is None and not sop.snapshot_id:
-                raise OpError("save_sampler_weights needs a name or a snapshot_id", code="invalid_request")
-            path = None if sop.name is None else TinkerPath(
-                run.model_id, CheckpointKind.SAMPLER_WEIGHTS, validate_name(sop.name))
-            return SavePayload(path, sop.snapshot_id, seq_id if seq_id is not None else raw.get("seq_id"))
-        if kind is OpKind.LOAD_STATE:
-            return self._decode_load(run, _parse_json(LoadStateOp, body)[0])
-        raise OpError(f"unknown op kind {kind!r}", code="unknown_op")
-
-    def _decode_load(self, run: Run, op: LoadStateOp) -> LoadPayload:
-        path = parse_tinker_path(op.path)
-        if path.kind not in (CheckpointKind.WEIGHTS, CheckpointKind.SAMPLER_WEIGHTS):
-            raise OpError(f"cannot load {path.kind.value} checkpoints", code="invalid_path")
-        meta = checkpoints.read_metadata(path.directory(self.config.checkpoint_dir))
-        self._check_fits(run.spec.lora, meta, op.path)
-        if op.with_optimizer and not meta.get("has_optimizer", False):
-            raise OpError(f"{op.path} holds no optimizer state; load it without the optimizer",
-                          code="no_optimizer_state")
-        return LoadPayload(path, op.with_optimizer)
-
-    def _check_fits(self, lora: LoraSpec, meta: dict[str, Any], label: str) -> None:
-        if meta.get("base_model", self.config.base_model) != self.config.base_model:
-            raise OpError(f"{label} was trained on {meta['base_model']!r}, this model is {self.config.base_model!r}",
-                          code="checkpoint_mismatch")
-        if "lora" in meta and LoraSpec.model_validate(meta["lora"]).rank != lora.rank:
-            raise OpError(f"{label} has LoRA rank {meta['lora'].get('rank')}, this model {lora.rank}",
-                          code="checkpoint_mismatch")
-
-    def _decode_sample(self, run: Run | None, op: SampleOp) -> SamplePayload:
-        params = codec.decode_sample_request(op.request)
-        if max(params.prompt) >= self.vocab_size or min(params.prompt) < 0:
-            raise OpError(f"prompt has token ids outside [0, {self.vocab_size})", code="token_out_of_range")
-        if params.target_prompt_ids is not None and params.target_prompt_ids.size and \
-                params.target_prompt_ids.max() >= self.vocab_size:
-            raise OpError(f"target_prompt_logprobs ids must be below {self.vocab_size}", code="token_out_of_range")
-        if any(t < 0 or t >= self.vocab_size for t in params.stop_tokens or ()):
-            raise OpError(f"stop token ids must be in [0, {self.vocab_size})", code="token_out_of_range")
-        if op.snapshot_id is not None and (run is None or op.snapshot_id not in run.snapshots):
-            raise OpError(f"unknown sampler snapshot {op.snapshot_id!r}: save weights for the sampler first",
-                          code="unknown_snapshot")
-        return SamplePayload(params, op.snapshot_id)
-
     # ------------------------------------------------------------------ attach
 
     def _attach(self, p: AttachPayload) -> OpOutput:
@@ -279,7 +183,8 @@ class PoolEngine:
             with_optimizer = spec.restore_optimizer and spec.mode is SessionMode.TRAIN
             restore = checkpoints.from_rank0(self.collective,
                                              lambda: checkpoints.read_restore(p.restore_dir, with_optimizer))
-            self._check_fits(spec.lora, {k: v for k, v in restore.meta.items() if k != "lora"}, str(spec.restore_from))
+            meta = {k: v for k, v in restore.meta.items() if k != "lora"}  # its LoRA spec wins (below)
+            self.decoder.check_fits(spec.lora, meta, str(spec.restore_from))
             if "lora" in restore.meta:  # the checkpoint's own LoRA spec wins
                 spec = spec.model_copy(update={"lora": LoraSpec.model_validate(restore.meta["lora"])})
         training = spec.mode is SessionMode.TRAIN
@@ -342,7 +247,7 @@ class PoolEngine:
             self.autosave.save(run.model_id, op.seq_id, multilora.peft_state_dict(run.weights),
                                self.sites.peft_config(run.spec.lora, self.model_dir),
                                self._metadata(run, CheckpointKind.WEIGHTS, op.seq_id), run.optimizer.state_dict())
-        return _json(OptimStepResult(metrics=metrics))
+        return json_output(OptimStepResult(metrics=metrics))
 
     def _metadata(self, run: Run, kind: CheckpointKind, seq_id: int | None) -> dict[str, Any]:
         return {"model_id": run.model_id, "base_model": self.config.base_model, "kind": kind.value,
@@ -362,7 +267,7 @@ class PoolEngine:
     def _save_state(self, run: Run, op: PreparedOp) -> OpOutput:
         p: SavePayload = op.payload
         assert p.path is not None
-        return _json(SaveResult(checkpoint=self._write(run, p.path, p.seq_id, with_optimizer=True)))
+        return json_output(SaveResult(checkpoint=self._write(run, p.path, p.seq_id, with_optimizer=True)))
 
     def _save_sampler_weights(self, run: Run, op: PreparedOp) -> OpOutput:
         p: SavePayload = op.payload
@@ -373,7 +278,7 @@ class PoolEngine:
                 run.remember(str(p.path))
         if p.snapshot_id and self.collective.rank == 0:
             run.remember(p.snapshot_id)
-        return _json(SaveResult(checkpoint=written, snapshot_id=p.snapshot_id))
+        return json_output(SaveResult(checkpoint=written, snapshot_id=p.snapshot_id))
 
     def _load_state(self, run: Run, op: PreparedOp) -> OpOutput:
         p: LoadPayload = op.payload
@@ -387,7 +292,7 @@ class PoolEngine:
         if opt_state is not None:
             run.optimizer.load_state_dict(opt_state)
         run.acc = None
-        return _json(LoadResult(path=str(p.path)))
+        return json_output(LoadResult(path=str(p.path)))
 
     # ------------------------------------------------------------------ sampling
 

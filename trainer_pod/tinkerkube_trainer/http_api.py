@@ -23,8 +23,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tinkerkube_contract import pod_api as api
 from tinkerkube_contract.pod_api import ErrorCategory, OpKind, OpState, RunSpec, RunState
 from tinkerkube_trainer.engine_api import OpError, PreparedOp
-from tinkerkube_trainer.run_queue import Entry, RunQueue, SeqIdReused, SeqIdStale, fingerprint
-from tinkerkube_trainer.scheduler import RunConflict, RunUnavailable, Scheduler
+from tinkerkube_trainer.run_queue import (
+    Entry,
+    RunConflict,
+    RunQueue,
+    RunUnavailable,
+    SeqIdReused,
+    SeqIdStale,
+    fingerprint,
+)
+from tinkerkube_trainer.scheduler import Scheduler
 from tinkerkube_trainer.server import TrainerRuntime
 from tinkerkube_trainer.text_api import add_text_routes, text_model_of
 

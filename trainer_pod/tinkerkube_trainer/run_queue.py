@@ -8,13 +8,14 @@ stay for `ttl` seconds (or until `max_retained` newer ones push them out).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from tinkerkube_contract.pod_api import OpFailure, OpKind, OpState
+from tinkerkube_contract.pod_api import OpFailure, OpKind, OpState, RunSpec, RunState
 from tinkerkube_trainer.engine_api import OpOutput, PoolOpKind, PreparedOp
 
 
@@ -147,3 +148,46 @@ class RunQueue:
 
     def pending(self) -> list[Entry]:
         return [e for e in self.ops.values() if not e.done]
+
+
+class Notifier:
+    """One shared wakeup for every long-poll waiter: each notify releases all current waiters, who
+    then re-check their own entry. No waiter polls."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def notify_all(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self, timeout: float) -> bool:
+        event = self._event
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
+class RunConflict(Exception):
+    """A run with this model_id is attached with a different spec."""
+
+
+class RunUnavailable(Exception):
+    """The run is not attached (unknown, attaching, detaching or failed); `retryable` when waiting helps."""
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+@dataclass
+class RunSlot:
+    spec: RunSpec
+    attach_id: str
+    state: RunState = RunState.ATTACHING
+    error: str | None = None
+    queue: RunQueue | None = None
+    detaching: bool = False
+    info: dict[str, Any] = field(default_factory=dict)  # what the engine reported at attach

@@ -23,120 +23,31 @@ import contextlib
 import itertools
 import json
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from tinkerkube_contract.pod_api import ErrorCategory, OpFailure, OpKind, RunSpec, RunState
 from tinkerkube_trainer.engine_api import OpError, OpOutput, PoolOpKind, PreparedOp
-from tinkerkube_trainer.run_queue import Entry, Retention, RunQueue, SeqIdReused
+from tinkerkube_trainer.run_queue import (
+    Entry,
+    Notifier,
+    Retention,
+    RunConflict,
+    RunQueue,
+    RunSlot,
+    RunUnavailable,
+    SeqIdReused,
+)
+from tinkerkube_trainer.sample_feed import SampleFeed, sample_rows
 
 log = logging.getLogger(__name__)
 
 PassRunner = Callable[[list[PreparedOp]], list["OpOutput | OpError"]]
 SampleRunner = Callable[["SampleFeed"], None]
 FinishHook = Callable[[Entry], None]
-
-
-class RunConflict(Exception):
-    """A run with this model_id is attached with a different spec."""
-
-
-class RunUnavailable(Exception):
-    """The run is not attached (unknown, attaching, detaching or failed); `retryable` when waiting helps."""
-
-    def __init__(self, message: str, *, retryable: bool) -> None:
-        super().__init__(message)
-        self.retryable = retryable
-
-
-@dataclass
-class RunSlot:
-    spec: RunSpec
-    attach_id: str
-    state: RunState = RunState.ATTACHING
-    error: str | None = None
-    queue: RunQueue | None = None
-    detaching: bool = False
-    info: dict[str, Any] = field(default_factory=dict)  # what the engine reported at attach
-
-
-class Notifier:
-    """One shared wakeup for every long-poll waiter: each notify releases all current waiters, who
-    then re-check their own entry. No waiter polls."""
-
-    def __init__(self) -> None:
-        self._event = asyncio.Event()
-
-    def notify_all(self) -> None:
-        self._event.set()
-        self._event = asyncio.Event()
-
-    async def wait(self, timeout: float) -> bool:
-        event = self._event
-        try:
-            await asyncio.wait_for(event.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
-
-
-class SampleFeed:
-    """Hands a running sampling pass its samples, including those that arrive while it decodes, and
-    their outcomes back to the event loop one by one. Offered on the event loop, polled and answered
-    on the op thread."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, on_done: Callable[[Entry, OpOutput | OpFailure], None],
-                 max_rows: int) -> None:
-        self._loop, self._on_done, self._max_rows = loop, on_done, max_rows
-        self._lock = threading.Lock()
-        self._queue: list[Entry] = []
-        self._active: dict[int, tuple[Entry, int]] = {}  # id(entry) → (entry, rows)
-        self._rows = 0
-        self._closed = False
-        self.served = 0
-
-    def offer(self, entry: Entry) -> bool:
-        rows = _sample_rows(entry)
-        with self._lock:
-            if self._closed or (self._rows and self._rows + rows > self._max_rows):
-                return False
-            self._rows += rows
-            self._queue.append(entry)
-            return True
-
-    def poll(self) -> list[tuple[Any, PreparedOp]]:
-        with self._lock:
-            taken, self._queue = self._queue, []
-            for entry in taken:
-                self._active[id(entry)] = (entry, _sample_rows(entry))
-        self.served += len(taken)
-        return [(entry, entry.prepared) for entry in taken if entry.prepared is not None]
-
-    def done(self, key: Any, outcome: OpOutput | OpError | OpFailure) -> None:
-        if isinstance(outcome, OpError):
-            outcome = OpFailure(error=outcome.message, category=outcome.category)
-        with self._lock:
-            entry, rows = self._active.pop(id(key))
-            self._rows -= rows
-        self._loop.call_soon_threadsafe(self._on_done, entry, outcome)
-
-    def fail_active(self, failure: OpFailure) -> None:
-        with self._lock:
-            active = [entry for entry, _ in self._active.values()]
-        for entry in active:
-            self.done(entry, failure)
-
-    def close(self) -> list[Entry]:
-        """No more joiners; returns what was offered but never taken (to wait for the next pass)."""
-        with self._lock:
-            self._closed = True
-            left, self._queue = self._queue, []
-            return left
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,7 +245,7 @@ class Scheduler:
         rows = 0
         while self._pending_samples:
             entry = self._pending_samples[0]
-            n = _sample_rows(entry)
+            n = sample_rows(entry)
             if chosen and rows + n > self.limits.max_sample_rows:
                 break
             chosen.append(self._pending_samples.popleft())
@@ -454,12 +365,6 @@ class Scheduler:
 def _tokens(entry: Entry) -> int:
     payload = entry.prepared.payload if entry.prepared is not None else None
     return int(getattr(payload, "num_tokens", 0) or 0)
-
-
-def _sample_rows(entry: Entry) -> int:
-    payload = entry.prepared.payload if entry.prepared is not None else None
-    params = getattr(payload, "params", None)
-    return int(getattr(params, "num_samples", 1) or 1)
 
 
 def _invoke_samples(runner: SampleRunner, feed: SampleFeed) -> None:

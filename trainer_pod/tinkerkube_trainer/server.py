@@ -21,8 +21,8 @@ from tinkerkube_contract import pod_api as api
 from tinkerkube_contract.pod_api import OpKind, RunSpec, RunState
 from tinkerkube_trainer.engine_api import Engine, OpError, OpOutput, PreparedOp
 from tinkerkube_trainer.metrics import TrainerMetrics, count_tokens
-from tinkerkube_trainer.run_queue import Entry
-from tinkerkube_trainer.scheduler import Limits, RunConflict, RunSlot, RunUnavailable, SampleRunner, Scheduler
+from tinkerkube_trainer.run_queue import Entry, RunConflict, RunSlot, RunUnavailable
+from tinkerkube_trainer.scheduler import Limits, SampleRunner, Scheduler
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,14 @@ kills every rank), logging to `<state>/logs/<pool>.log`. Every run (and every sa
 and base model is attached to a pool of that tenant and base model with a free slot (a new pool is
 started when none has one), so a second client on a warm pool costs an attach, not a model load.
 Tenants never share a pool unless `share_pools_across_tenants` says so. A pool whose last run left
-stops after `pool_idle_seconds`. A pid file per pool lets a restarted gateway kill orphans.
+stops after `pool_idle_seconds`.
+
+Supervision, equal to the operator's: a pool that died is started again when one of its runs next
+needs it (`handle`), and its runs attach again with `RunSpec.resume` (from their newest durable
+checkpoint); the worker then replays the ops after it from the op log. A restarted gateway adopts the
+pools still running (a state file per pool: pid, url, token, runs) and brings back the runs of those
+that are not. A pool that keeps dying (`pool_max_restarts` within `pool_restart_window_seconds`) stays
+down and its runs fail clearly.
 """
 
 from __future__ import annotations
@@ -20,7 +27,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -31,6 +37,15 @@ from tinkerkube_contract import launch
 from tinkerkube_contract.pod_api import RunInfo, RunSpec, RunState
 from tinkerkube_contract.resource import FuturesStatus, TrainingSessionSpec
 from tinkerkube_gateway.backends.base import TrainerHandle, TrainerStartFailed
+from tinkerkube_gateway.backends.processes import (
+    Adopted,
+    free_port,
+    is_ours,
+    kill_group,
+    kill_workers,
+    read_state,
+    tail,
+)
 from tinkerkube_gateway.clients.pod_client import OpRejected, PodClient, TrainerUnreachable
 
 log = logging.getLogger(__name__)
@@ -52,22 +67,32 @@ class LocalBackendConfig:
     pool_max_lora_rank: int = 512
     pool_idle_seconds: float = 300.0
     share_pools_across_tenants: bool = False
+    pool_max_restarts: int = 3
+    pool_restart_window_seconds: float = 600.0
+    start_timeout: float = 300.0
 
 
 @dataclass(eq=False)
 class _Pool:
     name: str
     key: tuple[str, str]  # (tenant or SHARED, base model)
-    proc: subprocess.Popen[bytes]
+    proc: subprocess.Popen[bytes] | Adopted
     url: str
+    token: str
     log_path: Path
     pid_path: Path
     runs: dict[str, TrainingSessionSpec] = field(default_factory=dict)  # placed here (attaching or attached)
     idle_timer: asyncio.TimerHandle | None = None
+    restarts: list[float] = field(default_factory=list)  # when this pool's predecessors were started again
+    successor: _Pool | None = None
 
     @property
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    @property
+    def handle(self) -> TrainerHandle:
+        return TrainerHandle(self.url, self.token)
 
     @property
     def state_path(self) -> Path:
@@ -76,15 +101,10 @@ class _Pool:
     def write_state(self) -> None:
         """Where the pool listens and what it holds, beside its pid file (diagnostics, orphan handling)."""
         tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": self.proc.pid, "url": self.url, "tenant": self.key[0],
-                                   "base_model": self.key[1], "runs": sorted(self.runs)}))
+        runs = {m: spec.model_dump(mode="json") for m, spec in sorted(self.runs.items())}
+        tmp.write_text(json.dumps({"pid": self.proc.pid, "url": self.url, "token": self.token, "tenant": self.key[0],
+                                   "base_model": self.key[1], "runs": runs}))
         tmp.replace(self.state_path)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _safe(name: str) -> str:
@@ -92,8 +112,10 @@ def _safe(name: str) -> str:
 
 
 def run_spec(spec: TrainingSessionSpec) -> RunSpec:
+    """The pod API's view of a run. Always `resume`: a new run has no checkpoint of its own yet, and a run
+    attached again after its pool died must come back from its newest durable state."""
     return RunSpec(model_id=spec.model_id, base_model=spec.base_model, mode=spec.mode, lora=spec.lora,
-                   restore_from=spec.restore_from, restore_optimizer=spec.restore_optimizer)
+                   restore_from=spec.restore_from, restore_optimizer=spec.restore_optimizer, resume=True)
 
 
 class LocalBackend:
@@ -104,20 +126,46 @@ class LocalBackend:
         self._placed: dict[str, _Pool] = {}  # model_id → the pool it is attached to
         self._numbers = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._orphans: dict[str, TrainingSessionSpec] = {}  # runs of pools that died with a previous gateway
+        self._reviving = asyncio.Lock()
         config.logs_dir.mkdir(parents=True, exist_ok=True)
         config.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        self._kill_orphans()
+        self._adopt_pools()
 
-    def _kill_orphans(self) -> None:
+    def _adopt_pools(self) -> None:
+        """A previous gateway's pools: adopt those still running (with their runs), remember the runs of the
+        others to bring them back when they are next needed, and clean up what is left of them."""
         for pid_file in self._config.logs_dir.glob("*.pid"):
-            with contextlib.suppress(ValueError, OSError):
+            state = read_state(pid_file.with_suffix(".pool.json"))
+            try:
                 pid = int(pid_file.read_text().strip())
-                if _is_ours(pid):
+            except (ValueError, OSError):
+                pid = 0
+            if state is not None and pid and is_ours(pid):
+                self._adopt(pid_file, pid, state)
+                continue
+            if pid and is_ours(pid):  # no state to adopt it by: an orphan
+                with contextlib.suppress(OSError):
                     os.killpg(pid, signal.SIGKILL)
-                    log.warning("killed orphan trainer pool %s from a previous gateway", pid_file.stem)
-            _kill_workers(pid_file.with_suffix(".log"))
+            kill_workers(pid_file.with_suffix(".log"))
+            for model_id, raw in (state or {}).get("runs", {}).items():
+                with contextlib.suppress(ValueError):
+                    self._orphans[model_id] = TrainingSessionSpec.model_validate(raw)
             pid_file.unlink(missing_ok=True)
             pid_file.with_suffix(".pool.json").unlink(missing_ok=True)
+        if self._orphans:
+            log.warning("runs whose trainer pool died with the previous gateway come back when next used: %s",
+                        sorted(self._orphans))
+
+    def _adopt(self, pid_file: Path, pid: int, state: dict[str, object]) -> None:
+        runs = {m: TrainingSessionSpec.model_validate(raw) for m, raw in dict(state["runs"]).items()}  # type: ignore[call-overload]
+        pool = _Pool(pid_file.stem, (str(state["tenant"]), str(state["base_model"])), Adopted(pid),
+                     str(state["url"]), str(state["token"]), pid_file.with_suffix(".log"), pid_file, runs)
+        self._pools[pool.name] = pool
+        for model_id in runs:
+            self._placed[model_id] = pool
+        log.warning("adopted trainer pool %s (pid %d) from a previous gateway with runs %s", pool.name, pid,
+                    sorted(runs))
 
     # ---- placement ---------------------------------------------------------------------------------
 
@@ -151,7 +199,7 @@ class LocalBackend:
                                     start_new_session=True)
         pid_path = cfg.logs_dir / f"{name}.pid"
         pid_path.write_text(str(proc.pid))
-        pool = self._pools[name] = _Pool(name, key, proc, f"http://127.0.0.1:{port}", log_path, pid_path)
+        pool = self._pools[name] = _Pool(name, key, proc, f"http://127.0.0.1:{port}", cfg.token, log_path, pid_path)
         pool.write_state()
         log.info("started trainer pool %s for %s (pid %d, port %d, log %s)", name, key, proc.pid, port, log_path)
         return pool
@@ -174,8 +222,8 @@ class LocalBackend:
         if pool is None:
             raise TrainerStartFailed(f"no trainer was started for {model_id}")
         deadline = time.monotonic() + timeout
-        handle = TrainerHandle(pool.url, self._config.token)
-        while not await self._pods.ready(pool.url, self._config.token):
+        handle = pool.handle
+        while not await self._pods.ready(pool.url, pool.token):
             self._check_alive(pool, model_id)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"trainer pool for {model_id} not ready within {timeout:.0f}s (log {pool.log_path})")
@@ -204,19 +252,57 @@ class LocalBackend:
         code = pool.proc.poll()
         if code is not None:
             raise TrainerStartFailed(f"the trainer pool for {model_id} exited with code {code} while starting; "
-                                     f"last log lines:\n{_tail(pool.log_path)}", retryable=False)
+                                     f"last log lines:\n{tail(pool.log_path)}", retryable=False)
 
     async def handle(self, model_id: str) -> TrainerHandle | None:
+        """Where the run is served now. A run whose pool died is brought back first (the pool started again,
+        the run attached again from its newest durable state); None when that cannot be done."""
         pool = self._placed.get(model_id)
-        if pool is None or not pool.alive:
+        if pool is not None and pool.alive:
+            return pool.handle
+        if pool is None:
+            orphan = self._orphans.pop(model_id, None)
+            if orphan is None:
+                return None
+            await self.start(orphan)
+        elif await self._revive(pool) is None:
             return None
-        return TrainerHandle(pool.url, self._config.token)
+        try:
+            return await self.wait_ready(model_id, self._config.start_timeout)
+        except (TrainerStartFailed, TimeoutError, TrainerUnreachable) as exc:
+            log.error("could not bring back %s: %s", model_id, exc)
+            return None
+
+    async def _revive(self, dead: _Pool) -> _Pool | None:
+        """Start a dead pool again with its runs (once, whichever of its runs asks first)."""
+        async with self._reviving:
+            if dead.successor is not None:
+                return dead.successor if dead.successor.alive else await self._revive(dead.successor)
+            now = time.monotonic()
+            recent = [t for t in dead.restarts if now - t < self._config.pool_restart_window_seconds]
+            if len(recent) >= self._config.pool_max_restarts:
+                log.error("trainer pool %s died again after %d restarts; its runs %s stay down", dead.name,
+                          len(recent), sorted(dead.runs))
+                return None
+            log.warning("trainer pool %s died (exit code %s); starting it again for %s", dead.name,
+                        dead.proc.poll(), sorted(dead.runs))
+            self._pools.pop(dead.name, None)
+            await asyncio.to_thread(kill_workers, dead.log_path)
+            dead.pid_path.unlink(missing_ok=True)
+            dead.state_path.unlink(missing_ok=True)
+            pool = self._start_pool(dead.key)
+            pool.runs, pool.restarts = dict(dead.runs), [*recent, now]
+            for model_id in pool.runs:
+                self._placed[model_id] = pool
+            pool.write_state()
+            dead.successor = pool
+            return pool
 
     def exit_reason(self, model_id: str) -> str:
         pool = self._placed.get(model_id)
         if pool is None:
             return f"no trainer is running for {model_id}"
-        return f"its trainer pool exited with code {pool.proc.poll()}; last log lines:\n{_tail(pool.log_path)}"
+        return f"its trainer pool exited with code {pool.proc.poll()}; last log lines:\n{tail(pool.log_path)}"
 
     # ---- leaving -----------------------------------------------------------------------------------
 
@@ -228,7 +314,7 @@ class LocalBackend:
         pool.write_state()
         if pool.alive:
             with contextlib.suppress(TrainerUnreachable, OpRejected):
-                await self._pods.detach(TrainerHandle(pool.url, self._config.token), model_id)
+                await self._pods.detach(pool.handle, model_id)
         if not pool.runs:
             self._idle(pool)
 
@@ -246,8 +332,8 @@ class LocalBackend:
         self._pools.pop(pool.name, None)
         if pool.idle_timer is not None:
             pool.idle_timer.cancel()
-        await asyncio.to_thread(_kill_group, pool.proc)
-        await asyncio.to_thread(_kill_workers, pool.log_path)
+        await asyncio.to_thread(kill_group, pool.proc)
+        await asyncio.to_thread(kill_workers, pool.log_path)
         pool.pid_path.unlink(missing_ok=True)
         pool.state_path.unlink(missing_ok=True)
         log.info("stopped trainer pool %s", pool.name)
@@ -262,47 +348,3 @@ class LocalBackend:
     def pools(self) -> dict[str, list[str]]:
         """Pool name → the runs placed on it (tests, diagnostics)."""
         return {name: sorted(pool.runs) for name, pool in self._pools.items() if pool.alive}
-
-
-def _kill_group(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(grace)
-
-
-def _is_ours(pid: int) -> bool:
-    """Only kill what is still a trainer (a pid may have been reused since it was recorded)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return b"tinkerkube_trainer" in cmdline or b"fake_trainer" in cmdline
-
-
-def _kill_workers(log_path: Path) -> None:
-    """torchrun starts each rank in a session of its own, so killing torchrun's group can miss them; each
-    rank logs a JSON `rank started` line with its pid."""
-    try:
-        lines = log_path.read_text(errors="replace").splitlines()
-    except OSError:
-        return
-    for line in lines:
-        if line.startswith("{") and '"rank started"' in line:
-            with contextlib.suppress(ValueError, KeyError, TypeError, ProcessLookupError, PermissionError):
-                pid = int(json.loads(line)["pid"])
-                if _is_ours(pid):
-                    os.kill(pid, signal.SIGKILL)
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"

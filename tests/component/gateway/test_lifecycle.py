@@ -10,11 +10,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.component.gateway.conftest import TINY
 from tests.support.eventually import eventually_sync
-from tests.support.gateway_raw import fwdbwd_body, new_model, new_session, post_fwdbwd, retrieve
+from tests.support.gateway_raw import fwdbwd_body, loss_of, new_model, new_session, post_fwdbwd, retrieve
 from tests.support.sdk import GatewayProc, start_gateway
 
 
@@ -65,45 +66,90 @@ def test_idle_session_is_reaped_with_its_trainers(tmp_path: Path, model_cache_di
         gw.stop()
 
 
-def test_gateway_restart_loses_no_future(tmp_path: Path, model_cache_dir: Path) -> None:
+def _train(http: httpx.Client, model_id: str, seqs: range) -> list[str]:
+    return [post_fwdbwd(http, fwdbwd_body(model_id, s)).json()["request_id"] for s in seqs]
+
+
+def _losses(http: httpx.Client, request_ids: list[str]) -> list[float]:
+    out = []
+    for request_id in request_ids:
+        response = retrieve(http, request_id)
+        assert response.headers["content-type"].startswith("application/x-protobuf"), response.text
+        out.append(loss_of(response.content))
+    return out
+
+
+def test_a_killed_gateway_loses_no_future_its_pool_is_adopted(tmp_path: Path, model_cache_dir: Path) -> None:
     state = tmp_path / "state"
-    gw = start_gateway(state, model_cache_dir=model_cache_dir, extra_env={"FAKE_TRAINER_OP_DELAY": "0.5"})
+    gw = start_gateway(state, model_cache_dir=model_cache_dir, extra_env={"FAKE_TRAINER_OP_DELAY": "0.3"})
     with gw.http() as http:
-        session_id = new_session(http)
-        model_id = new_model(http, session_id, TINY)
-        done = post_fwdbwd(http, fwdbwd_body(model_id, 1)).json()["request_id"]
+        model_id = new_model(http, new_session(http), TINY)
+        done = _train(http, model_id, range(1, 2))[0]
         first = retrieve(http, done).content
-        slow = [post_fwdbwd(http, fwdbwd_body(model_id, s)).json()["request_id"] for s in (2, 3, 4)]
+        slow = _train(http, model_id, range(2, 6))
     pid = next(iter(gw.trainer_pids().values()))
-    gw.stop(kill=True)  # no clean shutdown: the trainer is orphaned
+    gw.stop(kill=True)  # no clean shutdown: the pool goes on without a gateway
     gw2 = start_gateway(state, model_cache_dir=model_cache_dir)
     try:
         with gw2.http() as http:
             assert retrieve(http, done).content == first  # results stay re-readable
-            outcomes = [retrieve(http, r) for r in slow]
-            assert all(o.status_code == 200 for o in outcomes)
-            failed = [o.json() for o in outcomes if o.headers["content-type"].startswith("application/json")]
-            assert failed and all("gateway restarted" in f["error"] and f["category"] == "server" for f in failed)
-        eventually_sync(lambda: _alive(pid), lambda alive: not alive, timeout=10, what="orphan trainer killed")
+            assert len(_losses(http, slow)) == 4  # every future resolves with its result
+            assert len(_losses(http, _train(http, model_id, range(6, 8)))) == 2  # and the run goes on
+        assert _alive(pid) and list(gw2.trainer_pids().values()) == [pid]  # the same pool, adopted
     finally:
         gw2.stop()
 
 
-def test_crashed_trainer_fails_the_next_future_clearly(tmp_path: Path, model_cache_dir: Path) -> None:
+def test_a_pool_that_died_with_the_gateway_comes_back_and_replays(tmp_path: Path, model_cache_dir: Path) -> None:
+    state = tmp_path / "state"
+    gw = start_gateway(state, model_cache_dir=model_cache_dir, extra_env={"FAKE_TRAINER_OP_DELAY": "0.3"})
+    with gw.http() as http:
+        model_id = new_model(http, new_session(http), TINY)
+        early = _losses(http, _train(http, model_id, range(1, 3)))
+        slow = _train(http, model_id, range(3, 6))
+    pid = next(iter(gw.trainer_pids().values()))
+    gw.stop(kill=True)
+    os.killpg(pid, signal.SIGKILL)  # ... and its pool dies while no gateway watches
+    gw2 = start_gateway(state, model_cache_dir=model_cache_dir)
+    try:
+        with gw2.http() as http:
+            assert len(early) == 2 and len(_losses(http, slow)) == 3
+            assert len(_losses(http, _train(http, model_id, range(6, 7)))) == 1
+        assert pid not in gw2.trainer_pids().values()
+    finally:
+        gw2.stop()
+
+
+def test_a_killed_pool_is_started_again_and_no_future_is_lost(tmp_path: Path, model_cache_dir: Path) -> None:
     gw = start_gateway(tmp_path / "state", model_cache_dir=model_cache_dir)
     try:
         with gw.http() as http:
             model_id = new_model(http, new_session(http), TINY)
+            assert len(_losses(http, _train(http, model_id, range(1, 3)))) == 2
             pid = next(iter(gw.trainer_pids().values()))
             os.killpg(pid, signal.SIGKILL)
             time.sleep(0.5)
-            response = post_fwdbwd(http, fwdbwd_body(model_id, 1))
-            failed = retrieve(http, response.json()["request_id"]).json()
-            assert "is gone" in failed["error"] and "exited" in failed["error"]
-            later = retrieve(http, post_fwdbwd(http, fwdbwd_body(model_id, 2)).json()["request_id"]).json()
-            assert later["error"]
+            assert len(_losses(http, _train(http, model_id, range(3, 6)))) == 3
+            assert next(iter(gw.trainer_pids().values())) != pid
             run = http.get(f"/api/v1/training_runs/{model_id}").json()
-            assert run["corrupted"] is True
+            assert run["corrupted"] is False
+    finally:
+        gw.stop()
+
+
+def test_a_pool_that_keeps_dying_fails_its_runs_clearly(tmp_path: Path, model_cache_dir: Path) -> None:
+    gw = start_gateway(tmp_path / "state", model_cache_dir=model_cache_dir,
+                       extra_env={"TINKERKUBE_GATEWAY_POOL_MAX_RESTARTS": "1"})
+    try:
+        with gw.http() as http:
+            model_id = new_model(http, new_session(http), TINY)
+            os.killpg(next(iter(gw.trainer_pids().values())), signal.SIGKILL)
+            time.sleep(0.5)
+            assert len(_losses(http, _train(http, model_id, range(1, 2)))) == 1  # started again once
+            os.killpg(next(iter(gw.trainer_pids().values())), signal.SIGKILL)
+            time.sleep(0.5)
+            failed = retrieve(http, _train(http, model_id, range(2, 3))[0]).json()  # not a second time
+            assert "is gone" in failed["error"] and failed["category"] == "server"
     finally:
         gw.stop()
 

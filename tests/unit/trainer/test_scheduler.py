@@ -15,8 +15,8 @@ import pytest
 
 from tinkerkube_contract.pod_api import ErrorCategory, OpKind, OpState, RunSpec, RunState
 from tinkerkube_trainer.engine_api import OpError, OpOutput, PoolOpKind, PreparedOp
-from tinkerkube_trainer.run_queue import Entry, SeqIdReused, SeqIdStale, fingerprint
-from tinkerkube_trainer.scheduler import Limits, RunConflict, RunUnavailable, Scheduler
+from tinkerkube_trainer.run_queue import Entry, RunConflict, RunUnavailable, SeqIdReused, SeqIdStale, fingerprint
+from tinkerkube_trainer.scheduler import Limits, Scheduler
 
 FB = OpKind.FORWARD_BACKWARD
 

@@ -1,0 +1,134 @@
+"""Rank 0's decoding and validation of a run's requests into the engine's payloads (nothing is run).
+
+Deterministic and free of model state beyond what a request names (a run's spec, its snapshots, a
+checkpoint's metadata), so a request that cannot run fails with a 4xx before any rank moves.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from tinkerkube_contract.paths import CheckpointKind, TinkerPath, parse_tinker_path, validate_name
+from tinkerkube_contract.pod_api import (
+    CONTENT_JSON,
+    LoadStateOp,
+    OpKind,
+    OptimStepOp,
+    RunSpec,
+    SampleOp,
+    SaveSamplerWeightsOp,
+    SaveStateOp,
+)
+from tinkerkube_contract.resource import LoraSpec
+from tinkerkube_trainer import checkpoints, codec
+from tinkerkube_trainer.engine_api import OpError, OpOutput, PoolConfig
+from tinkerkube_trainer.losses import REQUIRED_INPUTS, canonical_loss_name
+from tinkerkube_trainer.losses import parse_config as parse_loss_config
+from tinkerkube_trainer.runs import Run
+from tinkerkube_trainer.train_pass import FbPayload
+
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass(frozen=True, slots=True)
+class SavePayload:
+    path: TinkerPath | None  # None: in-memory snapshot only
+    snapshot_id: str | None
+    seq_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class LoadPayload:
+    path: TinkerPath
+    with_optimizer: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SamplePayload:
+    params: codec.SampleParams
+    snapshot_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AttachPayload:
+    spec: RunSpec
+    restore_dir: Path | None
+
+
+def json_output(model: BaseModel) -> OpOutput:
+    return OpOutput(CONTENT_JSON, model.model_dump_json().encode())
+
+
+def parse_json(cls: type[M], body: bytes) -> tuple[M, dict[str, Any]]:
+    try:
+        raw = json.loads(body or b"{}")
+        return cls.model_validate(raw), raw if isinstance(raw, dict) else {}
+    except (ValueError, ValidationError) as exc:
+        raise OpError(f"invalid {cls.__name__} body: {exc}", code="invalid_request") from None
+
+
+class OpDecoder:
+    def __init__(self, config: PoolConfig, vocab_size: int) -> None:
+        self.config, self.vocab_size = config, vocab_size
+
+    def decode(self, run: Run, kind: OpKind, body: bytes, seq_id: int | None) -> Any:
+        if kind is OpKind.FORWARD_BACKWARD:
+            request = codec.decode_forward_backward(body)
+            loss = canonical_loss_name(request.loss_fn)
+            codec.validate_forward_backward(request, REQUIRED_INPUTS[loss], self.vocab_size,
+                                            allow_topk=loss == "cross_entropy")
+            return FbPayload(request, loss, parse_loss_config(request.config, request.legacy_config))
+        if kind is OpKind.OPTIM_STEP:
+            return parse_json(OptimStepOp, body)[0]
+        if kind is OpKind.SAVE_STATE:
+            op, raw = parse_json(SaveStateOp, body)
+            path = TinkerPath(run.model_id, CheckpointKind.WEIGHTS, validate_name(op.name))
+            return SavePayload(path, None, seq_id if seq_id is not None else raw.get("seq_id"))
+        if kind is OpKind.SAVE_SAMPLER_WEIGHTS:
+            sop, raw = parse_json(SaveSamplerWeightsOp, body)
+            if sop.name is None and not sop.snapshot_id:
+                raise OpError("save_sampler_weights needs a name or a snapshot_id", code="invalid_request")
+            path = None if sop.name is None else TinkerPath(
+                run.model_id, CheckpointKind.SAMPLER_WEIGHTS, validate_name(sop.name))
+            return SavePayload(path, sop.snapshot_id, seq_id if seq_id is not None else raw.get("seq_id"))
+        if kind is OpKind.LOAD_STATE:
+            return self.decode_load(run, parse_json(LoadStateOp, body)[0])
+        raise OpError(f"unknown op kind {kind!r}", code="unknown_op")
+
+    def decode_load(self, run: Run, op: LoadStateOp) -> LoadPayload:
+        path = parse_tinker_path(op.path)
+        if path.kind not in (CheckpointKind.WEIGHTS, CheckpointKind.SAMPLER_WEIGHTS):
+            raise OpError(f"cannot load {path.kind.value} checkpoints", code="invalid_path")
+        meta = checkpoints.read_metadata(path.directory(self.config.checkpoint_dir))
+        self.check_fits(run.spec.lora, meta, op.path)
+        if op.with_optimizer and not meta.get("has_optimizer", False):
+            raise OpError(f"{op.path} holds no optimizer state; load it without the optimizer",
+                          code="no_optimizer_state")
+        return LoadPayload(path, op.with_optimizer)
+
+    def check_fits(self, lora: LoraSpec, meta: dict[str, Any], label: str) -> None:
+        if meta.get("base_model", self.config.base_model) != self.config.base_model:
+            raise OpError(f"{label} was trained on {meta['base_model']!r}, this model is {self.config.base_model!r}",
+                          code="checkpoint_mismatch")
+        if "lora" in meta and LoraSpec.model_validate(meta["lora"]).rank != lora.rank:
+            raise OpError(f"{label} has LoRA rank {meta['lora'].get('rank')}, this model {lora.rank}",
+                          code="checkpoint_mismatch")
+
+    def decode_sample(self, run: Run | None, op: SampleOp) -> SamplePayload:
+        params = codec.decode_sample_request(op.request)
+        if max(params.prompt) >= self.vocab_size or min(params.prompt) < 0:
+            raise OpError(f"prompt has token ids outside [0, {self.vocab_size})", code="token_out_of_range")
+        if params.target_prompt_ids is not None and params.target_prompt_ids.size and \
+                params.target_prompt_ids.max() >= self.vocab_size:
+            raise OpError(f"target_prompt_logprobs ids must be below {self.vocab_size}", code="token_out_of_range")
+        if any(t < 0 or t >= self.vocab_size for t in params.stop_tokens or ()):
+            raise OpError(f"stop token ids must be in [0, {self.vocab_size})", code="token_out_of_range")
+        if op.snapshot_id is not None and (run is None or op.snapshot_id not in run.snapshots):
+            raise OpError(f"unknown sampler snapshot {op.snapshot_id!r}: save weights for the sampler first",
+                          code="unknown_snapshot")
+        return SamplePayload(params, op.snapshot_id)

@@ -1,0 +1,73 @@
+"""How a running sampling pass gets its requests, including those that arrive while it decodes
+(continuous batching), and hands each result back to the event loop as soon as it is ready."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from tinkerkube_contract.pod_api import OpFailure
+from tinkerkube_trainer.engine_api import OpError, OpOutput, PreparedOp
+from tinkerkube_trainer.run_queue import Entry
+
+
+class SampleFeed:
+    """Hands a running sampling pass its samples, including those that arrive while it decodes, and
+    their outcomes back to the event loop one by one. Offered on the event loop, polled and answered
+    on the op thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_done: Callable[[Entry, OpOutput | OpFailure], None],
+                 max_rows: int) -> None:
+        self._loop, self._on_done, self._max_rows = loop, on_done, max_rows
+        self._lock = threading.Lock()
+        self._queue: list[Entry] = []
+        self._active: dict[int, tuple[Entry, int]] = {}  # id(entry) → (entry, rows)
+        self._rows = 0
+        self._closed = False
+        self.served = 0
+
+    def offer(self, entry: Entry) -> bool:
+        rows = sample_rows(entry)
+        with self._lock:
+            if self._closed or (self._rows and self._rows + rows > self._max_rows):
+                return False
+            self._rows += rows
+            self._queue.append(entry)
+            return True
+
+    def poll(self) -> list[tuple[Any, PreparedOp]]:
+        with self._lock:
+            taken, self._queue = self._queue, []
+            for entry in taken:
+                self._active[id(entry)] = (entry, sample_rows(entry))
+        self.served += len(taken)
+        return [(entry, entry.prepared) for entry in taken if entry.prepared is not None]
+
+    def done(self, key: Any, outcome: OpOutput | OpError | OpFailure) -> None:
+        if isinstance(outcome, OpError):
+            outcome = OpFailure(error=outcome.message, category=outcome.category)
+        with self._lock:
+            entry, rows = self._active.pop(id(key))
+            self._rows -= rows
+        self._loop.call_soon_threadsafe(self._on_done, entry, outcome)
+
+    def fail_active(self, failure: OpFailure) -> None:
+        with self._lock:
+            active = [entry for entry, _ in self._active.values()]
+        for entry in active:
+            self.done(entry, failure)
+
+    def close(self) -> list[Entry]:
+        """No more joiners; returns what was offered but never taken (to wait for the next pass)."""
+        with self._lock:
+            self._closed = True
+            left, self._queue = self._queue, []
+            return left
+
+
+def sample_rows(entry: Entry) -> int:
+    payload = entry.prepared.payload if entry.prepared is not None else None
+    params = getattr(payload, "params", None)
+    return int(getattr(params, "num_samples", 1) or 1)
