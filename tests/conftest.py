@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent
-_TIER_BY_DIR = {"unit": "unit", "component": "component", "cluster": "cluster", "kind": "kind", "chart": "chart"}
+_TIER_BY_DIR = {"unit": "unit", "component": "component", "cluster": "cluster", "kind": "kind", "chart": "chart",
+                "faults": "faults"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

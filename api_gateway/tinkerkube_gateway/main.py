@@ -51,7 +51,8 @@ def make_backend(settings: GatewaySettings, pods: PodClient) -> SessionBackend:
         device=settings.trainer_device, model_aliases=settings.model_aliases, command=settings.trainer_command,
         pool_max_runs=settings.pool_max_runs, pool_idle_seconds=settings.pool_idle_timeout_seconds,
         share_pools_across_tenants=settings.share_pools_across_tenants, pool_max_restarts=settings.pool_max_restarts,
-        pool_restart_window_seconds=settings.pool_restart_window_seconds,
+        pool_restart_window_seconds=settings.pool_restart_window_seconds, pool_hang_seconds=settings.pool_hang_seconds,
+        auto_checkpoint_steps=settings.trainer_auto_checkpoint_steps,
         start_timeout=settings.trainer_start_timeout_seconds)
     return LocalBackend(config, pods)
 

@@ -69,6 +69,11 @@ class GatewaySettings(BaseSettings):
     pool_max_restarts: int = Field(
         3, ge=0, description="a local pool that died is started again at most this often within the window")
     pool_restart_window_seconds: float = Field(600.0, gt=0, description="the window of pool_max_restarts")
+    pool_hang_seconds: float = Field(
+        60.0, gt=0, description="a local pool that answers no health check for this long is killed and restarted")
+    trainer_auto_checkpoint_steps: int | None = Field(
+        None, ge=0, description="local pools write each run's weights + optimizer every N optim_steps (bounds what "
+        "a restart replays; 0 never; unset: the trainer's default, 20)")
     trainer_command: list[str] | None = Field(
         None, description="JSON argv replacing torchrun for local trainers (tests use a fake trainer)")
     # Trainer placement (kubernetes backend; local mode uses nproc_per_node and the token only).

@@ -53,6 +53,7 @@ def pool_env(
     device: str = "auto",
     max_runs: int | None = None,
     max_lora_rank: int | None = None,
+    auto_checkpoint_steps: int | None = None,
 ) -> dict[str, str]:
     """A trainer pool with no run yet: runs attach over the pod API."""
     values = {
@@ -72,6 +73,8 @@ def pool_env(
         values[env.MAX_RUNS] = str(max_runs)
     if max_lora_rank is not None:
         values[env.MAX_LORA_RANK] = str(max_lora_rank)
+    if auto_checkpoint_steps is not None:
+        values[env.AUTO_CHECKPOINT_STEPS] = str(auto_checkpoint_steps)
     return values
 
 

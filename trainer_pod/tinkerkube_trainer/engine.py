@@ -11,6 +11,7 @@ steps; gradients are summed over ranks (Tinker sums losses over tokens and datum
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ from tinkerkube_contract.pod_api import (
     CONTENT_JSON,
     CONTENT_PROTOBUF,
     CheckpointWritten,
+    ErrorCategory,
     LoadResult,
     OpKind,
     OptimStepResult,
@@ -254,13 +256,24 @@ class PoolEngine:
                 "lora": run.spec.lora.model_dump(mode="json"), "seq_id": seq_id}
 
     def _write(self, run: Run, path: TinkerPath, seq_id: int | None, with_optimizer: bool) -> CheckpointWritten:
-        size = 0
-        if self.collective.rank == 0 and run.weights is not None:
+        """Rank 0 writes; every rank learns the outcome (a full disk fails the op on every rank alike)."""
+        def write() -> int:
+            if run.weights is None:
+                return 0
             opt = run.optimizer.state_dict() if (with_optimizer and run.optimizer) else None
-            size = checkpoints.write_checkpoint(
-                path.directory(self.config.checkpoint_dir), multilora.peft_state_dict(run.weights),
-                self.sites.peft_config(run.spec.lora, self.model_dir),
-                metadata=self._metadata(run, path.kind, seq_id), optimizer_state=opt)
+            try:
+                return checkpoints.write_checkpoint(
+                    path.directory(self.config.checkpoint_dir), multilora.peft_state_dict(run.weights),
+                    self.sites.peft_config(run.spec.lora, self.model_dir),
+                    metadata=self._metadata(run, path.kind, seq_id), optimizer_state=opt)
+            except Exception as exc:  # a full or read-only store: torch.save reports it as a RuntimeError
+                free = shutil.disk_usage(self.config.checkpoint_dir).free
+                detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                raise OpError(f"could not write checkpoint {path}: {detail} ({free} bytes free in the checkpoint "
+                              "store: is it full or read-only?); nothing was changed",
+                              code="checkpoint_write_failed", category=ErrorCategory.SERVER) from None
+
+        size = checkpoints.from_rank0(self.collective, write)
         kind = "weights" if path.kind is CheckpointKind.WEIGHTS else "sampler_weights"
         return CheckpointWritten(tinker_path=str(path), kind=kind, size_bytes=size)
 

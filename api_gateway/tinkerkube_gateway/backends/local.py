@@ -69,7 +69,9 @@ class LocalBackendConfig:
     share_pools_across_tenants: bool = False
     pool_max_restarts: int = 3
     pool_restart_window_seconds: float = 600.0
+    pool_hang_seconds: float = 60.0  # a pool that answers no health check for this long is killed and restarted
     start_timeout: float = 300.0
+    auto_checkpoint_steps: int | None = None  # the pools' automatic checkpoint interval (None: the trainer's)
 
 
 @dataclass(eq=False)
@@ -85,6 +87,7 @@ class _Pool:
     idle_timer: asyncio.TimerHandle | None = None
     restarts: list[float] = field(default_factory=list)  # when this pool's predecessors were started again
     successor: _Pool | None = None
+    silent_since: float | None = None  # when its health checks started failing while it ran
 
     @property
     def alive(self) -> bool:
@@ -192,7 +195,8 @@ class LocalBackend:
         env.update(launch.pool_env(
             key[1], checkpoint_dir=str(cfg.checkpoint_dir), port=port, host="127.0.0.1", auth_token=cfg.token,
             model_cache_dir=str(cfg.model_cache_dir), model_aliases=cfg.model_aliases or None, device=cfg.device,
-            max_runs=cfg.pool_max_runs, max_lora_rank=cfg.pool_max_lora_rank))
+            max_runs=cfg.pool_max_runs, max_lora_rank=cfg.pool_max_lora_rank,
+            auto_checkpoint_steps=cfg.auto_checkpoint_steps))
         log_path = cfg.logs_dir / f"{name}.log"
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -258,7 +262,7 @@ class LocalBackend:
         """Where the run is served now. A run whose pool died is brought back first (the pool started again,
         the run attached again from its newest durable state); None when that cannot be done."""
         pool = self._placed.get(model_id)
-        if pool is not None and pool.alive:
+        if pool is not None and pool.alive and not await self._hung(pool):
             return pool.handle
         if pool is None:
             orphan = self._orphans.pop(model_id, None)
@@ -272,6 +276,20 @@ class LocalBackend:
         except (TrainerStartFailed, TimeoutError, TrainerUnreachable) as exc:
             log.error("could not bring back %s: %s", model_id, exc)
             return None
+
+    async def _hung(self, pool: _Pool) -> bool:
+        """A running pool that has not answered its health checks for `pool_hang_seconds` is killed (so that
+        it is started again): a stuck pool must not hold its runs' futures forever."""
+        if await self._pods.ready(pool.url, pool.token):
+            pool.silent_since = None
+            return False
+        now = time.monotonic()
+        pool.silent_since = pool.silent_since or now
+        if now - pool.silent_since < self._config.pool_hang_seconds:
+            return False
+        log.error("trainer pool %s has not answered for %.0fs; killing it", pool.name, now - pool.silent_since)
+        await asyncio.to_thread(kill_group, pool.proc, 0.5)
+        return True
 
     async def _revive(self, dead: _Pool) -> _Pool | None:
         """Start a dead pool again with its runs (once, whichever of its runs asks first)."""

@@ -1,0 +1,129 @@
+"""Fault injection through the real SDK and real trainer processes (tiny model): a killed pool, a killed
+gateway and a hung pool each leave every future resolved and every loss equal to an uninterrupted
+twin's (the same run, same seed and data, trained by another tenant on a pool of its own)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from pathlib import Path
+
+import pytest
+import tinker
+from tinker import types
+
+from tests.support.sdk import GatewayProc, start_gateway
+from tinkerkube_contract.models import TINY_QWEN3
+
+pytestmark = pytest.mark.slow
+KEYS = '{"tml-victim": "victim", "tml-twin": "twin"}'
+STEPS = 6
+ENV = {"TINKERKUBE_GATEWAY_API_KEYS": KEYS, "TINKERKUBE_GATEWAY_TRAINER_AUTO_CHECKPOINT_STEPS": "2",
+       "TINKERKUBE_GATEWAY_POOL_HANG_SECONDS": "3", "TINKERKUBE_GATEWAY_TRAINER_REQUEST_TIMEOUT_SECONDS": "4"}
+
+
+def batch(step: int) -> list[types.Datum]:
+    out = []
+    for i in range(3):
+        tokens = [(step * 37 + i * 11 + j * 5) % 350 + 3 for j in range(9 + i)]
+        out.append(types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                               loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)}))
+    return out
+
+
+def submit(client: tinker.TrainingClient, step: int) -> tuple[Future, Future]:
+    return (client.forward_backward(batch(step), "cross_entropy"),
+            client.optim_step(types.AdamParams(learning_rate=0.05)))
+
+
+def train(client: tinker.TrainingClient, steps: range, fault: Callable[[], None] | None = None,
+          at: int = -1) -> list[float]:
+    """SFT steps; `fault` strikes while step `at` is in flight. Every future must resolve with a result."""
+    losses = []
+    for step in steps:
+        fb, opt = submit(client, step)
+        if step == at and fault is not None:
+            fault()
+        losses.append(fb.result().metrics["loss:sum"])
+        opt.result()
+    return losses
+
+
+def new_run(gw: GatewayProc, key: str) -> tinker.TrainingClient:
+    service = tinker.ServiceClient(base_url=gw.url, api_key=key)
+    return service.create_lora_training_client(base_model=TINY_QWEN3, rank=4, seed=11).result()
+
+
+@pytest.fixture
+def gateway(tmp_path: Path, tiny_model_dir: Path, model_cache_dir: Path) -> Iterator[GatewayProc]:
+    gw = start_gateway(tmp_path / "state", model_cache_dir=model_cache_dir, real_trainer=True, extra_env=ENV)
+    yield gw
+    gw.stop()
+
+
+def pool_of(gw: GatewayProc, model_id: str) -> tuple[int, list[int]]:
+    """The pool serving `model_id`: its torchrun pid and its ranks' pids."""
+    logs = gw.state_dir / "logs"
+    for state in logs.glob("*.pool.json"):
+        doc = json.loads(state.read_text())
+        if model_id in doc["runs"]:
+            log = (logs / state.name.replace(".pool.json", ".log")).read_text().splitlines()
+            ranks = [json.loads(line)["pid"] for line in log if line.startswith("{") and '"rank started"' in line]
+            return int(doc["pid"]), ranks
+    raise AssertionError(f"no pool serves {model_id}")
+
+
+def test_a_killed_pool_loses_no_future_and_changes_no_math(gateway: GatewayProc) -> None:
+    twin = train(new_run(gateway, "tml-twin"), range(STEPS))
+    victim = new_run(gateway, "tml-victim")
+    pid, ranks = pool_of(gateway, victim.model_id)
+
+    def kill_the_ranks() -> None:
+        for rank in ranks:
+            os.kill(rank, signal.SIGKILL)
+
+    assert train(victim, range(STEPS), kill_the_ranks, at=3) == pytest.approx(twin, rel=1e-5)
+    assert pool_of(gateway, victim.model_id)[0] != pid  # served by a new pool
+
+
+def test_a_hung_pool_is_replaced_and_changes_no_math(gateway: GatewayProc) -> None:
+    twin = train(new_run(gateway, "tml-twin"), range(STEPS))
+    victim = new_run(gateway, "tml-victim")
+    _, ranks = pool_of(gateway, victim.model_id)
+
+    def freeze() -> None:  # it stops answering, with every connection open: a black hole
+        for rank in ranks:
+            os.kill(rank, signal.SIGSTOP)
+
+    try:
+        assert train(victim, range(STEPS), freeze, at=2) == pytest.approx(twin, rel=1e-5)
+    finally:
+        for rank in ranks:  # the replaced pool's ranks, if anything is left of them
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(rank, signal.SIGKILL)
+
+
+def test_a_killed_gateway_loses_no_future_and_changes_no_math(tmp_path: Path, tiny_model_dir: Path,
+                                                              model_cache_dir: Path) -> None:
+    state = tmp_path / "state"
+    gw = start_gateway(state, model_cache_dir=model_cache_dir, real_trainer=True, extra_env=ENV)
+    port = int(gw.url.rsplit(":", 1)[1])
+    holder = {"gw": gw}
+    try:
+        twin = train(new_run(gw, "tml-twin"), range(STEPS))
+        victim = new_run(gw, "tml-victim")
+
+        def restart() -> None:
+            holder["gw"].stop(kill=True)
+            time.sleep(0.5)
+            holder["gw"] = start_gateway(state, model_cache_dir=model_cache_dir, real_trainer=True, extra_env=ENV,
+                                         port=port)
+
+        assert train(victim, range(STEPS), restart, at=3) == pytest.approx(twin, rel=1e-5)
+    finally:
+        holder["gw"].stop()
