@@ -8,6 +8,7 @@ Payloads are plain dataclasses of numpy arrays: picklable, so rank 0 can broadca
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -267,6 +268,8 @@ def _validate_sample(p: SampleParams) -> None:
 
     if not p.prompt:
         raise bad("the prompt is empty")
+    if not (math.isfinite(p.temperature) and math.isfinite(p.top_p)):
+        raise bad("temperature and top_p must be finite numbers")
     if p.num_samples < 1:
         raise bad("num_samples must be at least 1")
     if p.max_tokens < 0:

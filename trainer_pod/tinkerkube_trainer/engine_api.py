@@ -49,6 +49,7 @@ class PoolConfig:
     auto_checkpoint_steps: int = 20  # a run's weights + optimizer written every this many optim_steps (0: never)
     auto_checkpoint_seconds: float = 600.0  # ... or after this long since the last one, at its next optim_step
     auto_checkpoints_kept: int = 2  # older automatic checkpoints of a run are deleted
+    max_sample_tokens: int = 262_144  # num_samples x max_tokens of one sample request: nothing holds the pool longer
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ which selects it by default, runs unchanged; `canonical_loss_name` documents the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -79,6 +80,8 @@ def parse_config(config_v2: Mapping[str, float | str], legacy: Mapping[str, floa
         value = merged.get(key, default)
         if isinstance(value, str):
             raise OpError(f"loss_fn_config[{key!r}] must be a number, got {value!r}", code="invalid_loss_config")
+        if not math.isfinite(float(value)):
+            raise OpError(f"loss_fn_config[{key!r}] must be a finite number, got {value!r}", code="invalid_loss_config")
         return float(value)
 
     cfg = LossConfig(

@@ -121,6 +121,10 @@ class OpDecoder:
 
     def decode_sample(self, run: Run | None, op: SampleOp) -> SamplePayload:
         params = codec.decode_sample_request(op.request)
+        asked = params.num_samples * params.max_tokens
+        if asked > self.config.max_sample_tokens:
+            raise OpError(f"num_samples x max_tokens = {asked} exceeds this pool's cap of "
+                          f"{self.config.max_sample_tokens} tokens per request", code="too_many_tokens")
         if max(params.prompt) >= self.vocab_size or min(params.prompt) < 0:
             raise OpError(f"prompt has token ids outside [0, {self.vocab_size})", code="token_out_of_range")
         if params.target_prompt_ids is not None and params.target_prompt_ids.size and \

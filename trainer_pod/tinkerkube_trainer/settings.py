@@ -43,6 +43,7 @@ class TrainerSettings(BaseSettings):
     auto_checkpoint_seconds: float = Field(600.0, gt=0, description="... or at the first optim_step this long "
                                            "after the run's last automatic checkpoint")
     auto_checkpoints_kept: int = Field(2, ge=1, description="a run's older automatic checkpoints are deleted")
+    max_sample_tokens: int = Field(262_144, ge=1, description="cap on num_samples x max_tokens of one sample request")
     checkpoint_dir: Path = Field(Path("var/checkpoints"), description="root of the checkpoint store")
     model_cache_dir: Path = Field(default_factory=default_cache_dir, description="built-in models live here")
     model_aliases: dict[str, str] = Field(default_factory=dict, description="JSON {name: name-or-dir}")
@@ -81,6 +82,7 @@ class TrainerSettings(BaseSettings):
             auto_checkpoint_steps=self.auto_checkpoint_steps,
             auto_checkpoint_seconds=self.auto_checkpoint_seconds,
             auto_checkpoints_kept=self.auto_checkpoints_kept,
+            max_sample_tokens=self.max_sample_tokens,
         )
 
     def boot_run(self) -> RunSpec | None:

@@ -65,6 +65,9 @@ BAD_FORWARD_BACKWARD = {
     "nan_advantage": (fb_body([_datum([5, 6], target_tokens=[6, 7], logprobs=[-1.0, -1.0],
                                       advantages=[float("nan"), 1.0])], "importance_sampling"), "bad_value"),
     "clip_order": (fb_body(rl_datums(1), "ppo", config={"clip_low_threshold": 1.3}), "invalid_loss_config"),
+    "nan_dro_beta": (fb_body(rl_datums(1), "dro", config={"beta": float("nan")}), "invalid_loss_config"),
+    "infinite_clip": (fb_body(rl_datums(1), "ppo", config={"clip_high_threshold": float("inf")}),
+                      "invalid_loss_config"),
     "image_chunk": (_image_request(), "unsupported_chunk"),
     "garbage": (b"\x08\xff\xff\xff\xff\xff", "malformed_protobuf"),
 }
@@ -113,6 +116,8 @@ def test_bad_json_ops_are_user_errors_and_change_nothing(engine, kind: OpKind, p
     ([5, 6], "sess:sample:404", {}, "unknown_snapshot"),
     ([5, 6], None, {"stop": [99999]}, "token_out_of_range"),
     ([5, 6], None, {"top_p": 1.5}, "invalid_sample_request"),
+    ([5, 6], None, {"max_tokens": 2**31 - 1}, "too_many_tokens"),
+    ([5, 6], None, {"num_samples": 10_000, "max_tokens": 1000}, "too_many_tokens"),
 ])
 def test_bad_samples_are_user_errors(engine, prompt, snapshot, params, code) -> None:
     with pytest.raises(OpError) as err:
