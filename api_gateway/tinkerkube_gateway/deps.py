@@ -7,14 +7,20 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from tinkerkube_gateway.errors import PayloadTooLarge, Unauthenticated
+from tinkerkube_gateway.errors import Forbidden, PayloadTooLarge, Unauthenticated
 from tinkerkube_gateway.metrics import Metrics
+from tinkerkube_gateway.services.cancel import CancelService
+from tinkerkube_gateway.services.completions import CompletionsService
+from tinkerkube_gateway.services.copies import CopyService
+from tinkerkube_gateway.services.downloads import DownloadsService
 from tinkerkube_gateway.services.futures import FuturesService
 from tinkerkube_gateway.services.models import ModelsService
 from tinkerkube_gateway.services.ops import OpsService
 from tinkerkube_gateway.services.registry import RegistryService
 from tinkerkube_gateway.services.sampling import SamplingService
+from tinkerkube_gateway.services.session_search import SessionSearch
 from tinkerkube_gateway.services.sessions import SessionsService
+from tinkerkube_gateway.services.traces import TraceService
 from tinkerkube_gateway.wire import ADDRESS_PREFIX_BYTES
 
 
@@ -31,6 +37,22 @@ class Services:
     max_body_bytes: int
     capabilities: list[str]
     client_config: dict[str, object]
+    completions: CompletionsService
+    cancels: CancelService
+    downloads: DownloadsService
+    copies: CopyService
+    session_search: SessionSearch
+    traces: TraceService
+    dynamic_config: dict[str, object]
+
+    def granting_tenant(self, access_token: str | None) -> str | None:
+        """The tenant whose checkpoints a weights access token opens: the token is one of its API keys."""
+        if access_token is None:
+            return None
+        tenant = self.tenant_keys.get(access_token)
+        if tenant is None:
+            raise Forbidden("the weights access token is not an API key of this gateway")
+        return tenant
 
 
 # The dependencies are `async def` although they never await: FastAPI runs a plain `def` dependency in

@@ -8,19 +8,19 @@ sees its dispatcher."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 
 from tinkerkube_contract.pod_api import ErrorCategory, OpState, SampleOp
 from tinkerkube_gateway.backends.base import SessionBackend, TrainerHandle
 from tinkerkube_gateway.bounds import MAX_SEQ_AHEAD, SEQ_GAP_TIMEOUT_SECONDS
-from tinkerkube_gateway.clients.pod_client import OpRejected, PodClient, TrainerUnreachable
-from tinkerkube_gateway.store.records import FutureRecord
+from tinkerkube_gateway.clients.pod_client import OpRejected, OpResult, PodClient, TrainerUnreachable
+from tinkerkube_gateway.store.records import FutureRecord, FutureState
 from tinkerkube_gateway.store.repo import AsyncRepo
 from tinkerkube_gateway.worker import ModelWorker, ResultSink, WorkerDeps
 
 log = logging.getLogger(__name__)
-
 
 
 class Dispatcher:
@@ -87,7 +87,29 @@ class Dispatcher:
         task.add_done_callback(self._tasks.discard)
 
     def submit_sample(self, fut: FutureRecord, backing_model_id: str, op: SampleOp) -> None:
-        self.spawn(self._run_sample(fut, backing_model_id, op))
+        self.spawn(self._discard(self.run_sample(fut, backing_model_id, op)))
+
+    @staticmethod
+    async def _discard(coro: Awaitable[OpResult | None]) -> None:
+        await coro
+
+    def pool_of(self, model_id: str) -> str:
+        """What a sample of `model_id` competes for: its trainer pool (several runs share one process group,
+        one address) once this replica knows where it runs, else the run itself."""
+        worker = self.workers.get(model_id)
+        handle = None if worker is None else worker.handle
+        return handle.url if handle is not None else f"run:{model_id}"
+
+    def withdraw(self, fut: FutureRecord) -> bool:
+        """Takes back a training op that still waits in its worker here (never forwarded): it is replaced
+        by a failed copy, so the worker skips its seq_id. False when the op already went to the trainer
+        (or another replica dispatches the run): then it runs and its result stands."""
+        worker = self.workers.get(fut.target_id)
+        waiting = None if worker is None or fut.seq_id is None else worker.waiting.get(fut.seq_id)
+        if waiting is None or waiting.state != FutureState.PENDING or waiting.request_id != fut.request_id:
+            return False
+        worker.enqueue(dataclasses.replace(waiting, state=FutureState.FAILED))  # same seq_id: replaces it
+        return True
 
     async def trainer_handle(self, model_id: str, serving: str | None = None) -> TrainerHandle:
         """The trainer process group of `model_id`, once ready (samples and the text routes go there).
@@ -98,7 +120,9 @@ class Dispatcher:
             raise TrainerUnreachable(f"the trainer serving {serving or model_id} is not running")
         return handle
 
-    async def _run_sample(self, fut: FutureRecord, backing_model_id: str, op: SampleOp) -> None:
+    async def run_sample(self, fut: FutureRecord, backing_model_id: str, op: SampleOp) -> OpResult | None:
+        """Runs one sample to its end and records it; the trainer's answer (None when it failed on the way)."""
+        finished = None
         try:
             handle = await self.trainer_handle(backing_model_id, fut.target_id)
             await self.pods.submit_sample(handle, fut.request_id, op)
@@ -107,6 +131,7 @@ class Dispatcher:
                 if result.state is not OpState.PENDING:
                     break
             await self.sink.on_result(fut, result)
+            finished = result
         except OpRejected as exc:
             await self._fail(fut, exc.detail, exc.category)
         except (TrainerUnreachable, TimeoutError) as exc:
@@ -117,6 +142,7 @@ class Dispatcher:
                              ErrorCategory.SERVER)
         if self.on_sample_done is not None:  # not when cancelled (shutdown): its lease expires, another re-runs it
             await self.on_sample_done(fut.request_id)
+        return finished
 
     async def _fail(self, fut: FutureRecord, error: str, category: ErrorCategory) -> None:
         try:

@@ -35,6 +35,11 @@ class GatewayError(Exception):
         super().__init__(detail)
         self.detail = detail
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """Extra response headers (Retry-After on a 429)."""
+        return {}
+
 
 class InvalidRequest(GatewayError):
     status, category, retryable = 400, ErrorCategory.USER, False
@@ -54,6 +59,28 @@ class SeqIdTooFarAhead(InvalidRequest):
 
 class Unsupported(InvalidRequest):
     """A Tinker route this server does not implement (yet): a clear 400, never a retried 5xx."""
+
+
+class Forbidden(GatewayError):
+    """Credentials that do not grant this (an access token that is no key here, a download link whose
+    signature does not match or that expired)."""
+
+    status, category, retryable = 403, ErrorCategory.USER, False
+
+
+class Backpressure(GatewayError):
+    """A sampler or the tenant's share of it is saturated: 429 with Retry-After. The SDK sends the same
+    asample again after a short pause (its seq_id stays free: nothing was recorded)."""
+
+    status, category, retryable, consumes_seq = 429, ErrorCategory.SERVER, True, False
+
+    def __init__(self, detail: str, retry_after: float):
+        super().__init__(detail)
+        self.retry_after = max(1, min(60, int(retry_after + 0.999)))
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": str(self.retry_after), "retry-after-ms": str(self.retry_after * 1000)}
 
 
 class PayloadTooLarge(GatewayError):
@@ -98,9 +125,10 @@ def error_body(detail: str, category: ErrorCategory) -> dict[str, str]:
     return {"detail": detail, "category": category.value}
 
 
-def _respond(status: int, detail: str, category: ErrorCategory, retryable: bool) -> JSONResponse:
+def _respond(status: int, detail: str, category: ErrorCategory, retryable: bool,
+             headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(error_body(detail, category), status_code=status,
-                        headers={"x-should-retry": "true" if retryable else "false"})
+                        headers={"x-should-retry": "true" if retryable else "false", **(headers or {})})
 
 
 RefusalHook = Callable[[Request, str], Awaitable[None]]  # (the refused request, why)
@@ -119,7 +147,7 @@ def install_error_handlers(app: FastAPI, on_refused: RefusalHook | None = None) 
     async def _gateway(request: Request, exc: GatewayError) -> JSONResponse:
         if exc.category is ErrorCategory.USER:
             return await refuse(request, exc.status, exc.detail, exc.consumes_seq)
-        return _respond(exc.status, exc.detail, exc.category, exc.retryable)
+        return _respond(exc.status, exc.detail, exc.category, exc.retryable, exc.headers)
 
     @app.exception_handler(InvalidTinkerPath)
     async def _path(request: Request, exc: InvalidTinkerPath) -> JSONResponse:

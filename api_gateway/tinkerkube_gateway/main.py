@@ -25,6 +25,11 @@ from tinkerkube_gateway.clients.pod_client import PodClient
 from tinkerkube_gateway.deps import Services
 from tinkerkube_gateway.dispatcher import Dispatcher
 from tinkerkube_gateway.metrics import Metrics
+from tinkerkube_gateway.services.admission import AdmissionLimits, SampleAdmission
+from tinkerkube_gateway.services.cancel import CancelService
+from tinkerkube_gateway.services.completions import CompletionsService
+from tinkerkube_gateway.services.copies import CopyService
+from tinkerkube_gateway.services.downloads import DownloadsService
 from tinkerkube_gateway.services.futures import FuturesService
 from tinkerkube_gateway.services.mirror import FuturesMirror
 from tinkerkube_gateway.services.models import ModelsService
@@ -33,7 +38,9 @@ from tinkerkube_gateway.services.registry import RegistryService
 from tinkerkube_gateway.services.replicas import Replicas
 from tinkerkube_gateway.services.results import ResultsService
 from tinkerkube_gateway.services.sampling import SamplingService
+from tinkerkube_gateway.services.session_search import SessionSearch
 from tinkerkube_gateway.services.sessions import SessionsService
+from tinkerkube_gateway.services.traces import TraceRecorder, TraceService
 from tinkerkube_gateway.settings import BackendKind, GatewaySettings, inherited_environment
 from tinkerkube_gateway.store.repo import AsyncRepo, Repo
 
@@ -65,6 +72,25 @@ def spec_defaults(settings: GatewaySettings) -> dict[str, Any]:
             "image": settings.trainer_image, "node_selector": settings.trainer_node_selector,
             "tolerations": settings.trainer_tolerations, "priority_class_name": settings.trainer_priority_class_name,
             "idle_timeout_seconds": settings.kube_idle_timeout_seconds}
+
+
+def make_admission(settings: GatewaySettings, metrics: Metrics, futures: FuturesService,
+                   dispatcher: Dispatcher) -> SampleAdmission:
+    """Sampling backpressure; its waiting samples answer try_again with a paused queue_state."""
+    limits = AdmissionLimits(pool_inflight=settings.pool_max_inflight_samples, pool_queue=settings.pool_sample_queue,
+                             tenant_inflight=settings.tenant_max_concurrent_samples,
+                             tenant_queue=settings.tenant_sample_queue,
+                             tenant_tokens_per_minute=settings.tenant_sampled_tokens_per_minute)
+    admission = SampleAdmission(limits, metrics, dispatcher.spawn)
+    futures.queue_sources.append(admission.status)
+    return admission
+
+
+def client_config(settings: GatewaySettings) -> dict[str, object]:
+    """What the client config adds to `routers.service.CLIENT_CONFIG`."""
+    return {"fwdbwd_max_chunk_len": settings.fwdbwd_max_chunk_len,
+            "proto_compress_fwdbwd": settings.proto_compress_fwdbwd,
+            "sample_use_retrieve_futures": settings.sample_use_retrieve_futures}
 
 
 def capabilities(settings: GatewaySettings) -> list[str]:
@@ -105,7 +131,8 @@ async def compose(settings: GatewaySettings, backend: SessionBackend | None = No
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     metrics = Metrics()
     repo = AsyncRepo(Repo(settings.effective_database_url))
-    pods = PodClient(timeout=settings.trainer_request_timeout_seconds)
+    recorder = TraceRecorder()
+    pods = PodClient(timeout=settings.trainer_request_timeout_seconds, observer=recorder)
     backend = backend or make_backend(settings, pods)
     futures = FuturesService(repo, metrics, long_poll_seconds=settings.long_poll_seconds)
     futures.mirror = FuturesMirror(backend, repo)
@@ -126,10 +153,12 @@ async def compose(settings: GatewaySettings, backend: SessionBackend | None = No
                            replicas=replicas)
     ops = OpsService(futures=futures, models=models, registry=registry, dispatcher=dispatcher)
     sampling = SamplingService(futures=futures, sessions=sessions, models=models, registry=registry,
-                               dispatcher=dispatcher, max_sample_tokens=settings.max_sample_tokens)
+                               dispatcher=dispatcher, max_sample_tokens=settings.max_sample_tokens,
+                               admission=make_admission(settings, metrics, futures, dispatcher))
+    completions = CompletionsService(futures, sampling)
     sessions.stop_runs = models.stop_session_runs
     sessions.on_heartbeat = models.keep_session_alive
-    sessions.periodic.append(registry.sweep_expired)
+    sessions.periodic += [registry.sweep_expired, completions.sweep]
     wire_replicas(replicas, futures, dispatcher, models, sampling)
     metrics.queue_depth.set(await repo.count_pending())
     await sessions.refresh_gauge()
@@ -140,9 +169,16 @@ async def compose(settings: GatewaySettings, backend: SessionBackend | None = No
         yield Services(sessions=sessions, futures=futures, models=models, ops=ops, sampling=sampling,
                        registry=registry, metrics=metrics, tenant_keys=settings.tenant_keys(),
                        max_body_bytes=settings.max_body_bytes, capabilities=capabilities(settings),
-                       client_config={"fwdbwd_max_chunk_len": settings.fwdbwd_max_chunk_len,
-                                      "proto_compress_fwdbwd": settings.proto_compress_fwdbwd})
+                       client_config=client_config(settings),
+                       dynamic_config={"sample_cancel_enabled": settings.sample_cancel_enabled},
+                       completions=completions, cancels=CancelService(futures, dispatcher, sampling.admission),
+                       downloads=DownloadsService(repo, registry, url_ttl_seconds=settings.download_url_ttl_seconds,
+                                                  public_url=settings.public_url),
+                       copies=CopyService(repo, registry, sessions), session_search=SessionSearch(repo),
+                       traces=TraceService(repo, recorder))
     finally:
+        if sampling.admission is not None:
+            sampling.admission.close()
         await sessions.close()
         await replicas.close()
         await dispatcher.close()

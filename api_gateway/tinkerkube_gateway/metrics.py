@@ -22,6 +22,20 @@ class Metrics:
                                      registry=r)
         self.futures_total = Counter("tinkerkube_gateway_futures_total", "finished futures by op and outcome",
                                      ["op", "outcome"], registry=r)
+        # Sampling backpressure (services/admission.py), per tenant: the tenants are the configured API keys'.
+        self.samples_inflight = Gauge("tinkerkube_gateway_samples_inflight", "samples running on trainers",
+                                      ["tenant"], registry=r)
+        self.samples_queued = Gauge("tinkerkube_gateway_samples_queued", "samples waiting in the gateway, by "
+                                    "what holds them (capacity: the pool; rate_limit: the tenant's limits)",
+                                    ["tenant", "reason"], registry=r)
+        self.samples_rejected_total = Counter("tinkerkube_gateway_samples_rejected_total",
+                                              "asample requests answered 429 (a full queue)", ["tenant", "reason"],
+                                              registry=r)
+        self.sampled_tokens_total = Counter("tinkerkube_gateway_sampled_tokens_total", "tokens sampled",
+                                            ["tenant"], registry=r)
+        self.sample_wait_seconds = Histogram("tinkerkube_gateway_sample_wait_seconds",
+                                             "time a sample waited in the gateway before it started",
+                                             buckets=_BUCKETS, registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -7,11 +7,11 @@ be finite, every integer is bounded, free-form maps hold only finite numbers.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
-from tinkerkube_contract.pod_api import AdamParams  # one definition, shared with the trainer
+from tinkerkube_contract.pod_api import MAX_AGE_RECIPIENTS, AdamParams  # one definition, shared with the trainer
 from tinkerkube_gateway.bounds import MAX_INT32, Count, JsonMap, SeqId, TtlSeconds
 
 TokenId = Annotated[int, Field(ge=0, le=MAX_INT32)]
@@ -25,12 +25,47 @@ class ClientConfigRequest(_Req):
     sdk_version: str | None = None
 
 
+ProjectId = Annotated[str, Field(min_length=1, max_length=200)]
+
+
 class CreateSessionRequest(_Req):
     tags: list[str] = Field(default_factory=list)
     user_metadata: JsonMap | None = None
     sdk_version: str | None = None
-    project_id: str | None = None
+    project_id: ProjectId | None = None
     display_name: str | None = None
+
+
+class AssignProjectRequest(_Req):
+    project_id: ProjectId
+
+
+class SearchOwner(_Req):
+    type: Literal["own", "accessible", "user"] = "own"
+    owner_urns: list[str] | None = Field(None, max_length=10)
+
+
+class SessionStatusQuery(_Req):
+    type: Literal["active", "cancelled", "failed", "client_finished"]
+    reasons: list[Literal["success", "errored", "interrupted"]] | None = Field(None, min_length=1)
+
+
+class SessionSearchCursor(_Req):
+    last_created_at: AwareDatetime
+    last_session_id: str = Field(max_length=200)
+
+
+class SessionSearchRequest(_Req):
+    """The SDK's SessionSearchRequest (tinker.types), its bounds included."""
+
+    session_id: str | None = Field(None, max_length=200)
+    project_ids: list[ProjectId] | None = Field(None, max_length=100)
+    user_metadata: dict[str, str] = Field(default_factory=dict, max_length=50)
+    display_name: str | None = Field(None, min_length=1, max_length=1000)
+    owner: SearchOwner = Field(default_factory=SearchOwner)
+    statuses: list[SessionStatusQuery] | None = Field(None, min_length=1, max_length=10)
+    limit: int = Field(50, ge=1, le=200)
+    cursor: SessionSearchCursor | None = None
 
 
 class SessionIdRequest(_Req):
@@ -74,6 +109,20 @@ class SaveWeightsRequest(_Req):
     user_metadata: JsonMap | None = None
 
 
+# age's own recipient forms (bech32 "age1..." keys) and the SSH public keys age accepts; the trainer parses
+# them fully (pyrage) before it writes anything. This only keeps garbage out of the op log.
+AGE_RECIPIENT = r"^(age1[02-9ac-hj-np-z]{10,2000}|(ssh-ed25519|ssh-rsa) [A-Za-z0-9+/=]{16,4096}( [^\n]{0,256})?)$"
+
+
+class SaveWeightsExternalRequest(_Req):
+    model_id: str
+    seq_id: SeqId
+    path: str
+    ttl_seconds: TtlSeconds | None = None
+    age_encryption_recipients: list[Annotated[str, Field(pattern=AGE_RECIPIENT)]] | None = Field(
+        None, max_length=MAX_AGE_RECIPIENTS)
+
+
 class SaveWeightsForSamplerRequest(_Req):
     model_id: str
     seq_id: SeqId
@@ -90,8 +139,19 @@ class LoadWeightsRequest(_Req):
     seq_id: SeqId | None = None
     session_id: str | None = None
     model_seq_id: Count | None = None
-    base_model: str | None = None
+    base_model: str | None = Field(None, min_length=1)
     user_metadata: JsonMap | None = None
+    optimizer_config: JsonMap | None = None
+    weights_access_token: str | None = Field(None, max_length=4096)
+
+
+class CopyWeightsRequest(_Req):
+    source_path: str
+    session_id: str | None = None
+    model_seq_id: Count | None = None
+    destination_project_id: str | None = Field(None, min_length=1, max_length=200)
+    ttl_seconds: TtlSeconds | None = None
+    weights_access_token: str | None = Field(None, max_length=4096)
 
 
 class CreateSamplingSessionRequest(_Req):
@@ -146,6 +206,23 @@ class SampleRequest(_Req):
 class RetrieveFutureRequest(_Req):
     request_id: str
     allow_metadata_only: bool = False
+
+
+class RequestIdRequest(_Req):
+    request_id: str = Field(max_length=200)
+
+
+class FuturesTarget(_Req):
+    type: Literal["sampling_session"] = "sampling_session"
+    sampling_session_id: str = Field(max_length=250)
+    cloned_sampler_id: Count = 0
+
+
+class RetrieveFuturesRequest(_Req):
+    target: FuturesTarget
+    prev_cursor: int = Field(0, ge=0, lt=2**63)
+    timeout: float | None = Field(None, ge=0)
+    retrieved_request_ids: list[str] = Field(default_factory=list, max_length=100_000)
 
 
 class FinishSessionRequest(_Req):

@@ -99,6 +99,31 @@ class GatewaySettings(BaseSettings):
     access_log: bool = Field(
         False, description="log every HTTP request (uvicorn's access log). Off by default: the SDK long-polls "
         "retrieve_future and heartbeats, and /metrics counts requests by endpoint and status")
+    public_url: str | None = Field(
+        None, description="the gateway's address as users reach it (e.g. https://tinker.example.com behind an "
+        "ingress), for the download URLs it signs; default: the address each request was sent to")
+    download_url_ttl_seconds: float = Field(
+        3600.0, ge=60, le=7 * 24 * 3600, description="how long the signed download URLs of external weights and "
+        "session traces stay valid")
+    sample_use_retrieve_futures: bool = Field(
+        True, description="tell the SDK to poll a sampling session's completions with one retrieve_futures "
+        "long-poll instead of one retrieve_future per sample (client config)")
+    sample_cancel_enabled: bool = Field(
+        True, description="tell the SDK to send cancel_future for samples it abandons (dynamic client config)")
+    pool_max_inflight_samples: int = Field(
+        64, ge=1, le=100_000, description="samples one trainer pool runs at once; more wait in the gateway, their "
+        "futures saying paused_capacity")
+    pool_sample_queue: int = Field(
+        1024, ge=0, le=1_000_000, description="samples that may wait for one trainer pool; asample answers 429 "
+        "(Retry-After) beyond")
+    tenant_max_concurrent_samples: int = Field(
+        0, ge=0, le=100_000, description="samples one tenant runs at once (0: no limit); more wait, their futures "
+        "saying paused_rate_limit")
+    tenant_sample_queue: int = Field(
+        1024, ge=0, le=1_000_000, description="samples one tenant may have waiting; asample answers 429 beyond")
+    tenant_sampled_tokens_per_minute: int = Field(
+        0, ge=0, description="tokens one tenant may sample per minute (num_samples x max_tokens reserved at start, "
+        "the unused part returned); 0: no limit")
     lease_seconds: float = Field(
         15.0, ge=1, le=300, description="PostgreSQL (several replicas): a run's dispatching replica renews its "
         "lease every third of this; another replica takes the run over once it has expired")

@@ -44,8 +44,20 @@ def builtin_dir(cache_dir: Path | str, name: str) -> Path:
     return Path(cache_dir) / name.replace("/", "--")
 
 
+def base_model_name(name: str, aliases: dict[str, str] | None = None) -> str:
+    """The base model a Tinker model name stands for. Tinker names variants `org/model:peft:262144` (LoRA
+    training at that context length); the SDK and the cookbook strip everything from the first ':' to get
+    the tokenizer and hyper-parameters of `org/model`, and so does this. A name that is itself an alias or
+    an existing directory is kept whole (a local path may contain ':')."""
+    if ":" not in name or name in (aliases or {}) or os.path.isdir(name):
+        return name
+    return name.split(":", 1)[0] or name
+
+
 def resolve_model(name: str, *, aliases: dict[str, str] | None = None, cache_dir: Path | str) -> ModelSource:
-    """Aliases first (one hop), then built-ins, then an existing local directory, else a hub id."""
+    """Aliases first (one hop), then built-ins, then an existing local directory, else a hub id; a
+    variant suffix (`:peft:<context length>`) names its base model."""
+    name = base_model_name(name, aliases)
     target = (aliases or {}).get(name, name)
     if target in BUILTIN_MODELS:
         return ModelSource(name, SourceKind.BUILTIN, str(builtin_dir(cache_dir, target)))

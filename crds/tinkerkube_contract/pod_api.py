@@ -17,6 +17,7 @@ Wire rules
   `X-Tinkerkube-Op-State` says `pending` (202, `OpPending` JSON), `complete` (200, the result:
   protobuf `ForwardBackwardOutput` for forward_backward, JSON for the rest) or `failed` (200,
   `OpFailure` JSON). Results are never popped on read; they stay re-readable for `RESULT_TTL_SECONDS`.
+  A finished answer may carry `X-Tinkerkube-Op-Timing` (`OpTiming`: queue wait and run time).
 - `PUT/GET sample_path(request_id)`: the same for samples (`SampleOp` JSON in, protobuf
   `tinker_public.SampleResponse` out). Samples are not seq-ordered against each other; they run
   between training ops, from the snapshot they name.
@@ -43,12 +44,14 @@ METRICS_PATH = "/metrics"
 HEADER_OP = "X-Tinkerkube-Op"
 HEADER_OP_STATE = "X-Tinkerkube-Op-State"
 HEADER_TOKEN = "X-Tinkerkube-Token"
+HEADER_OP_TIMING = "X-Tinkerkube-Op-Timing"  # on a finished op or sample: `OpTiming.header()`
 
 CONTENT_PROTOBUF = "application/x-protobuf"
 CONTENT_JSON = "application/json"
 
 RESULT_TTL_SECONDS = 3600
 MAX_WAIT_SECONDS = 30.0
+DEFAULT_MAX_TOKENS = 128  # what a sample request without sampling_params.max_tokens generates at most
 
 
 def op_path(model_id: str, seq_id: int) -> str:
@@ -72,6 +75,7 @@ class OpKind(StrEnum):
     SAVE_STATE = "save_state"
     SAVE_SAMPLER_WEIGHTS = "save_sampler_weights"
     LOAD_STATE = "load_state"
+    SAVE_EXTERNAL_WEIGHTS = "save_weights_external"
     SAMPLE = "sample"  # only on sample_path
 
 
@@ -141,6 +145,19 @@ class SaveSamplerWeightsOp(_Wire):
     snapshot_id: str | None = None
 
 
+MAX_AGE_RECIPIENTS = 10  # the SDK documents "at most 10"
+
+
+class SaveExternalWeightsOp(_Wire):
+    """The adapter in PEFT's own layout (`adapter_model.safetensors` + `adapter_config.json`, nothing of
+    ours) → `tinker://<model_id>/external_weights/<name>`, the files users download (`tinker checkpoint
+    download`, the cookbook's `weights.download`). With `age_recipients` every file is encrypted to them
+    (age format, `.age` suffix): the plaintext never sits in the checkpoint store."""
+
+    name: str
+    age_recipients: list[str] = Field(default_factory=list, max_length=MAX_AGE_RECIPIENTS)
+
+
 class LoadStateOp(_Wire):
     path: str = Field(description="a tinker:// path of kind weights or sampler_weights")
     with_optimizer: bool = False
@@ -162,7 +179,7 @@ class OptimStepResult(_Wire):
 
 class CheckpointWritten(_Wire):
     tinker_path: str
-    kind: Literal["weights", "sampler_weights"]
+    kind: Literal["weights", "sampler_weights", "external_weights"]
     size_bytes: int
 
 
@@ -178,6 +195,29 @@ class LoadResult(_Wire):
 class OpPending(_Wire):
     state: Literal["pending"] = "pending"
     queue_position: int | None = None
+
+
+class OpTiming(_Wire):
+    """How long a finished op waited in the trainer's queue and ran, in seconds. Durations, not times:
+    the trainer's clock is monotonic and not the gateway's; the gateway places them before the moment
+    it read the result (the session trace export shows them)."""
+
+    wait_s: float = Field(ge=0)
+    run_s: float = Field(ge=0)
+
+    def header(self) -> str:
+        return f"wait={self.wait_s:.6f};run={self.run_s:.6f}"
+
+    @classmethod
+    def parse(cls, value: str | None) -> OpTiming | None:
+        """None for a missing or unreadable header (an older trainer sends none)."""
+        if not value:
+            return None
+        try:
+            parts = dict(item.split("=", 1) for item in value.split(";"))
+            return cls(wait_s=float(parts["wait"]), run_s=float(parts["run"]))
+        except (ValueError, KeyError):
+            return None
 
 
 class OpFailure(_Wire):

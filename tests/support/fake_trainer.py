@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyrage
 import uvicorn
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
@@ -188,6 +189,23 @@ def _save(run: _Run, kind: paths.CheckpointKind, name: str) -> dict[str, Any]:
     return {"tinker_path": str(tp), "kind": kind.value, "size_bytes": 123}
 
 
+def _export(run: _Run, name: str, recipients: list[str]) -> dict[str, Any]:
+    """PEFT's two file names with deterministic stand-in bytes (`.age`-encrypted when asked), like the trainer."""
+    tp = paths.TinkerPath(run.model_id, paths.CheckpointKind.EXTERNAL_WEIGHTS, name)
+    directory = tp.directory(CKPT)
+    directory.mkdir(parents=True, exist_ok=True)
+    files = {paths.ADAPTER_CONFIG_FILE: json.dumps({"r": (run.spec.get("lora") or {}).get("rank", 32)}).encode(),
+             paths.ADAPTER_WEIGHTS_FILE: f"weights of {run.model_id} at step {run.step}".encode()}
+    keys = [pyrage.x25519.Recipient.from_str(r) for r in recipients]
+    for file, content in files.items():
+        if keys:
+            (directory / (file + ".age")).write_bytes(pyrage.encrypt(content, keys))
+        else:
+            (directory / file).write_bytes(content)
+    return {"tinker_path": str(tp), "kind": "external_weights",
+            "size_bytes": sum(f.stat().st_size for f in directory.iterdir())}
+
+
 def _execute(run: _Run, kind: str, body: bytes) -> tuple[str, str, bytes]:
     if kind == OpKind.FORWARD_BACKWARD:
         return "complete", pod_api.CONTENT_PROTOBUF, _fwdbwd(run, body)
@@ -205,6 +223,8 @@ def _execute(run: _Run, kind: str, body: bytes) -> tuple[str, str, bytes]:
             result = {"snapshot_id": data["snapshot_id"]}
     elif kind == OpKind.LOAD_STATE:
         result = {"path": data["path"]}
+    elif kind == OpKind.SAVE_EXTERNAL_WEIGHTS:
+        result = {"checkpoint": _export(run, data["name"], data.get("age_recipients") or [])}
     else:
         return "failed", pod_api.CONTENT_JSON, json.dumps({"error": f"unknown op {kind}", "category": "user"}).encode()
     return "complete", pod_api.CONTENT_JSON, json.dumps(result).encode()
@@ -276,7 +296,9 @@ def _answer(found: tuple[str, str, bytes] | None) -> Response:
     if found is None:
         return JSONResponse({"state": "pending"}, 202, headers={pod_api.HEADER_OP_STATE: "pending"})
     st, ctype, body = found
-    return Response(body, 200, media_type=ctype, headers={pod_api.HEADER_OP_STATE: st})
+    timing = pod_api.OpTiming(wait_s=0.001, run_s=EXEC_DELAY).header()
+    return Response(body, 200, media_type=ctype,
+                    headers={pod_api.HEADER_OP_STATE: st, pod_api.HEADER_OP_TIMING: timing})
 
 
 @app.get("/v1/models/{model_id}/ops/{seq_id}")

@@ -50,8 +50,7 @@ def write_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         save_file(dict(adapter), str(tmp / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
-        config_text = json.dumps(dict(adapter_config), indent=2, sort_keys=True, default=_jsonable)
-        (tmp / ADAPTER_CONFIG_FILE).write_text(config_text)
+        (tmp / ADAPTER_CONFIG_FILE).write_text(adapter_config_text(adapter_config))
         if optimizer_state is not None:
             torch.save(dict(optimizer_state), tmp / OPTIMIZER_FILE)
         meta = {**metadata, "has_optimizer": optimizer_state is not None, "created_at": time.time()}
@@ -68,6 +67,11 @@ def write_checkpoint(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return _dir_size(directory)
+
+
+def adapter_config_text(adapter_config: Mapping[str, Any]) -> str:
+    """adapter_config.json's text, as peft's own save_pretrained writes it."""
+    return json.dumps(dict(adapter_config), indent=2, sort_keys=True, default=_jsonable)
 
 
 def _jsonable(value: Any) -> Any:

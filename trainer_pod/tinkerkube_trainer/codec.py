@@ -19,9 +19,9 @@ from pydantic import ValidationError
 from tinker.proto import tinker_public_pb2 as pb
 from tinker.types import SampleRequest
 
+from tinkerkube_contract.pod_api import DEFAULT_MAX_TOKENS
 from tinkerkube_trainer.engine_api import OpError
 
-DEFAULT_MAX_TOKENS = 128
 TOPK_PAD_TOKEN = 0
 TOPK_PAD_LOGPROB = -99999.0
 _NUMPY_DTYPES = {pb.DTYPE_FLOAT32: np.float32, pb.DTYPE_INT64: np.int64, pb.DTYPE_INT32: np.int32}

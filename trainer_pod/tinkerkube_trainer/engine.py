@@ -31,7 +31,7 @@ from tinkerkube_contract.pod_api import (
     SaveResult,
 )
 from tinkerkube_contract.resource import LoraSpec, SessionMode
-from tinkerkube_trainer import checkpoints, codec, multilora, train_pass
+from tinkerkube_trainer import checkpoints, codec, export, multilora, train_pass
 from tinkerkube_trainer.autosave import AutoSaver, latest_durable
 from tinkerkube_trainer.engine_api import (
     Collective,
@@ -81,6 +81,7 @@ class PoolEngine:
             OpKind.SAVE_STATE: self._save_state,
             OpKind.SAVE_SAMPLER_WEIGHTS: self._save_sampler_weights,
             OpKind.LOAD_STATE: self._load_state,
+            OpKind.SAVE_EXTERNAL_WEIGHTS: self._save_external,
         }
 
     def _eos_ids(self, model: torch.nn.Module) -> set[int]:
@@ -292,6 +293,11 @@ class PoolEngine:
         if p.snapshot_id and self.collective.rank == 0:
             run.remember(p.snapshot_id)
         return json_output(SaveResult(checkpoint=written, snapshot_id=p.snapshot_id))
+
+    def _save_external(self, run: Run, op: PreparedOp) -> OpOutput:
+        files = None if self.collective.rank != 0 or run.weights is None else export.external_files(
+            multilora.peft_state_dict(run.weights), self.sites.peft_config(run.spec.lora, self.config.base_model))
+        return json_output(SaveResult(checkpoint=export.write(op.payload, files, self.config.checkpoint_dir)))
 
     def _load_state(self, run: Run, op: PreparedOp) -> OpOutput:
         p: LoadPayload = op.payload

@@ -65,6 +65,9 @@ def _unavailable(exc: RunUnavailable) -> ApiError:
 
 def _state_response(scheduler: Scheduler, entry: Entry, queue: RunQueue | None = None) -> Response:
     headers = {api.HEADER_OP_STATE: str(entry.state)}
+    if entry.started_at is not None and entry.finished_at is not None:  # for the gateway's session traces
+        headers[api.HEADER_OP_TIMING] = api.OpTiming(wait_s=max(0.0, entry.started_at - entry.submitted_at),
+                                                     run_s=max(0.0, entry.finished_at - entry.started_at)).header()
     if entry.state is OpState.COMPLETE:
         assert entry.output is not None
         return Response(entry.output.body, status_code=200, media_type=entry.output.content_type, headers=headers)

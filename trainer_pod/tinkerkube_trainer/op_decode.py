@@ -21,11 +21,12 @@ from tinkerkube_contract.pod_api import (
     OptimStepOp,
     RunSpec,
     SampleOp,
+    SaveExternalWeightsOp,
     SaveSamplerWeightsOp,
     SaveStateOp,
 )
 from tinkerkube_contract.resource import LoraSpec
-from tinkerkube_trainer import checkpoints, codec
+from tinkerkube_trainer import checkpoints, codec, export
 from tinkerkube_trainer.engine_api import OpError, OpOutput, PoolConfig
 from tinkerkube_trainer.losses import REQUIRED_INPUTS, canonical_loss_name
 from tinkerkube_trainer.losses import parse_config as parse_loss_config
@@ -98,6 +99,8 @@ class OpDecoder:
             return SavePayload(path, sop.snapshot_id, seq_id if seq_id is not None else raw.get("seq_id"))
         if kind is OpKind.LOAD_STATE:
             return self.decode_load(run, parse_json(LoadStateOp, body)[0])
+        if kind is OpKind.SAVE_EXTERNAL_WEIGHTS:
+            return export.decode(run.model_id, parse_json(SaveExternalWeightsOp, body)[0])
         raise OpError(f"unknown op kind {kind!r}", code="unknown_op")
 
     def decode_load(self, run: Run, op: LoadStateOp) -> LoadPayload:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from pydantic import BaseModel
 
@@ -43,11 +43,25 @@ class OpResult:
     body: bytes
 
 
+class PodObserver(Protocol):
+    """Told when an op or sample went to a trainer and when its finished answer came back (the session
+    trace export). Keys: `op_key(model_id, trainer_seq)` for ops, the request id for samples."""
+
+    def forwarded(self, key: str) -> None: ...
+    def answered(self, key: str, timing: pod_api.OpTiming | None) -> None: ...
+
+
+def op_key(model_id: str, trainer_seq: int) -> str:
+    return f"{model_id}#{trainer_seq}"
+
+
 class PodClient:
-    def __init__(self, *, timeout: float = 60.0, long_poll: float = pod_api.MAX_WAIT_SECONDS):
+    def __init__(self, *, timeout: float = 60.0, long_poll: float = pod_api.MAX_WAIT_SECONDS,
+                 observer: PodObserver | None = None):
         self._long_poll = long_poll
         self._timeout = timeout
         self._http = Http11Pool(connect_timeout=5.0)
+        self.observer = observer
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -75,24 +89,30 @@ class PodClient:
                         content_type: str) -> None:
         headers = self._headers(handle, **{pod_api.HEADER_OP: kind, "Content-Type": content_type})
         await self._request("PUT", handle.url + pod_api.op_path(model_id, seq_id), content=body, headers=headers)
+        if self.observer is not None:
+            self.observer.forwarded(op_key(model_id, seq_id))
 
     async def poll_op(self, handle: TrainerHandle, model_id: str, seq_id: int) -> OpResult:
         url = handle.url + pod_api.op_path(model_id, seq_id)
-        return await self._poll(handle, url)
+        return await self._poll(handle, url, op_key(model_id, seq_id))
 
     async def submit_sample(self, handle: TrainerHandle, request_id: str, op: pod_api.SampleOp) -> None:
         headers = self._headers(handle, **{pod_api.HEADER_OP: pod_api.OpKind.SAMPLE,
                                            "Content-Type": pod_api.CONTENT_JSON})
         await self._request("PUT", handle.url + pod_api.sample_path(request_id), content=op.model_dump_json().encode(),
                             headers=headers)
+        if self.observer is not None:
+            self.observer.forwarded(request_id)
 
     async def poll_sample(self, handle: TrainerHandle, request_id: str) -> OpResult:
-        return await self._poll(handle, handle.url + pod_api.sample_path(request_id))
+        return await self._poll(handle, handle.url + pod_api.sample_path(request_id), request_id)
 
-    async def _poll(self, handle: TrainerHandle, url: str) -> OpResult:
+    async def _poll(self, handle: TrainerHandle, url: str, key: str) -> OpResult:
         response = await self._request("GET", url, params={"wait": self._long_poll}, headers=self._headers(handle),
                                        timeout=self._long_poll + 15)
         state = OpState(response.headers.get(pod_api.HEADER_OP_STATE, _state_from_status(response.status_code)))
+        if state is not OpState.PENDING and self.observer is not None:
+            self.observer.answered(key, pod_api.OpTiming.parse(response.headers.get(pod_api.HEADER_OP_TIMING)))
         return OpResult(state, response.headers.get("content-type", pod_api.CONTENT_JSON), response.content)
 
     async def post_json(self, handle: TrainerHandle, path: str, body: BaseModel, reply: type[M]) -> M:

@@ -53,9 +53,10 @@ CompatTenant = Annotated[str, Depends(compat_tenant)]
 Backend = Annotated[CompatBackend, Depends(compat_backend)]
 
 
-def _shaped(shape: ErrorShape, status: int, message: str, retryable: bool) -> JSONResponse:
+def _shaped(shape: ErrorShape, status: int, message: str, retryable: bool,
+            headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(shape(status, message), status_code=status,
-                        headers={"x-should-retry": "true" if retryable else "false"})
+                        headers={"x-should-retry": "true" if retryable else "false", **(headers or {})})
 
 
 def shaped_errors(shape: ErrorShape) -> type[APIRoute]:
@@ -69,7 +70,7 @@ def shaped_errors(shape: ErrorShape) -> type[APIRoute]:
                 try:
                     return await handler(request)
                 except GatewayError as exc:
-                    return _shaped(shape, exc.status, exc.detail, exc.retryable)
+                    return _shaped(shape, exc.status, exc.detail, exc.retryable, exc.headers)
                 except InvalidTinkerPath as exc:
                     return _shaped(shape, 400, str(exc), False)
 

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 from tinkerkube_contract import paths
+from tinkerkube_contract.models import base_model_name
 from tinkerkube_gateway.errors import SessionGone, UnknownModel, UnknownSession
 from tinkerkube_gateway.schemas import CreateSamplingSessionRequest, CreateSessionRequest
 from tinkerkube_gateway.services.sampling import SamplingService
@@ -45,7 +46,7 @@ class CompatSamplers:
         if model.startswith(paths.SCHEME):
             paths.parse_tinker_path(model)  # InvalidTinkerPath: a 400 before any session is touched
             return
-        if model not in self.base_models:
+        if model not in self.base_models and base_model_name(model) not in self.base_models:
             raise UnknownModel(f"the model {model!r} does not exist: use one of {self.base_models} "
                                      "or a tinker:// sampler weights path")
 

@@ -1,15 +1,15 @@
-"""REST: training runs, checkpoints (list/delete/ttl/publish), weights_info, sessions (§3.5)."""
+"""REST: training runs, checkpoints (list/delete/ttl/publish, external weights URLs, copies), weights_info (§3.5)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 
 from tinkerkube_gateway.bounds import MAX_INT32
 from tinkerkube_gateway.deps import Body, Svc, Tenant
 from tinkerkube_gateway.routers.common import parse
-from tinkerkube_gateway.schemas import TtlRequest, WeightsInfoRequest
+from tinkerkube_gateway.schemas import CopyWeightsRequest, TtlRequest, WeightsInfoRequest
 
 router = APIRouter(prefix="/api/v1", tags=["rest"])
 Limit = Query(100, ge=1, le=1000)
@@ -56,6 +56,23 @@ async def delete_checkpoint(svc: Svc, tenant: Tenant, run_id: str, checkpoint_id
     return {}
 
 
+@router.get("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/external_weights_urls",
+            summary="Signed, expiring download URLs of an external weights checkpoint's files")
+async def external_weights_urls(svc: Svc, tenant: Tenant, run_id: str, checkpoint_id: str,
+                                request: Request) -> dict[str, Any]:
+    signed = await svc.downloads.external_weights_urls(tenant, run_id, checkpoint_id, str(request.base_url))
+    return {"urls": signed.urls, "expires": signed.expires.isoformat()}
+
+
+@router.post("/copy_weights", summary="Copy a checkpoint into a new run that holds it (shares its files)")
+async def copy_weights(svc: Svc, tenant: Tenant, body: Body, request: Request) -> dict[str, Any]:
+    req = parse(body, CopyWeightsRequest)
+    token = request.headers.get("x-tinker-weights-access-token") or req.weights_access_token
+    path = await svc.copies.copy(tenant, req, granted_by=svc.granting_tenant(token),
+                                 idempotency_key=request.headers.get("x-idempotency-key"))
+    return {"tinker_path": path}
+
+
 @router.get("/checkpoints", summary="All of the tenant's checkpoints")
 async def list_checkpoints(svc: Svc, tenant: Tenant, limit: int = Limit, offset: int = Offset) -> dict[str, Any]:
     return await svc.registry.list_checkpoints(tenant, None, limit, offset)
@@ -64,13 +81,3 @@ async def list_checkpoints(svc: Svc, tenant: Tenant, limit: int = Limit, offset:
 @router.post("/weights_info", summary="Base model and LoRA config of a checkpoint")
 async def weights_info(svc: Svc, tenant: Tenant, body: Body) -> dict[str, Any]:
     return await svc.registry.weights_info(tenant, parse(body, WeightsInfoRequest).tinker_path)
-
-
-@router.get("/sessions", summary="The tenant's sessions")
-async def list_sessions(svc: Svc, tenant: Tenant, limit: int = Limit, offset: int = Offset) -> dict[str, Any]:
-    return {"sessions": await svc.sessions.list_ids(tenant, limit, offset)}
-
-
-@router.get("/sessions/{session_id}", summary="A session's runs and samplers")
-async def get_session(svc: Svc, tenant: Tenant, session_id: str) -> dict[str, Any]:
-    return await svc.sessions.describe(tenant, session_id)

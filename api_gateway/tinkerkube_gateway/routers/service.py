@@ -12,6 +12,7 @@ from tinkerkube_gateway.schemas import CreateSessionRequest, FinishSessionReques
 
 router = APIRouter(prefix="/api/v1", tags=["service"])
 
+# Flags of features this gateway does not serve stay off; `sample_use_retrieve_futures` comes from settings.
 CLIENT_CONFIG = {"pjwt_auth_enabled": False, "parallel_fwdbwd_chunks": True,
                  "sample_use_retrieve_futures": False, "custom_loss_server_side": False,
                  "sample_join_sampling_session": False}
@@ -22,9 +23,9 @@ async def client_config(svc: Svc, _: Tenant) -> dict[str, Any]:
     return {**CLIENT_CONFIG, **svc.client_config}
 
 
-@router.post("/client/dynamic_config", summary="Dynamic client configuration (defaults)")
-async def dynamic_config(_: Tenant) -> dict[str, Any]:
-    return {}
+@router.post("/client/dynamic_config", summary="Dynamic client configuration (sample cancellation)")
+async def dynamic_config(svc: Svc, _: Tenant) -> dict[str, Any]:
+    return dict(svc.dynamic_config)
 
 
 @router.post("/create_session", summary="Start a Tinker session")

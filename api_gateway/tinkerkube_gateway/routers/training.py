@@ -9,13 +9,13 @@ from fastapi import APIRouter, Request
 
 from tinkerkube_gateway import wire
 from tinkerkube_gateway.deps import Body, Svc, Tenant
-from tinkerkube_gateway.errors import Unsupported
 from tinkerkube_gateway.routers.common import parse, submitted
 from tinkerkube_gateway.schemas import (
     CreateModelRequest,
     LoadWeightsRequest,
     ModelIdRequest,
     OptimStepRequest,
+    SaveWeightsExternalRequest,
     SaveWeightsForSamplerRequest,
     SaveWeightsRequest,
 )
@@ -62,11 +62,10 @@ async def save_for_sampler(svc: Svc, tenant: Tenant, body: Body) -> dict[str, An
 
 @router.post("/load_weights", summary="Load a checkpoint: into a new run (resume) or an existing one")
 async def load_weights(svc: Svc, tenant: Tenant, body: Body) -> dict[str, Any]:
-    return submitted(await svc.ops.load_weights(tenant, parse(body, LoadWeightsRequest)))
+    req = parse(body, LoadWeightsRequest)
+    return submitted(await svc.ops.load_weights(tenant, req, svc.granting_tenant(req.weights_access_token)))
 
 
-@router.post("/save_weights_external", summary="Not supported yet: refused with a 400 that uses up its seq_id")
-async def save_weights_external(_: Tenant, __: Body) -> dict[str, Any]:
-    raise Unsupported("save_weights_external (export in an external format, used by `tinker checkpoint download` "
-                      "and the cookbook's weight download) is not supported by this server yet; use "
-                      "save_weights_for_sampler for a LoRA adapter checkpoint of this run")
+@router.post("/save_weights_external", summary="Export the adapter as downloadable files (future → tinker path)")
+async def save_weights_external(svc: Svc, tenant: Tenant, body: Body) -> dict[str, Any]:
+    return submitted(await svc.ops.save_external(tenant, parse(body, SaveWeightsExternalRequest)))

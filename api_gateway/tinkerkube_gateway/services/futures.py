@@ -19,6 +19,7 @@ import dataclasses
 import time
 import uuid
 from collections.abc import Callable
+from enum import StrEnum
 from typing import Any
 
 from tinkerkube_contract.pod_api import ErrorCategory
@@ -26,11 +27,33 @@ from tinkerkube_contract.resource import SessionMode
 from tinkerkube_gateway.errors import SeqIdReused, UnknownFuture
 from tinkerkube_gateway.metrics import Metrics
 from tinkerkube_gateway.services.mirror import FuturesMirror
+from tinkerkube_gateway.store.protocol import EventTarget, clone_of
 from tinkerkube_gateway.store.records import FutureOp, FutureRecord, FutureState, ModelRecord
 from tinkerkube_gateway.store.repo import AsyncRepo
 
 _RECENT = 512  # finished records kept for their first retrieval
 _PENDING_HERE_MAX = 100_000  # beyond this, waiters simply read the store
+EVENTS = "events:"  # notifier key prefix of a sampling session's completion log (request ids start "req-")
+
+
+class QueueState(StrEnum):
+    """The SDK's `queue_state` of a try_again answer (it logs the paused ones as warnings)."""
+
+    ACTIVE = "active"
+    PAUSED_CAPACITY = "paused_capacity"  # waiting for compute: a saturated sampler, a run awaiting capacity
+    PAUSED_RATE_LIMIT = "paused_rate_limit"  # waiting for the tenant's own limits
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class QueueStatus:
+    state: QueueState = QueueState.ACTIVE
+    reason: str | None = None  # shown to the user (queue_state_reason)
+
+
+ACTIVE = QueueStatus()
+# What a pending future waits for, from whoever holds it back (sample admission, a run waiting for cluster
+# capacity...); None: not this source's. The first source with an answer wins.
+QueueStateSource = Callable[[FutureRecord], QueueStatus | None]
 
 
 class Notifier:
@@ -59,9 +82,10 @@ class Notifier:
                 woken = True
         return woken
 
-    def notify_all(self) -> None:
-        """Every waiter re-reads the store (after notifications may have been missed)."""
-        for request_id in list(self._waiters):
+    def notify_all(self, prefix: str = "") -> None:
+        """Every waiter (of keys starting with `prefix`) re-reads the store (after notifications may have
+        been missed)."""
+        for request_id in [key for key in self._waiters if key.startswith(prefix)]:
             self.notify(request_id)
 
     @property
@@ -91,6 +115,15 @@ class FuturesService:
         self.broadcast: Callable[[str], str | None] = lambda _request_id: None  # NOTIFY payload (replicas)
         self._recent: dict[str, FutureRecord] = {}  # finished here, not yet retrieved (oldest first)
         self._pending_here: dict[str, str] = {}  # request_id -> tenant: created here, not known finished
+        self.queue_sources: list[QueueStateSource] = []
+
+    def queue_status(self, record: FutureRecord) -> QueueStatus:
+        """What a pending future is waiting for: the try_again answer's queue_state (and reason)."""
+        for source in self.queue_sources:
+            status = source(record)
+            if status is not None:
+                return status
+        return ACTIVE
 
     async def create(self, *, tenant: str, session_id: str | None, target_id: str, seq_id: int | None,
                      op: FutureOp | str,
@@ -143,36 +176,45 @@ class FuturesService:
             if self.mirror is not None:
                 await self.mirror.changed(stored, FutureState.PENDING)
 
-    async def complete(self, record: FutureRecord, result: bytes, result_type: str) -> None:
-        await self._finish(record, FutureState.COMPLETE, result=result, result_type=result_type)
+    async def complete(self, record: FutureRecord, result: bytes, result_type: str) -> bool:
+        return await self._finish(record, FutureState.COMPLETE, result=result, result_type=result_type)
 
-    async def fail(self, record: FutureRecord, error: str, category: ErrorCategory) -> None:
-        await self._finish(record, FutureState.FAILED, error=error, category=category.value)
+    async def fail(self, record: FutureRecord, error: str, category: ErrorCategory) -> bool:
+        """False when the future had finished already (that outcome stands)."""
+        return await self._finish(record, FutureState.FAILED, error=error, category=category.value)
 
-    async def _finish(self, record: FutureRecord, state: FutureState, **values: Any) -> None:
+    async def _finish(self, record: FutureRecord, state: FutureState, **values: Any) -> bool:
         self._pending_here.pop(record.request_id, None)  # from here on, a new waiter reads the store
         now = time.time()
+        event = None
+        if record.op == FutureOp.SAMPLE:  # logged for retrieve_futures, in the same commit
+            result = values.get("result")
+            event = EventTarget(record.target_id, clone_of(record.seq_id), None if result is None else len(result))
         changed = await self.repo.finish_future(record.request_id, state=state, now=now,
-                                                notify=self.broadcast(record.request_id), **values)
+                                                notify=self.broadcast(record.request_id), event=event, **values)
         if not changed:  # finished before (a replay, a race, another replica): waiters read what won
             self.notifier.notify(record.request_id)
-            return
+            return False
         self.metrics.queue_depth.dec()
         self.metrics.future_seconds.labels(op=record.op).observe(max(0.0, now - record.created_at))
         self.metrics.futures_total.labels(op=record.op, outcome=state.value).inc()
         if self.mirror is not None:
             await self.mirror.changed(record, state)
+        if event is not None:
+            self.notifier.notify(EVENTS + record.target_id)
         final = dataclasses.replace(record, state=state, completed_at=now, body=None, **{
             "result": None, "result_type": None, "error": None, "category": None, **values})
         if not self.notifier.notify(record.request_id, final):
             self._recent[record.request_id] = final
             if len(self._recent) > _RECENT:
                 del self._recent[next(iter(self._recent))]
+        return True
 
     def completed_elsewhere(self, request_id: str) -> None:
         """Another replica finished `request_id` (its NOTIFY): waiters here re-read the store."""
         self._pending_here.pop(request_id, None)
         self.notifier.notify(request_id)
+        self.notifier.notify_all(EVENTS)  # (which sampling session it was is not in the payload)
 
     def resync(self) -> None:
         """Notifications may have been missed: forget what is believed pending, every waiter re-reads."""

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tinkerkube_contract import paths
-from tinkerkube_contract.models import resolve_model
+from tinkerkube_contract.models import base_model_name, resolve_model
 from tinkerkube_contract.pod_api import ErrorCategory
 from tinkerkube_contract.resource import LoraSpec, SessionMode, TrainingSessionSpec
 from tinkerkube_gateway.backends.base import SessionBackend
@@ -28,6 +28,7 @@ from tinkerkube_gateway.services.sessions import SessionsService
 from tinkerkube_gateway.store.records import (
     CREATE_OPS,
     LIVE,
+    CheckpointRecord,
     FutureOp,
     FutureRecord,
     FutureState,
@@ -62,11 +63,16 @@ class ModelsService:
             raise UnknownModel(f"unknown model_id {model_id!r}")
         return record
 
+    def base_model(self, name: str) -> str:
+        """The base model a requested name runs on (`org/model:peft:262144` → `org/model`): what pools,
+        trainers and records use, so that every variant name of a model shares its pools."""
+        return base_model_name(name, self.model_aliases)
+
     def spec_for(self, *, model_id: str, tenant: str, session_id: str, base_model: str, lora: LoraSpec,
                  mode: SessionMode = SessionMode.TRAIN, restore_from: str | None = None,
                  restore_optimizer: bool = False) -> TrainingSessionSpec:
         return TrainingSessionSpec(
-            base_model=base_model, lora=lora, mode=mode, model_id=model_id, restore_from=restore_from,
+            base_model=self.base_model(base_model), lora=lora, mode=mode, model_id=model_id, restore_from=restore_from,
             restore_optimizer=restore_optimizer, owner=tenant, tinker_session=session_id,
             **{"idle_timeout_seconds": int(self.idle_timeout), **self.spec_defaults})
 
@@ -80,21 +86,33 @@ class ModelsService:
                              base_model=req.base_model, lora=lora)
         return await self.launch(tenant, spec, FutureOp.CREATE_MODEL, req.user_metadata, req.optimizer_config)
 
-    async def create_from_checkpoint(self, tenant: str, req: LoadWeightsRequest, resolve: Any) -> FutureRecord:
-        """Create-via-load: the new run takes base model and LoRA config from the checkpoint's run."""
+    async def create_from_checkpoint(self, tenant: str, req: LoadWeightsRequest,
+                                     checkpoint: CheckpointRecord) -> FutureRecord:
+        """Create-via-load: the new run takes its base model and LoRA config from the checkpoint's run. A
+        `base_model` override may name a variant of that model (another context length), nothing else;
+        `optimizer_config` sets the optimizer of a weights-only load (default Adam), never one whose
+        optimizer state is restored."""
         if req.session_id is None or req.model_seq_id is None:
             raise InvalidRequest("load_weights needs either model_id + seq_id or session_id + model_seq_id")
         await self.sessions.get_active(tenant, req.session_id)
-        checkpoint = await resolve(tenant, req.path)
         source = await self.repo.get_model(checkpoint.run_id)
         if source is None:
             raise UnknownCheckpoint(f"the training run of {req.path} is unknown")
+        base = self.base_model(source.base_model)
+        if req.base_model is not None and self.base_model(req.base_model) != base:
+            raise InvalidRequest(f"base_model {req.base_model!r} does not fit {req.path}, which was trained on "
+                                 f"{source.base_model!r}; an override may only name a variant of it, such as "
+                                 f"{base}:peft:<context length>")
+        if req.optimizer and req.optimizer_config is not None:
+            raise InvalidRequest("optimizer_config cannot replace the optimizer whose state optimizer=True restores; "
+                                 "load without the optimizer state to choose one")
         model_id = paths.model_id_for(req.session_id, req.model_seq_id)
-        spec = self.spec_for(model_id=model_id, tenant=tenant, session_id=req.session_id,
-                             base_model=source.base_model, lora=LoraSpec.model_validate(source.lora or {}),
-                             restore_from=checkpoint.tinker_path, restore_optimizer=req.optimizer)
+        spec = self.spec_for(model_id=model_id, tenant=tenant, session_id=req.session_id, base_model=base,
+                             lora=LoraSpec.model_validate(source.lora or {}), restore_from=checkpoint.tinker_path,
+                             restore_optimizer=req.optimizer)
         metadata = req.user_metadata if req.user_metadata is not None else source.user_metadata
-        return await self.launch(tenant, spec, FutureOp.LOAD_WEIGHTS_CREATE, metadata, source.optimizer_config)
+        optimizer_config = source.optimizer_config if req.optimizer else req.optimizer_config
+        return await self.launch(tenant, spec, FutureOp.LOAD_WEIGHTS_CREATE, metadata, optimizer_config)
 
     async def launch(self, tenant: str, spec: TrainingSessionSpec, op: FutureOp, user_metadata: dict[str, Any] | None,
                       optimizer_config: dict[str, Any] | None, weights_key: str | None = None) -> FutureRecord:

@@ -17,6 +17,7 @@ from tinkerkube_gateway.errors import GatewayError, InvalidRequest, SeqIdTooFarA
 from tinkerkube_gateway.schemas import (
     LoadWeightsRequest,
     OptimStepRequest,
+    SaveWeightsExternalRequest,
     SaveWeightsForSamplerRequest,
     SaveWeightsRequest,
 )
@@ -108,12 +109,29 @@ class OpsService:
         return await self.submit(tenant, req.model_id, req.seq_id, FutureOp.SAVE_SAMPLER_WEIGHTS,
                                  op.model_dump_json().encode(), JSON, meta)
 
-    async def load_weights(self, tenant: str, req: LoadWeightsRequest) -> FutureRecord:
+    async def save_external(self, tenant: str, req: SaveWeightsExternalRequest) -> FutureRecord:
+        """The adapter as downloadable files (`tinker://<run>/external_weights/<name>`), replacing an
+        export of that name; encrypted to the age recipients when the request names any."""
+        await self.models.get_owned(tenant, req.model_id)
+        op = pod_api.SaveExternalWeightsOp(name=paths.validate_name(req.path),
+                                           age_recipients=req.age_encryption_recipients or [])
+        meta = {"ttl_seconds": req.ttl_seconds}
+        return await self.submit(tenant, req.model_id, req.seq_id, FutureOp.SAVE_WEIGHTS_EXTERNAL,
+                                 op.model_dump_json().encode(), JSON, meta)
+
+    async def load_weights(self, tenant: str, req: LoadWeightsRequest, granted_by: str | None = None) -> FutureRecord:
+        """`granted_by`: the tenant whose API key came as the weights access token (its checkpoints read)."""
+        checkpoint = await self.registry.resolve_loadable(tenant, req.path, granted_by)
+        if req.optimizer and checkpoint.kind != paths.CheckpointKind.WEIGHTS:
+            raise InvalidRequest(f"{req.path} holds no optimizer state (only save_state checkpoints do); load it "
+                                 "with optimizer=False")
         if req.model_id is None:
-            return await self.models.create_from_checkpoint(tenant, req, self.registry.resolve_readable)
+            return await self.models.create_from_checkpoint(tenant, req, checkpoint)
         if req.seq_id is None:
             raise InvalidRequest("load_weights on an existing model needs seq_id")
-        checkpoint = await self.registry.resolve_readable(tenant, req.path)
+        if req.base_model is not None or req.optimizer_config is not None:
+            raise InvalidRequest("load_weights into an existing run cannot change its base model or optimizer; "
+                                 "create a new training client from the checkpoint instead")
         body = pod_api.LoadStateOp(path=checkpoint.tinker_path, with_optimizer=req.optimizer).model_dump_json()
         return await self.submit(tenant, req.model_id, req.seq_id, FutureOp.LOAD_STATE, body.encode(), JSON,
                                  {"path": checkpoint.tinker_path})

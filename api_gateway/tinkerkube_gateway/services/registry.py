@@ -64,11 +64,21 @@ class RegistryService:
             name=parsed.name, size_bytes=written.size_bytes, public=False, created_at=now,
             expires_at=now + ttl if ttl else None, user_metadata=_str_map(meta.get("user_metadata"))))
 
-    async def resolve_readable(self, tenant: str, tinker_path: str) -> CheckpointRecord:
+    async def resolve_readable(self, tenant: str, tinker_path: str, granted_by: str | None = None) -> CheckpointRecord:
+        """The checkpoint when `tenant` may read it: its own, a published one, or one of `granted_by` (the
+        tenant whose API key came as a weights access token)."""
         parsed = paths.parse_tinker_path(tinker_path)
         record = await self.repo.get_checkpoint(str(parsed))
-        if record is None or (record.tenant != tenant and not record.public):
+        if record is None or (record.tenant not in (tenant, granted_by) and not record.public):
             raise UnknownCheckpoint(f"unknown checkpoint {tinker_path}")
+        return record
+
+    async def resolve_loadable(self, tenant: str, tinker_path: str, granted_by: str | None = None) -> CheckpointRecord:
+        """`resolve_readable`, for loading into a trainer: external weights are files for download only."""
+        record = await self.resolve_readable(tenant, tinker_path, granted_by)
+        if record.kind == paths.CheckpointKind.EXTERNAL_WEIGHTS:
+            raise InvalidRequest(f"{tinker_path} holds external weights, which are for download only; load a "
+                                 "weights or sampler_weights checkpoint")
         return record
 
     async def resolve_owned(self, tenant: str, run_id: str, checkpoint_id: str) -> CheckpointRecord:
@@ -140,7 +150,7 @@ class RegistryService:
         if run_id is not None:
             await self.get_run(tenant, run_id)
         records = await self.repo.list_checkpoints(tenant=tenant, run_id=run_id, limit=limit, offset=offset)
-        total = await self.repo.count_checkpoints(tenant) if run_id is None else len(records)
+        total = await self.repo.count_checkpoints(tenant, run_id)
         return {"checkpoints": [self.checkpoint_json(r) for r in records],
                 "cursor": {"offset": offset, "limit": limit, "total_count": total}}
 

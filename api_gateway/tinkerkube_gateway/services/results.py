@@ -97,6 +97,9 @@ class ResultsService:
         if saved.checkpoint is None:
             raise ValueError("no checkpoint in the save result")
         await self.registry.register(fut, saved.checkpoint, meta)
+        if fut.op == FutureOp.SAVE_WEIGHTS_EXTERNAL:  # no restore point: a trainer cannot load an export
+            return json_bytes({"path": saved.checkpoint.tinker_path, "size_bytes": saved.checkpoint.size_bytes,
+                               "type": "save_weights_external"})
         if self.mirror_checkpoint is not None:
             await self.mirror_checkpoint(fut.target_id, saved.checkpoint.tinker_path)
         kind = "save_weights" if fut.op == FutureOp.SAVE_STATE else "save_weights_for_sampler"

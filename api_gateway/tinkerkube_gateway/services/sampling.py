@@ -12,11 +12,16 @@ import json
 import logging
 from typing import Any
 
+from google.protobuf.message import DecodeError
+from tinker.proto import tinker_public_pb2 as pb
+
 from tinkerkube_contract import paths, pod_api
 from tinkerkube_contract.resource import LoraSpec, SessionMode
+from tinkerkube_gateway.clients.pod_client import OpResult
 from tinkerkube_gateway.dispatcher import Dispatcher
 from tinkerkube_gateway.errors import InvalidRequest, UnknownModel
 from tinkerkube_gateway.schemas import CreateSamplingSessionRequest, SampleRequest
+from tinkerkube_gateway.services.admission import SampleAdmission, Ticket
 from tinkerkube_gateway.services.futures import FuturesService
 from tinkerkube_gateway.services.models import ModelsService
 from tinkerkube_gateway.services.registry import RegistryService
@@ -29,8 +34,10 @@ log = logging.getLogger(__name__)
 
 class SamplingService:
     def __init__(self, *, futures: FuturesService, sessions: SessionsService, models: ModelsService,
-                 registry: RegistryService, dispatcher: Dispatcher, max_sample_tokens: int):
+                 registry: RegistryService, dispatcher: Dispatcher, max_sample_tokens: int,
+                 admission: SampleAdmission | None = None):
         self.max_sample_tokens = max_sample_tokens  # tokens one request may generate, over all its samples
+        self.admission = admission  # None: every sample starts at once (no backpressure)
         self.futures = futures
         self.sessions = sessions
         self.models = models
@@ -52,7 +59,7 @@ class SamplingService:
         return sampler_id
 
     async def _from_path(self, tenant: str, sampler_id: str, model_path: str) -> None:
-        checkpoint = await self.registry.resolve_readable(tenant, model_path)
+        checkpoint = await self.registry.resolve_loadable(tenant, model_path)
         run = await self.models.repo.get_model(checkpoint.run_id)
         if run is None:
             raise UnknownModel(f"the training run of {model_path} is unknown")
@@ -79,6 +86,7 @@ class SamplingService:
 
     async def _sampler_process(self, tenant: str, session_id: str, sampler_id: str, base_model: str,
                                lora: LoraSpec, restore_from: str | None) -> ModelRecord:
+        base_model = self.models.base_model(base_model)
         key = restore_from or f"base:{base_model}"
         found = await self.models.repo.find_sampler_process(tenant, key)
         if found is not None and (await self.models.adopt(found.model_id)
@@ -116,6 +124,8 @@ class SamplingService:
             raise InvalidRequest(f"num_samples * max_tokens = {req.num_samples} * {max_tokens} exceeds the "
                                  f"{self.max_sample_tokens} tokens one sample request may generate here")
         sampler = await self.get_owned(tenant, req.sampling_session_id)
+        if self.admission is not None:  # a 429 before anything is recorded: the SDK resends this seq_id
+            self.admission.check(tenant, self.dispatcher.pool_of(sampler.backing_model_id))
         fut, created = await self.futures.create(tenant=tenant, session_id=sampler.session_id,
                                                  target_id=sampler.sampler_id, seq_id=req.seq_id, op=FutureOp.SAMPLE,
                                                  body=json_bytes(raw), body_type=pod_api.CONTENT_JSON)
@@ -123,8 +133,18 @@ class SamplingService:
             await self.models.adopt(sampler.backing_model_id)
             await self.models.replicas.track_sample(fut.request_id)
             op = pod_api.SampleOp(request=raw, model_id=sampler.backing_model_id, snapshot_id=sampler.snapshot_id)
-            self.dispatcher.submit_sample(fut, sampler.backing_model_id, op)
+            self._dispatch(fut, sampler.backing_model_id, op, _cost(req))
         return fut, [f"{fut.request_id}:{i}" for i in range(req.num_samples)]
+
+    def _dispatch(self, fut: FutureRecord, backing_model_id: str, op: pod_api.SampleOp, cost: int) -> None:
+        if self.admission is None:
+            self.dispatcher.submit_sample(fut, backing_model_id, op)
+            return
+
+        async def run() -> int | None:
+            return sampled_tokens(await self.dispatcher.run_sample(fut, backing_model_id, op))
+
+        self.admission.admit(Ticket(fut.request_id, fut.tenant, self.dispatcher.pool_of(backing_model_id), cost, run))
 
     async def resume(self, request_id: str) -> None:
         """A sample whose gateway replica died while it ran: run it again here (sampling changes no state,
@@ -137,6 +157,23 @@ class SamplingService:
             return
         log.warning("re-running sample %s: the gateway replica running it stopped", request_id)
         await self.models.adopt(sampler.backing_model_id)
-        op = pod_api.SampleOp(request=json.loads(fut.body), model_id=sampler.backing_model_id,
-                              snapshot_id=sampler.snapshot_id)
-        self.dispatcher.submit_sample(fut, sampler.backing_model_id, op)
+        raw = json.loads(fut.body)
+        op = pod_api.SampleOp(request=raw, model_id=sampler.backing_model_id, snapshot_id=sampler.snapshot_id)
+        self._dispatch(fut, sampler.backing_model_id, op, _cost(SampleRequest.model_validate(raw)))
+
+
+def _cost(req: SampleRequest) -> int:
+    """The most tokens a request can generate: what it reserves of its tenant's tokens per minute."""
+    max_tokens = req.sampling_params.max_tokens
+    return req.num_samples * (pod_api.DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens)
+
+
+def sampled_tokens(result: OpResult | None) -> int | None:
+    """Tokens a finished sample generated (every sequence's), None when it did not finish."""
+    if result is None or not result.content_type.startswith(pod_api.CONTENT_PROTOBUF):
+        return None
+    try:
+        response = pb.SampleResponse.FromString(result.body)
+    except DecodeError:
+        return None
+    return sum(len(sequence.tokens) // 4 for sequence in response.sequences)

@@ -24,6 +24,7 @@ from tinkerkube_gateway.store.repo import AsyncRepo
 log = logging.getLogger(__name__)
 
 StopSessionRuns = Callable[[str, str], Awaitable[None]]  # (session_id, reason)
+FINISH_REASONS = ("success", "errored", "interrupted")  # the SDK's ClientSessionFinishReason types
 
 
 class SessionsService:
@@ -43,8 +44,15 @@ class SessionsService:
         await self.repo.insert_session(
             session_id=session_id, tenant=tenant, status=SessionStatus.ACTIVE, created_at=now, last_heartbeat=now,
             user_metadata=req.user_metadata, tags=req.tags, display_name=req.display_name, ended_reason=None)
+        if req.project_id is not None:
+            await self.repo.set_session_extras(session_id, project_id=req.project_id)
         self.metrics.active_sessions.inc()
         return session_id
+
+    async def assign_project(self, tenant: str, session_id: str, project_id: str) -> None:
+        """Moves the session (and so its runs and samplers) into `project_id`; there is no way back out."""
+        await self.get_owned(tenant, session_id)
+        await self.repo.set_session_extras(session_id, project_id=project_id)
 
     async def get_owned(self, tenant: str, session_id: str) -> SessionRecord:
         record = await self.repo.get_session(session_id)
@@ -66,6 +74,8 @@ class SessionsService:
 
     async def finish(self, tenant: str, session_id: str, detail: str) -> None:
         await self.get_owned(tenant, session_id)
+        if detail in FINISH_REASONS:  # what session search reports as the client's finish reason
+            await self.repo.set_session_extras(session_id, finish_reason=detail)
         await self._end(session_id, SessionStatus.FINISHED, f"finished by the client ({detail})")
 
     async def _end(self, session_id: str, status: SessionStatus, reason: str) -> None:

@@ -22,11 +22,11 @@ class FutureOp(StrEnum):
     SAVE_STATE = OpKind.SAVE_STATE.value
     SAVE_SAMPLER_WEIGHTS = OpKind.SAVE_SAMPLER_WEIGHTS.value
     LOAD_STATE = OpKind.LOAD_STATE.value
+    SAVE_WEIGHTS_EXTERNAL = OpKind.SAVE_EXTERNAL_WEIGHTS.value
     SAMPLE = OpKind.SAMPLE.value
     CREATE_MODEL = "create_model"  # completes when the run's trainer is ready (seq_id 0)
     LOAD_WEIGHTS_CREATE = "load_weights_create"  # create_model from a checkpoint
     START_SAMPLER = "start_sampler"  # a sampler process group is ready
-    SAVE_WEIGHTS_EXTERNAL = "save_weights_external"  # not supported: only ever refused
     UNKNOWN = "unknown"  # a refused request to a route this gateway does not have
     GAP = "gap"  # a seq_id that never arrived, sealed after the gap timeout
 

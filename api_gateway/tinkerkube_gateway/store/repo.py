@@ -19,9 +19,11 @@ from sqlalchemy.exc import IntegrityError
 from tinkerkube_contract.resource import SessionMode
 from tinkerkube_gateway.store import tables as t
 from tinkerkube_gateway.store.coordination import CoordinationQueries
+from tinkerkube_gateway.store.protocol import EventTarget, ProtocolQueries
 from tinkerkube_gateway.store.records import (
     LIVE,
     CheckpointRecord,
+    FutureOp,
     FutureRecord,
     FutureState,
     ModelRecord,
@@ -50,10 +52,11 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
-class Repo(CoordinationQueries):
+class Repo(CoordinationQueries, ProtocolQueries):
     def __init__(self, url: str):
         self.engine = make_engine(url)
         t.metadata.create_all(self.engine)
+        t.futures_session_index.create(self.engine, checkfirst=True)  # create_all skips tables that exist
 
     def close(self) -> None:
         self.engine.dispose()
@@ -190,9 +193,10 @@ class Repo(CoordinationQueries):
 
     def finish_future(self, request_id: str, *, state: FutureState, now: float, result: bytes | None = None,
                       result_type: str | None = None, error: str | None = None, category: str | None = None,
-                      notify: str | None = None) -> bool:
+                      notify: str | None = None, event: EventTarget | None = None) -> bool:
         """Only a pending future changes: a second completion (a replay, a race) is ignored. `notify`:
-        a NOTIFY payload sent with the change's commit (PostgreSQL)."""
+        a NOTIFY payload sent with the change's commit (PostgreSQL); `event`: log the completion for
+        retrieve_futures in the same commit."""
         stmt = (update(t.futures).where(t.futures.c.request_id == request_id,
                                         t.futures.c.state == FutureState.PENDING)
                 .values(state=state, result=result, result_type=result_type, error=error, category=category,
@@ -200,6 +204,8 @@ class Repo(CoordinationQueries):
         with self.engine.begin() as conn:
             changed = conn.execute(stmt).rowcount > 0
             if changed:
+                if event is not None:
+                    self.record_event_in(conn, event, request_id, state, now)
                 self.notify_in(conn, notify)
         return changed
 
@@ -224,6 +230,15 @@ class Repo(CoordinationQueries):
         if pending_only:
             stmt = stmt.where(t.futures.c.state == FutureState.PENDING)
         return self._all(stmt.order_by(t.futures.c.seq_id, t.futures.c.created_at), FutureRecord)
+
+    def futures_for_session(self, session_id: str, limit: int = 100_000) -> list[FutureRecord]:
+        """A session's requests in submit order, without their bodies and results (the trace export)."""
+        columns = [c for c in t.futures.c if c.name not in ("body", "result")]
+        stmt = (select(*columns).where(t.futures.c.session_id == session_id)
+                .order_by(t.futures.c.created_at).limit(limit))
+        with self.engine.connect() as conn:
+            return [FutureRecord(**{**dict(r._mapping), "body": None, "result": None,
+                                    "op": FutureOp(r.op), "state": FutureState(r.state)}) for r in conn.execute(stmt)]
 
     def pending_futures(self) -> list[FutureRecord]:
         stmt = select(t.futures).where(t.futures.c.state == FutureState.PENDING).order_by(t.futures.c.created_at)
@@ -252,9 +267,11 @@ class Repo(CoordinationQueries):
         stmt = stmt.order_by(t.checkpoints.c.created_at.desc()).limit(limit).offset(offset)
         return self._all(stmt, CheckpointRecord)
 
-    def count_checkpoints(self, tenant: str) -> int:
+    def count_checkpoints(self, tenant: str, run_id: str | None = None) -> int:
+        stmt = select(func.count()).select_from(t.checkpoints).where(t.checkpoints.c.tenant == tenant)
+        if run_id is not None:
+            stmt = stmt.where(t.checkpoints.c.run_id == run_id)
         with self.engine.connect() as conn:
-            stmt = select(func.count()).select_from(t.checkpoints).where(t.checkpoints.c.tenant == tenant)
             return int(conn.execute(stmt).scalar_one())
 
     def update_checkpoint(self, tinker_path: str, **values: Any) -> None:

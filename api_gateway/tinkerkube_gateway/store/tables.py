@@ -88,7 +88,10 @@ futures = Table(
     Column("completed_at", Float, nullable=True),
     UniqueConstraint("target_id", "seq_id", name="uq_futures_target_seq"),
     Index("ix_futures_state", "state"),
+    Index("ix_futures_session", "session_id"),  # the session trace export
 )
+# create_all makes indexes only with their table: Repo creates this one on stores made before it existed.
+futures_session_index = next(i for i in futures.indexes if i.name == "ix_futures_session")
 
 # Which gateway replica dispatches a run (model) now. `epoch` grows at every takeover and fences the
 # op log: a replica writes a trainer seq only while it still holds the lease at its epoch.
@@ -112,4 +115,40 @@ checkpoints = Table(
     Column("created_at", Float, nullable=False),
     Column("expires_at", Float, nullable=True),
     Column("user_metadata", JSON, nullable=True),
+)
+
+# What the Tinker API says of a session beyond the `sessions` row (its own table: the older row needs no
+# migration): the project (create_session, PUT /sessions/{id}/project) and how the client finished it.
+session_extras = Table(
+    "session_extras", metadata,
+    Column("session_id", String(200), primary_key=True),
+    Column("project_id", String(200), nullable=True, index=True),
+    Column("finish_reason", String(20), nullable=True),  # success | errored | interrupted (client_finished)
+)
+
+# Completions of sample futures, per sampling session, in commit order: what `retrieve_futures` reports.
+# `serial` comes from `future_event_counters` in the finishing transaction (the counter row stays locked
+# until commit), so a reader that has seen serial n has seen every completion before it.
+future_events = Table(
+    "future_events", metadata,
+    Column("target_id", String(250), primary_key=True),  # the sampling session (sampler_id)
+    Column("serial", BigInteger, primary_key=True),
+    Column("clone", Integer, nullable=False),  # seq_id // 1e9: the (unpickled) SamplingClient copy
+    Column("request_id", String(64), nullable=False),
+    Column("state", String(10), nullable=False),  # complete | failed
+    Column("size", BigInteger, nullable=True),  # the result's bytes (the SDK reserves them before fetching)
+    Column("created_at", Float, nullable=False, index=True),
+)
+
+future_event_counters = Table(
+    "future_event_counters", metadata,
+    Column("target_id", String(250), primary_key=True),
+    Column("last", BigInteger, nullable=False),
+)
+
+# Gateway-wide secrets every replica must share (the key signing download URLs), created on first use.
+gateway_secrets = Table(
+    "gateway_secrets", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", LargeBinary, nullable=False),
 )

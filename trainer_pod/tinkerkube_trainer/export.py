@@ -1,0 +1,113 @@
+"""External weights: a run's adapter as the files a user downloads (`save_weights_external`).
+
+Why a format of its own next to `checkpoints.py`: an external checkpoint is what leaves the service, so it
+holds PEFT's own two files and nothing of ours (no optimizer, no `tinkerkube.json`), which load with
+`PeftModel.from_pretrained(base, dir)` and which the cookbook's `weights.build_lora_adapter` /
+`build_hf_model` read. With age recipients (the cookbook's `weights.download` generates a key per
+download) every file is encrypted to them before it is written and named `<file>.age`, so the
+plaintext never sits in the checkpoint store. Written into a temporary sibling and renamed into
+place, like every checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyrage
+import torch
+from safetensors.torch import save
+
+from tinkerkube_contract.paths import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    CheckpointKind,
+    InvalidTinkerPath,
+    TinkerPath,
+    validate_name,
+)
+from tinkerkube_contract.pod_api import MAX_AGE_RECIPIENTS, CheckpointWritten, SaveExternalWeightsOp
+from tinkerkube_trainer.checkpoints import adapter_config_text
+from tinkerkube_trainer.engine_api import OpError
+
+AGE_SUFFIX = ".age"
+_MAX_RECIPIENT_CHARS = 16 * 1024  # an SSH RSA-16384 public key is ~2.8 KiB; anything longer is not a key
+
+
+def parse_recipients(recipients: Sequence[str]) -> list[Any]:
+    """pyrage recipients for `age1...` keys and SSH public keys; OpError (the user's) for anything else.
+    Not picklable: a prepared op keeps the strings, rank 0 parses them again when it writes."""
+    if len(recipients) > MAX_AGE_RECIPIENTS:
+        raise OpError(f"at most {MAX_AGE_RECIPIENTS} age recipients, got {len(recipients)}", code="invalid_recipient")
+    parsed = []
+    for text in recipients:
+        key = text.strip() if isinstance(text, str) else ""
+        if not key or len(key) > _MAX_RECIPIENT_CHARS:
+            raise OpError("an age recipient must be a non-empty 'age1...' key or an SSH public key",
+                          code="invalid_recipient")
+        try:
+            parsed.append(pyrage.x25519.Recipient.from_str(key) if key.startswith("age1")
+                          else pyrage.ssh.Recipient.from_str(key))
+        except (pyrage.RecipientError, ValueError) as exc:
+            raise OpError(f"invalid age recipient {key[:40]!r}: {exc}", code="invalid_recipient") from None
+    return parsed
+
+
+@dataclass(frozen=True, slots=True)
+class ExportPayload:
+    path: TinkerPath
+    age_recipients: tuple[str, ...]  # checked by `parse_recipients` at prepare; strings stay picklable
+
+
+def decode(model_id: str, op: SaveExternalWeightsOp) -> ExportPayload:
+    """Prepare (rank 0, no state touched): the export's path and recipients, or the user's OpError."""
+    parse_recipients(op.age_recipients)
+    try:
+        path = TinkerPath(model_id, CheckpointKind.EXTERNAL_WEIGHTS, validate_name(op.name))
+    except InvalidTinkerPath as exc:
+        raise OpError(str(exc), code="invalid_path") from None
+    return ExportPayload(path, tuple(op.age_recipients))
+
+
+def write(p: ExportPayload, files: Mapping[str, bytes] | None, checkpoint_dir: Path) -> CheckpointWritten:
+    """Every rank answers alike; only the one holding `files` (rank 0) writes them."""
+    size = 0 if files is None else write_external(p.path.directory(checkpoint_dir), files,
+                                                   parse_recipients(p.age_recipients))
+    return CheckpointWritten(tinker_path=str(p.path), kind="external_weights", size_bytes=size)
+
+
+def external_files(adapter: Mapping[str, torch.Tensor], adapter_config: Mapping[str, Any]) -> dict[str, bytes]:
+    """File name → content of an unencrypted export (PEFT's layout)."""
+    return {ADAPTER_WEIGHTS_FILE: save(dict(adapter), metadata={"format": "pt"}),
+            ADAPTER_CONFIG_FILE: adapter_config_text(adapter_config).encode()}
+
+
+def write_external(directory: Path, files: Mapping[str, bytes], recipients: Sequence[Any]) -> int:
+    """Write `files` (encrypted to `recipients` when there are any) atomically, replacing an older export
+    of that name. Returns the export's size in bytes (what is stored and downloaded)."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        for name, content in files.items():
+            if recipients:
+                (tmp / (name + AGE_SUFFIX)).write_bytes(pyrage.encrypt(content, list(recipients)))
+            else:
+                (tmp / name).write_bytes(content)
+        tmp.chmod(0o755)
+        if directory.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+            os.rename(directory, old / "export")
+            os.rename(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, directory)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
+
