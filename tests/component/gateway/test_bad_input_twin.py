@@ -43,7 +43,8 @@ def _refused(training: tinker.TrainingClient) -> list[tuple[Callable[[], Any], s
         (lambda: training.forward_backward(rl, "cispo", {"clip_high_threshold": math.inf}), "loss_fn_config"),
         (lambda: training.save_state("bad", ttl_seconds=-5), "ttl_seconds"),
         (lambda: training.save_weights_for_sampler("bad", ttl_seconds=-1), "ttl_seconds"),
-        (lambda: training.save_weights_external("bad"), "not supported"),
+        (lambda: training.save_weights_external("bad", age_encryption_recipients=["not-a-key"]),
+         "age_encryption_recipients"),
     ]
 
 

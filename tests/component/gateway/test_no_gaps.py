@@ -118,8 +118,9 @@ BAD: dict[str, Bad] = {
         "model_id": m, "seq_id": s, "path": "b", "ttl_seconds": -1}), 400, "ttl_seconds"),
     "TTL past any date": lambda m, s: (_post("/api/v1/save_weights", {
         "model_id": m, "seq_id": s, "path": "c", "ttl_seconds": 10**30}), 400, "ttl_seconds"),
-    "save_weights_external": lambda m, s: (_post("/api/v1/save_weights_external", {
-        "model_id": m, "seq_id": s, "path": "hf"}), 400, "not supported"),
+    "save_weights_external to a key that is none": lambda m, s: (_post("/api/v1/save_weights_external", {
+        "model_id": m, "seq_id": s, "path": "hf", "age_encryption_recipients": ["age1nope"]}), 400,
+        "age_encryption_recipients"),
     "a route that does not exist": lambda m, s: (_post("/api/v1/brand_new_op", {
         "model_id": m, "seq_id": s}), 404, "Not Found"),
     "malformed JSON": lambda m, s: (_post("/api/v1/optim_step", f'{{"model_id": "{m}", "seq_id": {s}, '
@@ -236,7 +237,8 @@ def test_the_sdk_gets_a_clear_error_for_each_bad_request_and_its_run_goes_on(str
             (lambda: training.forward_backward(data, "dro", {"beta": math.nan}), "loss_fn_config"),
             (lambda: training.save_state("a", ttl_seconds=-5), "ttl_seconds"),
             (lambda: training.save_weights_for_sampler("b", ttl_seconds=-1), "ttl_seconds"),
-            (lambda: training.save_weights_external("c"), "not supported"),
+            (lambda: training.save_weights_external("c", age_encryption_recipients=["not-a-key"]),
+             "age_encryption_recipients"),
         ]
         for call, phrase in refused:
             with pytest.raises(tinker.BadRequestError, match=phrase):
