@@ -171,7 +171,7 @@ async def compose(settings: GatewaySettings, backend: SessionBackend | None = No
                        max_body_bytes=settings.max_body_bytes, capabilities=capabilities(settings),
                        client_config=client_config(settings),
                        dynamic_config={"sample_cancel_enabled": settings.sample_cancel_enabled},
-                       completions=completions, cancels=CancelService(futures, dispatcher, sampling.admission),
+                       completions=completions, cancels=CancelService(futures, dispatcher, sampling),
                        downloads=DownloadsService(repo, registry, url_ttl_seconds=settings.download_url_ttl_seconds,
                                                   public_url=settings.public_url),
                        copies=CopyService(repo, registry, sessions), session_search=SessionSearch(repo),

@@ -31,7 +31,9 @@ from tinkerkube_gateway.metrics import Metrics
 from tinkerkube_gateway.services.futures import QueueState, QueueStatus
 from tinkerkube_gateway.store.records import FutureRecord
 
-RunSample = Callable[[], Awaitable[int | None]]  # runs the sample; the tokens it generated (None: unknown)
+# Runs the sample, told whether it waited here first (it may have been cancelled elsewhere meanwhile); the
+# tokens it generated (None: unknown, or it did not run).
+RunSample = Callable[[bool], Awaitable[int | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +53,8 @@ class Ticket:
     cost: int  # tokens reserved at start: num_samples x max_tokens
     run: RunSample
     queued_at: float = 0.0
-    held: QueueStatus | None = None  # why it waits (None: not examined yet)
+    held: QueueStatus | None = None  # why it waits (None: not examined yet, or free to start)
+    waited: bool = False  # it did not start when it was admitted
 
 
 @dataclass
@@ -165,7 +168,9 @@ class SampleAdmission:
                 ticket.held = self._hold(ticket, pool, now)
                 if ticket.held is None:
                     self._start(ticket, pool)
-                elif ticket.held.state is QueueState.PAUSED_RATE_LIMIT:
+                    continue
+                ticket.waited = True
+                if ticket.held.state is QueueState.PAUSED_RATE_LIMIT:
                     wait = self._seconds_to_tokens(self._tenant(ticket.tenant))
                     if wait > 0:
                         token_wait = wait if token_wait is None else min(token_wait, wait)
@@ -197,7 +202,7 @@ class SampleAdmission:
     async def _run(self, ticket: Ticket) -> None:
         used: int | None = None
         try:
-            used = await ticket.run()
+            used = await ticket.run(ticket.waited)
         finally:
             self._finished(ticket, used)
 

@@ -20,8 +20,8 @@ from pydantic import BaseModel
 
 from tinkerkube_contract.pod_api import ErrorCategory
 from tinkerkube_gateway.dispatcher import Dispatcher
-from tinkerkube_gateway.services.admission import SampleAdmission
 from tinkerkube_gateway.services.futures import FuturesService
+from tinkerkube_gateway.services.sampling import SamplingService
 from tinkerkube_gateway.store.records import CREATE_OPS, FutureOp, FutureRecord, FutureState
 
 CANCELLED = "cancelled by the client (cancel_future)"
@@ -35,10 +35,10 @@ class CancelOutcome(BaseModel):
 
 
 class CancelService:
-    def __init__(self, futures: FuturesService, dispatcher: Dispatcher, admission: SampleAdmission | None):
+    def __init__(self, futures: FuturesService, dispatcher: Dispatcher, sampling: SamplingService):
         self.futures = futures
         self.dispatcher = dispatcher
-        self.admission = admission
+        self.sampling = sampling
 
     async def cancel(self, tenant: str, request_id: str) -> CancelOutcome:
         fut = await self.futures.get_owned(tenant, request_id)  # another tenant's is unknown (404)
@@ -46,9 +46,9 @@ class CancelService:
             return CancelOutcome(request_id=request_id, cancelled=False, state=fut.state,
                                  detail=f"the {fut.op} had already finished ({fut.state})")
         if fut.op == FutureOp.SAMPLE:
-            queued = self.admission is not None and self.admission.withdraw(request_id)
+            queued = await self.sampling.withdraw(request_id)
             detail = (f"{CANCELLED}: it never started" if queued else
-                      f"{CANCELLED}; the trainer finishes the sampling pass it already started and its result "
+                      f"{CANCELLED}; a trainer already running it finishes its sampling pass and the result "
                       "is dropped")
             return await self._fail(fut, detail)
         if fut.op in CREATE_OPS:

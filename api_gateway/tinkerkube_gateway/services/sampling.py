@@ -136,12 +136,26 @@ class SamplingService:
             self._dispatch(fut, sampler.backing_model_id, op, _cost(req))
         return fut, [f"{fut.request_id}:{i}" for i in range(req.num_samples)]
 
+    async def _still_pending(self, request_id: str) -> bool:
+        fut = await self.models.repo.get_future(request_id)
+        return fut is not None and fut.state == FutureState.PENDING
+
+    async def withdraw(self, request_id: str) -> bool:
+        """Takes back a sample still waiting in the gateway (a cancel): True when it never started."""
+        if self.admission is None or not self.admission.withdraw(request_id):
+            return False
+        await self.models.replicas.untrack_sample(request_id)  # it will not run here: nobody is to re-run it
+        return True
+
     def _dispatch(self, fut: FutureRecord, backing_model_id: str, op: pod_api.SampleOp, cost: int) -> None:
         if self.admission is None:
             self.dispatcher.submit_sample(fut, backing_model_id, op)
             return
 
-        async def run() -> int | None:
+        async def run(waited: bool) -> int | None:
+            if waited and self.models.replicas.multi and not await self._still_pending(fut.request_id):
+                await self.models.replicas.untrack_sample(fut.request_id)  # cancelled on another replica
+                return None
             return sampled_tokens(await self.dispatcher.run_sample(fut, backing_model_id, op))
 
         self.admission.admit(Ticket(fut.request_id, fut.tenant, self.dispatcher.pool_of(backing_model_id), cost, run))

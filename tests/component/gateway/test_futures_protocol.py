@@ -195,3 +195,25 @@ def test_the_client_configs_enable_what_is_served(gw: GatewayProc) -> None:
     assert config["sample_use_retrieve_futures"] is True and config["sample_join_sampling_session"] is False
     assert dynamic["sample_cancel_enabled"] is True
     assert types.ClientConfigResponse.model_validate(config).sample_use_retrieve_futures
+
+
+def _until(check: Any, what: str, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_the_sdk_cancels_a_sample_it_abandons(gw: GatewayProc, client: tinker.ServiceClient) -> None:
+    sampler = client.create_sampling_client(base_model=TINY)
+    _settle(gw, "")
+    asked = _metric(gw, "tinkerkube_gateway_requests_total", endpoint="/api/v1/asample", status="200")
+    cancels = _metric(gw, "tinkerkube_gateway_requests_total", endpoint="/api/v1/cancel_future", status="200")
+    failed = _metric(gw, "tinkerkube_gateway_futures_total", op="sample", outcome="failed")
+    pending = sampler.sample(types.ModelInput.from_ints([1, 2]), 1, types.SamplingParams(max_tokens=2))
+    _until(lambda: _metric(gw, "tinkerkube_gateway_requests_total", endpoint="/api/v1/asample",
+                           status="200") > asked, "the sample was never submitted")
+    assert pending.future().cancel() or pending.future().cancelled()
+    _until(lambda: _metric(gw, "tinkerkube_gateway_requests_total", endpoint="/api/v1/cancel_future",
+                           status="200") > cancels, "the SDK sent no cancel_future")
+    assert _metric(gw, "tinkerkube_gateway_futures_total", op="sample", outcome="failed") == failed + 1

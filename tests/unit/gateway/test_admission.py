@@ -31,6 +31,7 @@ class Harness:
         self.tasks: list[asyncio.Task[None]] = []
         self.admission = SampleAdmission(limits, self.metrics, self._spawn, clock=self.clock)
         self.started: list[str] = []
+        self.waited: dict[str, bool] = {}
         self._release: dict[str, asyncio.Future[int]] = {}
 
     def _spawn(self, coro: Awaitable[None]) -> None:
@@ -39,8 +40,9 @@ class Harness:
     def submit(self, request_id: str, tenant: str = "a", pool: str = "p", cost: int = 10) -> None:
         self.admission.check(tenant, pool)
 
-        async def run() -> int:
+        async def run(waited: bool) -> int:
             self.started.append(request_id)
+            self.waited[request_id] = waited
             self._release[request_id] = asyncio.get_running_loop().create_future()
             return await self._release[request_id]
 
@@ -78,6 +80,7 @@ async def test_a_busy_pool_queues_then_refuses_and_starts_the_next_when_one_fini
     h.submit("r4", pool="q")  # another pool is not this one's business
     await h.finish("r1")
     assert h.started == ["r1", "r4", "r2"] and h.state("r2") is None
+    assert h.waited == {"r1": False, "r4": False, "r2": True}
     assert h.gauge("tinkerkube_gateway_samples_inflight", tenant="a") == 2
 
 
