@@ -6,7 +6,6 @@ from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse, JSONResponse
 
 from tinkerkube_gateway.deps import Svc
-from tinkerkube_gateway.errors import NotFound
 from tinkerkube_gateway.services.downloads import DOWNLOADS
 
 router = APIRouter(prefix=DOWNLOADS, tags=["downloads"])
@@ -24,9 +23,6 @@ async def checkpoint_file(svc: Svc, grant: str, run_id: str, kind: str, name: st
 @router.get("/traces/{session_id}.json", summary="A session's trace (Chrome/Perfetto trace JSON)")
 async def session_trace(svc: Svc, session_id: str, expires: int = Expires,
                         signature: str = Signature) -> JSONResponse:
-    session = await svc.sessions.repo.get_session(session_id)
-    if session is None:
-        raise NotFound(f"unknown session {session_id!r}")
-    await svc.downloads.verify_trace(session.tenant, session_id, expires, signature)
+    await svc.downloads.verify_trace(session_id, expires, signature)
     return JSONResponse(await svc.traces.build(session_id),
                         headers={"Content-Disposition": f'attachment; filename="{session_id}.json"'})

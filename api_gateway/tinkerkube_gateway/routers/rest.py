@@ -4,16 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
 
-from tinkerkube_gateway.bounds import MAX_INT32
 from tinkerkube_gateway.deps import Body, Svc, Tenant
-from tinkerkube_gateway.routers.common import parse
+from tinkerkube_gateway.routers.common import Limit, Offset, parse
 from tinkerkube_gateway.schemas import CopyWeightsRequest, TtlRequest, WeightsInfoRequest
 
 router = APIRouter(prefix="/api/v1", tags=["rest"])
-Limit = Query(100, ge=1, le=1000)
-Offset = Query(0, ge=0, le=MAX_INT32)
 
 
 @router.get("/training_runs", summary="List the tenant's training runs")

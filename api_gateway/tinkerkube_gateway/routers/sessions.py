@@ -7,8 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from tinkerkube_gateway.deps import Body, Svc, Tenant
-from tinkerkube_gateway.routers.common import parse
-from tinkerkube_gateway.routers.rest import Limit, Offset
+from tinkerkube_gateway.routers.common import Limit, Offset, parse
 from tinkerkube_gateway.schemas import AssignProjectRequest, SessionSearchRequest
 
 router = APIRouter(prefix="/api/v1", tags=["sessions"])

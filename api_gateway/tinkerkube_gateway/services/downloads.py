@@ -126,8 +126,12 @@ class DownloadsService:
         return await self._url(base, f"/traces/{quote(session_id, safe='')}.json",
                                _trace_resource(tenant, session_id), expires)
 
-    async def verify_trace(self, tenant: str, session_id: str, expires: int, signature: str) -> None:
-        (await self.signer()).verify(_trace_resource(tenant, session_id), expires, signature, time.time())
+    async def verify_trace(self, session_id: str, expires: int, signature: str) -> None:
+        """The URL was signed for this session's owner and has not expired; NotFound/Forbidden otherwise."""
+        session = await self.repo.get_session(session_id)
+        if session is None:
+            raise NotFound(f"unknown session {session_id!r}")
+        (await self.signer()).verify(_trace_resource(session.tenant, session_id), expires, signature, time.time())
 
 
 def _file_resource(record: CheckpointRecord, grant: str, file: str) -> str:

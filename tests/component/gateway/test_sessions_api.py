@@ -126,9 +126,17 @@ def test_a_sessions_trace_has_a_span_per_request_with_what_the_trainer_said(gw: 
     assert {"in the gateway", "trainer queue", "on the trainer"} <= inner
     names = {e["args"]["name"] for e in events if e["ph"] == "M"}
     assert f"run {training.model_id}" in names and any(n.startswith("sampler ") for n in names)
-    for begin in begins:  # nested slices lie within their request's
-        end = next(e for e in events if e["ph"] == "e" and e["id"] == begin["id"] and e["name"] == begin["name"])
+    def window(name: str, request_id: str) -> tuple[int, int]:
+        begin = next(e for e in begins if e["id"] == request_id and e["name"] == name)
+        end = next(e for e in events if e["ph"] == "e" and e["id"] == request_id and e["name"] == name)
         assert end["ts"] >= begin["ts"]
+        return begin["ts"], end["ts"]
+
+    for top in (e for e in begins if e["name"] in tops):  # every part of a request lies within it
+        outer = window(top["name"], top["id"])
+        for inside in (e["name"] for e in begins if e["id"] == top["id"] and e["name"] not in tops):
+            start, stop = window(inside, top["id"])
+            assert outer[0] <= start <= stop <= outer[1], (top["name"], inside)
     with pytest.raises(urllib.error.HTTPError) as forged:
         urllib.request.urlopen(url.replace(session_id, session_id[:-1] + "0"), timeout=30)
     assert forged.value.code in (403, 404)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
+from pathlib import Path
 
 import pytest
 
@@ -144,3 +145,16 @@ async def test_nothing_starts_after_close() -> None:
     h.admission.close()
     await h.finish("r1")
     assert h.started == ["r1"]
+
+
+async def test_try_again_takes_its_queue_state_from_the_first_source_that_knows(tmp_path: Path) -> None:
+    from tinkerkube_gateway.services.futures import ACTIVE, FuturesService, QueueStatus
+    from tinkerkube_gateway.store.repo import AsyncRepo, Repo
+
+    futures = FuturesService(AsyncRepo(Repo(f"sqlite:///{tmp_path / 'gw.db'}")), Metrics())
+    assert futures.queue_status(_record("r")) == ACTIVE
+    capacity = QueueStatus(QueueState.PAUSED_CAPACITY, "waiting for a node")
+    futures.queue_sources += [lambda f: None, lambda f: capacity if f.request_id == "r" else None,
+                              lambda f: QueueStatus(QueueState.PAUSED_RATE_LIMIT)]
+    assert futures.queue_status(_record("r")) == capacity
+    assert futures.queue_status(_record("other")).state is QueueState.PAUSED_RATE_LIMIT
