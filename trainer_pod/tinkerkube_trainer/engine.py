@@ -295,9 +295,13 @@ class PoolEngine:
         return json_output(SaveResult(checkpoint=written, snapshot_id=p.snapshot_id))
 
     def _save_external(self, run: Run, op: PreparedOp) -> OpOutput:
-        files = None if self.collective.rank != 0 or run.weights is None else export.external_files(
-            multilora.peft_state_dict(run.weights), self.sites.peft_config(run.spec.lora, self.config.base_model))
-        return json_output(SaveResult(checkpoint=export.write(op.payload, files, self.config.checkpoint_dir)))
+        def adapter() -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+            # These files leave the service: their config names the base model as users know it.
+            return None if run.weights is None else (
+                multilora.peft_state_dict(run.weights), self.sites.peft_config(run.spec.lora, self.config.base_model))
+
+        saved = export.save(self.collective, op.payload, adapter, self.config.checkpoint_dir)
+        return json_output(SaveResult(checkpoint=saved))
 
     def _load_state(self, run: Run, op: PreparedOp) -> OpOutput:
         p: LoadPayload = op.payload

@@ -14,14 +14,14 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyrage
+import safetensors.torch
 import torch
-from safetensors.torch import save
 
 from tinkerkube_contract.paths import (
     ADAPTER_CONFIG_FILE,
@@ -31,9 +31,9 @@ from tinkerkube_contract.paths import (
     TinkerPath,
     validate_name,
 )
-from tinkerkube_contract.pod_api import MAX_AGE_RECIPIENTS, CheckpointWritten, SaveExternalWeightsOp
-from tinkerkube_trainer.checkpoints import adapter_config_text
-from tinkerkube_trainer.engine_api import OpError
+from tinkerkube_contract.pod_api import MAX_AGE_RECIPIENTS, CheckpointWritten, ErrorCategory, SaveExternalWeightsOp
+from tinkerkube_trainer import checkpoints
+from tinkerkube_trainer.engine_api import Collective, OpError
 
 AGE_SUFFIX = ".age"
 _MAX_RECIPIENT_CHARS = 16 * 1024  # an SSH RSA-16384 public key is ~2.8 KiB; anything longer is not a key
@@ -74,17 +74,33 @@ def decode(model_id: str, op: SaveExternalWeightsOp) -> ExportPayload:
     return ExportPayload(path, tuple(op.age_recipients))
 
 
-def write(p: ExportPayload, files: Mapping[str, bytes] | None, checkpoint_dir: Path) -> CheckpointWritten:
-    """Every rank answers alike; only the one holding `files` (rank 0) writes them."""
-    size = 0 if files is None else write_external(p.path.directory(checkpoint_dir), files,
-                                                   parse_recipients(p.age_recipients))
+Adapter = Callable[[], tuple[Mapping[str, torch.Tensor], Mapping[str, Any]] | None]  # tensors, adapter_config
+
+
+def save(collective: Collective, p: ExportPayload, adapter: Adapter, checkpoint_dir: Path) -> CheckpointWritten:
+    """Rank 0 writes the export (`adapter()`: the run's tensors and config, None for a base-model run);
+    every rank learns the outcome, so a full or read-only store fails the op on every rank alike."""
+    def write() -> int:
+        made = adapter()
+        if made is None:
+            return 0
+        directory = p.path.directory(checkpoint_dir)
+        try:
+            return write_external(directory, external_files(*made), parse_recipients(p.age_recipients))
+        except OSError as exc:
+            free = shutil.disk_usage(checkpoint_dir).free if checkpoint_dir.exists() else 0
+            raise OpError(f"could not write {p.path}: {exc.strerror or exc} ({free} bytes free in the checkpoint "
+                          "store: is it full or read-only?)", code="checkpoint_write_failed",
+                          category=ErrorCategory.SERVER) from None
+
+    size = checkpoints.from_rank0(collective, write)
     return CheckpointWritten(tinker_path=str(p.path), kind="external_weights", size_bytes=size)
 
 
 def external_files(adapter: Mapping[str, torch.Tensor], adapter_config: Mapping[str, Any]) -> dict[str, bytes]:
     """File name → content of an unencrypted export (PEFT's layout)."""
-    return {ADAPTER_WEIGHTS_FILE: save(dict(adapter), metadata={"format": "pt"}),
-            ADAPTER_CONFIG_FILE: adapter_config_text(adapter_config).encode()}
+    return {ADAPTER_WEIGHTS_FILE: safetensors.torch.save(dict(adapter), metadata={"format": "pt"}),
+            ADAPTER_CONFIG_FILE: checkpoints.adapter_config_text(adapter_config).encode()}
 
 
 def write_external(directory: Path, files: Mapping[str, bytes], recipients: Sequence[Any]) -> int:

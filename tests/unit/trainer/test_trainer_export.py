@@ -65,3 +65,19 @@ def test_op_timing_round_trips_and_ignores_garbage() -> None:
     assert OpTiming.parse(timing.header()) == timing
     for garbage in (None, "", "wait=1", "wait=x;run=1", "wait=-1;run=1", "wait=nan;run=1", "nonsense"):
         assert OpTiming.parse(garbage) is None, garbage
+
+
+def test_save_writes_on_rank_0_and_a_store_that_cannot_be_written_is_a_clear_server_error(tmp_path: Path) -> None:
+    from tinkerkube_trainer.engine_api import LocalCollective
+
+    payload = export.decode("s:train:0", SaveExternalWeightsOp(name="final"))
+    written = export.save(LocalCollective(), payload, lambda: (ADAPTER, {"r": 2}), tmp_path / "store")
+    assert written.kind == "external_weights" and written.tinker_path == "tinker://s:train:0/external_weights/final"
+    assert written.size_bytes == sum(p.stat().st_size for p in (tmp_path / "store").rglob("*") if p.is_file())
+    assert export.save(LocalCollective(), payload, lambda: None, tmp_path / "store").size_bytes == 0
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("x")
+    with pytest.raises(OpError) as failed:
+        export.save(LocalCollective(), payload, lambda: (ADAPTER, {"r": 2}), blocked)
+    assert failed.value.code == "checkpoint_write_failed" and failed.value.category.value == "server"
+    assert "could not write tinker://s:train:0/external_weights/final" in failed.value.message
