@@ -184,8 +184,16 @@ class FuturesService:
         return await self._finish(record, FutureState.FAILED, error=error, category=category.value)
 
     async def _finish(self, record: FutureRecord, state: FutureState, **values: Any) -> bool:
-        self._pending_here.pop(record.request_id, None)  # from here on, a new waiter reads the store
+        here = self._pending_here.pop(record.request_id, None) is not None  # from now, new waiters read the store
         now = time.time()
+        final = dataclasses.replace(record, state=state, completed_at=now, body=None, **{
+            "result": None, "result_type": None, "error": None, "category": None, **values})
+        early = here and record.op != FutureOp.SAMPLE
+        if early:
+            # Created here and pending as far as this replica knows: this completion is the one, so its
+            # waiters get it now instead of after the store's write (one write less on every op's critical
+            # path). Should the gateway die before the write, the op is replayed on restart and completes alike.
+            self._deliver(final)
         event = None
         if record.op == FutureOp.SAMPLE:  # logged for retrieve_futures, in the same commit
             result = values.get("result")
@@ -202,13 +210,16 @@ class FuturesService:
             await self.mirror.changed(record, state)
         if event is not None:
             self.notifier.notify(EVENTS + record.target_id)
-        final = dataclasses.replace(record, state=state, completed_at=now, body=None, **{
-            "result": None, "result_type": None, "error": None, "category": None, **values})
-        if not self.notifier.notify(record.request_id, final):
-            self._recent[record.request_id] = final
+        if not early:
+            self._deliver(final)
+        return True
+
+    def _deliver(self, final: FutureRecord) -> None:
+        """Hand a finished record to its waiters, or keep it for its first retrieval."""
+        if not self.notifier.notify(final.request_id, final):
+            self._recent[final.request_id] = final
             if len(self._recent) > _RECENT:
                 del self._recent[next(iter(self._recent))]
-        return True
 
     def completed_elsewhere(self, request_id: str) -> None:
         """Another replica finished `request_id` (its NOTIFY): waiters here re-read the store."""

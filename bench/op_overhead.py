@@ -1,0 +1,190 @@
+"""Per-op overhead: small SFT steps and tiny ops through the SDK vs a bare in-process loop, hop by hop.
+
+    .venv/bin/python bench/op_overhead.py            # tiny Qwen3 (hidden 64, 2 layers), LoRA r=32, 8 x 128
+    .venv/bin/python bench/op_overhead.py --quick    # smoke run
+
+All in ONE run on this machine, the paths interleaved round by round (load from other processes hits all):
+(a) SFT tokens/s (forward_backward(cross_entropy) + optim_step on 8 x 128 tokens): the real `tinker` SDK through
+    a local-mode gateway, (1) one step at a time (submit both, wait both, next) and (2) every step submitted at
+    once, then waited; over a bare in-process transformers + peft loop with the same model, LoRA and batch.
+    goals: sequential >= 0.85x bare, submitted at once >= 0.95x bare.
+(b) `forward` of 1 datum x 8 tokens: p50/p99 latency through the SDK. goal: p50 <= 8 ms. With the per-hop
+    breakdown of the same op, each layer measured by driving it directly: the model's compute (the trainer's
+    own run time for the op), the trainer's HTTP + queue (its internal API driven directly, minus compute), the
+    gateway (the Tinker wire protocol by hand through the gateway, minus the trainer's API), and the SDK's
+    client side (the SDK minus the wire protocol by hand).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+for _src in ("crds", "api_gateway", "trainer_pod", ".", "bench"):
+    if str(REPO / _src) not in sys.path:
+        sys.path.insert(0, str(REPO / _src))
+
+from gateway_overhead import (  # noqa: E402  (the same paths the gateway benchmark drives)
+    ADAM,
+    API_KEY,
+    BarePeft,
+    DirectTrainer,
+    RawGateway,
+    SdkPath,
+    make_batch,
+    pct,
+)
+from tinker import types  # noqa: E402
+
+from tests.support.sdk import start_gateway  # noqa: E402
+from tinkerkube_contract import pod_api  # noqa: E402
+from tinkerkube_contract.models import TINY_QWEN3  # noqa: E402
+from tinkerkube_contract.resource import LoraSpec  # noqa: E402
+
+GOALS = {"sequential": 0.85, "submitted": 0.95, "forward_p50_ms": 8.0}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=TINY_QWEN3)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--steps", type=int, default=20, help="SFT steps per path per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--latency-ops", type=int, default=60, help="forward calls per path per round")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for every path (trainers and bare)")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--model-cache", type=Path, default=REPO / ".cache" / "models")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.rounds, args.latency_ops = 3, 1, 10
+    return args
+
+
+def timed(call: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    call()
+    return time.perf_counter() - started
+
+
+def all_at_once(client: SdkPath, data: list[types.Datum], steps: int) -> None:
+    futures = []
+    for _ in range(steps):
+        futures.append(client.client.forward_backward(data, "cross_entropy"))
+        futures.append(client.client.optim_step(ADAM))
+    for f in futures:
+        f.result()
+
+
+class Forward:
+    """One `forward` of 1 x 8 tokens on each path; the direct path also reads the trainer's own run time."""
+
+    def __init__(self, sdk: SdkPath, raw: RawGateway, direct: DirectTrainer) -> None:
+        self.sdk, self.raw, self.direct = sdk, raw, direct
+        self.datum = make_batch(400, 1, 8, seed=5)
+        self.compute: list[float] = []
+
+    def via_sdk(self) -> None:
+        self.sdk.client.forward(self.datum, "cross_entropy").result()
+
+    def body(self, model_id: str, seq_id: int) -> bytes:
+        """What the SDK sends for `forward`: a forward_backward request marked forward_only."""
+        from tinker.proto.request_conv import forward_backward_request_to_proto
+
+        request = types.ForwardBackwardRequest(model_id=model_id, seq_id=seq_id, forward_backward_input=
+                                               types.ForwardBackwardInput(data=self.datum, loss_fn="cross_entropy"))
+        msg = forward_backward_request_to_proto(request)
+        msg.forward_only = True
+        return msg.SerializeToString()
+
+    def via_raw(self) -> None:
+        r = self.raw.http.post(self.raw.base + "/api/v1/forward_backward",
+                               content=self.body(self.sdk.model_id, self.sdk.reserve_seq()),
+                               headers={"Content-Type": "application/x-protobuf"})
+        r.raise_for_status()
+        self.raw._retrieve(r.json()["request_id"], proto=True)
+
+    def via_direct(self) -> None:
+        d = self.direct
+        d.seq += 1
+        d._put(d.seq, pod_api.OpKind.FORWARD_BACKWARD, self.body(d.model_id, d.seq), pod_api.CONTENT_PROTOBUF)
+        timing = pod_api.OpTiming.parse(d._get(d.seq).headers.get(pod_api.HEADER_OP_TIMING))
+        if timing is not None:
+            self.compute.append(timing.run_s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # trainers started below inherit it
+    import torch
+
+    torch.set_num_threads(args.threads)
+    lora = LoraSpec(rank=args.rank, alpha=float(args.rank))
+    data = make_batch(400, args.batch, args.seq_len, seed=1)
+    tokens = args.batch * args.seq_len * args.steps
+    with tempfile.TemporaryDirectory(prefix="tinkerkube-bench-ops-") as tmp:
+        state = Path(tmp)
+        gw = start_gateway(state / "gw", model_cache_dir=args.model_cache, real_trainer=True,
+                           extra_env={"TINKERKUBE_GATEWAY_API_KEYS": f'{{"{API_KEY}": "bench"}}'})
+        direct = DirectTrainer(args.model, lora, args.model_cache, state / "direct")
+        try:
+            direct.start(300)
+            sdk = SdkPath(gw.url, args.model, lora)
+            raw = RawGateway(gw.url, sdk)
+            from tinkerkube_trainer.model_loading import model_location
+
+            bare = BarePeft(Path(model_location(args.model, aliases=None, cache_dir=args.model_cache)), lora)
+            batch = bare.tensors(data)
+            fwd = Forward(sdk, raw, direct)
+            for warm in (lambda: sdk.step(data), lambda: direct.step(data), lambda: bare.step(batch), fwd.via_sdk,
+                         fwd.via_raw, fwd.via_direct):
+                warm()
+            times: dict[str, list[float]] = {"bare": [], "sequential": [], "submitted": []}
+            lat: dict[str, list[float]] = {"sdk": [], "raw": [], "direct": []}
+            for r in range(args.rounds):
+                times["bare"].append(timed(lambda: [bare.step(batch) for _ in range(args.steps)]))
+                times["sequential"].append(timed(lambda: [sdk.step(data) for _ in range(args.steps)]))
+                times["submitted"].append(timed(lambda: all_at_once(sdk, data, args.steps)))
+                for _ in range(args.latency_ops):
+                    lat["sdk"].append(timed(fwd.via_sdk))
+                    lat["raw"].append(timed(fwd.via_raw))
+                    lat["direct"].append(timed(fwd.via_direct))
+                print(f"round {r + 1}/{args.rounds} done", flush=True)
+            report(args, tokens, times, lat, fwd.compute)
+            sdk.close()
+        finally:
+            direct.stop()
+            gw.stop()
+    return 0
+
+
+def report(args: argparse.Namespace, tokens: int, times: dict[str, list[float]], lat: dict[str, list[float]],
+           compute: list[float]) -> None:
+    rate = {k: tokens * len(v) / sum(v) for k, v in times.items()}
+    print(f"model {args.model}, LoRA r={args.rank}, {args.batch} x {args.seq_len} tokens a step, "
+          f"{args.threads} thread(s), {args.rounds} rounds")
+    print(f"(a) SFT tokens/s: bare {rate['bare']:.0f}; SDK one step at a time {rate['sequential']:.0f} "
+          f"({rate['sequential'] / rate['bare']:.3f}x, goal >= {GOALS['sequential']}: "
+          f"{'MET' if rate['sequential'] / rate['bare'] >= GOALS['sequential'] else 'NOT MET'}); "
+          f"all submitted at once {rate['submitted']:.0f} ({rate['submitted'] / rate['bare']:.3f}x, goal >= "
+          f"{GOALS['submitted']}: {'MET' if rate['submitted'] / rate['bare'] >= GOALS['submitted'] else 'NOT MET'})")
+    ms = {k: 1000 * statistics.median(v) for k, v in lat.items()}
+    p99 = 1000 * pct(lat["sdk"], 99)
+    run = 1000 * statistics.median(compute) if compute else float("nan")
+    print(f"(b) forward 1 x 8 through the SDK: p50 {ms['sdk']:.2f} ms, p99 {p99:.2f} ms (goal p50 <= "
+          f"{GOALS['forward_p50_ms']}: {'MET' if ms['sdk'] <= GOALS['forward_p50_ms'] else 'NOT MET'})")
+    print(f"    per hop (p50s): compute {run:.2f} ms | trainer HTTP + queue {ms['direct'] - run:.2f} ms | "
+          f"gateway {ms['raw'] - ms['direct']:.2f} ms | SDK client side {ms['sdk'] - ms['raw']:.2f} ms  "
+          f"(wire by hand through the gateway {ms['raw']:.2f} ms, trainer API direct {ms['direct']:.2f} ms)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
