@@ -36,6 +36,26 @@ def _dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def write_atomically(directory: Path, fill: Callable[[Path], None]) -> None:
+    """`fill` a temporary sibling directory, then rename it into place, replacing an older one of that
+    name: a crash never leaves a half-written directory under the name."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        fill(tmp)
+        tmp.chmod(0o755)
+        if directory.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+            os.rename(directory, old / "replaced")
+            os.rename(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, directory)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_checkpoint(
     directory: Path,
     adapter: Mapping[str, torch.Tensor],
@@ -46,26 +66,15 @@ def write_checkpoint(
 ) -> int:
     """Write adapter (peft keys) + adapter_config.json (+ optimizer) + metadata atomically; replaces an
     older checkpoint of that name. Returns the checkpoint's size in bytes."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    def fill(tmp: Path) -> None:
         save_file(dict(adapter), str(tmp / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG_FILE).write_text(adapter_config_text(adapter_config))
         if optimizer_state is not None:
             torch.save(dict(optimizer_state), tmp / OPTIMIZER_FILE)
         meta = {**metadata, "has_optimizer": optimizer_state is not None, "created_at": time.time()}
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        tmp.chmod(0o755)
-        if directory.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
-            os.rename(directory, old / "ckpt")
-            os.rename(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, directory)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    write_atomically(directory, fill)
     return _dir_size(directory)
 
 

@@ -11,9 +11,7 @@ place, like every checkpoint.
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,24 +104,13 @@ def external_files(adapter: Mapping[str, torch.Tensor], adapter_config: Mapping[
 def write_external(directory: Path, files: Mapping[str, bytes], recipients: Sequence[Any]) -> int:
     """Write `files` (encrypted to `recipients` when there are any) atomically, replacing an older export
     of that name. Returns the export's size in bytes (what is stored and downloaded)."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    def fill(tmp: Path) -> None:
         for name, content in files.items():
             if recipients:
                 (tmp / (name + AGE_SUFFIX)).write_bytes(pyrage.encrypt(content, list(recipients)))
             else:
                 (tmp / name).write_bytes(content)
-        tmp.chmod(0o755)
-        if directory.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
-            os.rename(directory, old / "export")
-            os.rename(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, directory)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    checkpoints.write_atomically(directory, fill)
     return sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
 
