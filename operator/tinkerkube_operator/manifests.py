@@ -29,6 +29,7 @@ CONTAINER = "trainer"
 CHECKPOINT_VOLUME = "checkpoints"
 MODEL_CACHE_VOLUME = "model-cache"
 SHM_VOLUME = "dshm"
+TMP_VOLUME = "tmp"  # the root filesystem is read-only: torchrun and torch need a writable /tmp
 GPU_RESOURCE = "nvidia.com/gpu"
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +171,8 @@ def _container(ref: SessionRef, spec: TrainingSessionSpec, cfg: PodConfig, rank:
         "livenessProbe": _probe(pod_api.HEALTH_PATH, period=10, failures=6),
         # Model loading may take minutes; liveness only counts once the server has answered.
         "startupProbe": _probe(pod_api.HEALTH_PATH, period=5, failures=180),
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                            "capabilities": {"drop": ["ALL"]}},
     }
 
 
@@ -214,7 +216,7 @@ def _volumes(spec: TrainingSessionSpec, cfg: PodConfig) -> list[dict[str, Any]]:
         ckpt = {"hostPath": {"path": host, "type": "DirectoryOrCreate"}}
     else:
         ckpt = {"emptyDir": {}}  # checkpoints die with the pod: fine for throwaway runs only
-    volumes = [{"name": CHECKPOINT_VOLUME, **ckpt}]
+    volumes = [{"name": CHECKPOINT_VOLUME, **ckpt}, {"name": TMP_VOLUME, "emptyDir": {}}]
     if cfg.model_cache_pvc and cfg.model_cache_dir:
         volumes.append({"name": MODEL_CACHE_VOLUME, "persistentVolumeClaim": {"claimName": cfg.model_cache_pvc}})
     if cfg.shm_size:
@@ -223,7 +225,8 @@ def _volumes(spec: TrainingSessionSpec, cfg: PodConfig) -> list[dict[str, Any]]:
 
 
 def _mounts(spec: TrainingSessionSpec, cfg: PodConfig) -> list[dict[str, Any]]:
-    mounts = [{"name": CHECKPOINT_VOLUME, "mountPath": spec.checkpoint_store.mount_path}]
+    mounts = [{"name": CHECKPOINT_VOLUME, "mountPath": spec.checkpoint_store.mount_path},
+              {"name": TMP_VOLUME, "mountPath": "/tmp"}]
     if cfg.model_cache_pvc and cfg.model_cache_dir:
         mounts.append({"name": MODEL_CACHE_VOLUME, "mountPath": cfg.model_cache_dir})
     if cfg.shm_size:

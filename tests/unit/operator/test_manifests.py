@@ -133,7 +133,17 @@ def test_trainer_pods_run_non_root_without_privilege_escalation() -> None:
     assert security["runAsUser"] == security["fsGroup"] == CFG.run_as_user != 0  # fsGroup: writable checkpoints
     assert security["seccompProfile"] == {"type": "RuntimeDefault"}
     container = pod["spec"]["containers"][0]["securityContext"]
-    assert container == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    assert container == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                         "capabilities": {"drop": ["ALL"]}}
+
+
+def test_the_read_only_root_leaves_tmp_writable_as_an_empty_dir() -> None:
+    # torchrun makes its log dir with tempfile.mkdtemp at start: without a writable /tmp it dies at once
+    # (found by the image tier, tests/images).
+    pod = manifests.pod(REF, _spec(), CFG, 0)
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in pod["spec"]["containers"][0]["volumeMounts"]}
+    assert volumes[mounts["/tmp"]] == {"name": mounts["/tmp"], "emptyDir": {}}
 
 
 def test_dev_shm_is_an_in_memory_volume_sized_by_config() -> None:
