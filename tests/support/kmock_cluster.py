@@ -29,6 +29,7 @@ import jsonpatch
 import kmock
 import yaml
 from kmock import action
+from kmock._internal import parsing as _kmock_parsing
 
 from tinkerkube_contract.resource import GROUP, KIND, PLURAL, SHORT_NAME, SINGULAR, VERSION
 
@@ -38,6 +39,19 @@ REPO = Path(__file__).resolve().parents[2]
 CRD_PATH = REPO / "crds" / "trainingsession.yaml"
 VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
 DEFAULT_NAMESPACES = ("default",)
+
+
+def _parse_path(path: str, _parse: Any = _kmock_parsing.parse_path) -> Any:
+    """kmock 0.8 reads `/api/v1/namespaces[/NAME]` as "inside a namespace" and fails on the list (a 500):
+    the Namespace resource itself is meant. kopf lists and watches namespaces whenever it serves named
+    namespaces (the chart's operator does: TINKERKUBE_OPERATOR_NAMESPACES), so parse those two paths right."""
+    parts = path.split("?", 1)[0].strip("/").split("/")
+    if parts[:2] == ["api", "v1"] and parts[2:3] == ["namespaces"] and len(parts) in (3, 4):
+        return _kmock_parsing.ParsedPath("", "v1", "namespaces", None, parts[3] if len(parts) == 4 else None)
+    return _parse(path)
+
+
+_kmock_parsing.parse_path = _parse_path
 
 
 class StampingEmulator(kmock.KubernetesEmulator):

@@ -9,9 +9,13 @@ What a node would do, emulated:
   `--master_addr=<pod DNS>` resolves to the named pod's address and `--master_port` is rewritten to
   a free port per pod set (torch's store listens on all interfaces);
 - images: the image's `python` is this interpreter (`sys.executable`), with the repo on PYTHONPATH;
+  or, with `podman=True` (the image tier), each container is a real `podman run` of its image with the
+  pod's user, read-only root, capabilities and volumes (tests/support/podman.py);
 - volumes: hostPath → that path, PVC → `pvc_paths[claim]`, emptyDir → a temp dir; env values under a
-  mountPath are rewritten to the local path; secretKeyRef env is read from the API;
-- status: podIP, phase, PodScheduled/Ready conditions (Ready when the readiness probe answers 200),
+  mountPath are rewritten to the local path (podman mode mounts them at the mountPath instead);
+  secretKeyRef env is read from the API, fieldRef (metadata.name/namespace, status.podIP) filled in;
+- status: podIP, phase, PodScheduled/Ready conditions (Ready when the readiness probe answers 200, at
+  once without one),
   container state running/terminated with the exit code;
 - deletion: the process tree is terminated (SIGTERM, then SIGKILL).
 With `run_processes=False` nothing runs: pods become Running and Ready at once (benchmarks, operator
@@ -37,6 +41,8 @@ from typing import Any
 
 import httpx
 import psutil
+
+from tests.support import podman
 
 REPO = Path(__file__).resolve().parents[2]
 SOURCE_ROOTS = [REPO / "crds", REPO / "api_gateway", REPO / "operator", REPO / "trainer_pod", REPO]
@@ -68,6 +74,7 @@ class KubeletConfig:
     log_dir: Path | None = None
     probe_interval: float = 0.2
     grace_seconds: float = 5.0
+    podman: bool = False  # run each container from its image with podman (tests/images) instead of locally
 
 
 @dataclass
@@ -79,6 +86,7 @@ class RunningPod:
     task: asyncio.Task[None] | None = None
     log_path: Path | None = None
     ready: bool = False
+    container_name: str | None = None  # podman mode
 
 
 class Kubelet:
@@ -92,6 +100,7 @@ class Kubelet:
         self._master_ports: dict[str, int] = {}
         self._log_dir = Path(self.config.log_dir or tempfile.mkdtemp(prefix="kubelet-"))
         self._log_dir.mkdir(parents=True, exist_ok=True)
+        self.id = f"k{random.randint(0, 16**6):06x}"  # names and labels of this kubelet's containers
 
     # --- the watch loop -------------------------------------------------------------------------
     async def run(self) -> None:
@@ -159,8 +168,16 @@ class Kubelet:
 
     async def _real_run(self, rp: RunningPod, pod: dict[str, Any], container: dict[str, Any],
                         scheduled: dict[str, Any]) -> None:
-        argv = await self._argv(rp, container)
-        env = await self._env(rp, pod, container)
+        if self.config.podman:
+            try:
+                argv, env = await self._podman_run(rp, pod, container)
+            except podman.PodRefused as exc:
+                await self._patch(rp, {"phase": "Pending", "conditions": [scheduled], "containerStatuses": [
+                    _state(container, {"waiting": {"reason": "CreateContainerConfigError", "message": str(exc)}})]})
+                return
+        else:
+            argv = await self._argv(rp, container)
+            env = await self._env(rp, pod, container)
         rp.log_path = self._log_dir / f"{rp.namespace}_{rp.name}.log"
         with open(rp.log_path, "wb") as log:
             rp.proc = await asyncio.create_subprocess_exec(
@@ -175,8 +192,15 @@ class Kubelet:
         await self._patch(rp, _terminated(rp, container, scheduled, code))
 
     async def _probe(self, rp: RunningPod, container: dict[str, Any], scheduled: dict[str, Any]) -> None:
-        get = (container.get("readinessProbe") or {}).get("httpGet") or {}
-        url = f"http://{rp.ip}:{get.get('port', 8080)}{get.get('path', '/')}"
+        get = (container.get("readinessProbe") or {}).get("httpGet")
+        if get is None:  # no readiness probe: Ready once running
+            rp.ready = True
+            await self._patch(rp, _running(rp, container, scheduled, ready=True))
+            return
+        port = get.get("port", 8080)
+        if isinstance(port, str):  # a named container port
+            port = next(p["containerPort"] for p in container.get("ports") or [] if p.get("name") == port)
+        url = f"http://{rp.ip}:{port}{get.get('path', '/')}"
         async with httpx.AsyncClient(timeout=2) as client:
             while True:
                 ok = False
@@ -197,9 +221,9 @@ class Kubelet:
             return "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."
         return None
 
-    async def _argv(self, rp: RunningPod, container: dict[str, Any]) -> list[str]:
+    async def _argv(self, rp: RunningPod, container: dict[str, Any], *, local_python: bool = True) -> list[str]:
         argv = list(container.get("command") or []) + list(container.get("args") or [])
-        if argv and argv[0] == self.config.python:
+        if argv and argv[0] == self.config.python and local_python:
             argv[0] = sys.executable
         master = next((a.split("=", 1)[1] for a in argv if a.startswith("--master_addr=")), None)
         out = []
@@ -224,20 +248,42 @@ class Kubelet:
         env["PYTHONPATH"] = os.pathsep.join(str(p) for p in SOURCE_ROOTS)
         env["PYTHONUNBUFFERED"] = "1"
         mounts = self._mounts(rp, pod, container)
-        for item in container.get("env") or []:
-            value = item.get("value")
-            ref = (item.get("valueFrom") or {}).get("secretKeyRef")
-            if ref is not None:
-                value = await self._secret(rp.namespace, ref)
-            if value is None:
-                continue
+        for name, value in (await self._container_env(rp, pod, container)).items():
             for mount_path, local in mounts.items():
                 if value == mount_path or value.startswith(mount_path.rstrip("/") + "/"):
                     value = local + value[len(mount_path):]
-            env[item["name"]] = value
+            env[name] = value
         env[HOST_ENV] = rp.ip
         env.update(self.config.extra_env)
         return env
+
+    async def _container_env(self, rp: RunningPod, pod: dict[str, Any], container: dict[str, Any]) -> dict[str, str]:
+        """The container's env list resolved: values, secretKeyRef from the API, fieldRef from the pod."""
+        fields = {"metadata.name": rp.name, "metadata.namespace": rp.namespace, "status.podIP": rp.ip,
+                  "spec.serviceAccountName": (pod.get("spec") or {}).get("serviceAccountName", "default")}
+        env: dict[str, str] = {}
+        for item in container.get("env") or []:
+            value = item.get("value")
+            source = item.get("valueFrom") or {}
+            if "secretKeyRef" in source:
+                value = await self._secret(rp.namespace, source["secretKeyRef"])
+            elif "fieldRef" in source:
+                value = fields[source["fieldRef"]["fieldPath"]]
+            if value is not None:
+                env[item["name"]] = value
+        return env
+
+    async def _podman_run(self, rp: RunningPod, pod: dict[str, Any],
+                          container: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
+        """argv and environment of `podman run` for this pod (see tests/support/podman.py)."""
+        command = await self._argv(rp, container, local_python=False)
+        env = {**await self._container_env(rp, pod, container), HOST_ENV: rp.ip, **self.config.extra_env}
+        rp.container_name = f"{self.id}-{rp.namespace}-{rp.name}"[:200]
+        spec = dict(container, command=command, args=[])
+        argv = podman.run_argv(pod["spec"], spec, name=rp.container_name, env_names=sorted(env),
+                               mounts=podman.volume_mounts(pod["spec"], container, self._mounts(rp, pod, container)),
+                               labels={f"{podman.LABEL}-id": self.id})
+        return argv, podman.podman_env(env)
 
     def _mounts(self, rp: RunningPod, pod: dict[str, Any], container: dict[str, Any]) -> dict[str, str]:
         volumes = {v["name"]: v for v in pod["spec"].get("volumes") or []}
@@ -278,6 +324,9 @@ class Kubelet:
         rp = self.pods.get((namespace, name))
         if rp is None:
             raise KeyError(f"no pod {namespace}/{name} on this kubelet")
+        if rp.container_name is not None:
+            await _podman("kill", rp.container_name)
+            return
         if rp.proc is not None:
             _kill_tree(rp.proc.pid, signal.SIGKILL)
             return
@@ -288,7 +337,7 @@ class Kubelet:
     def kill_worker(self, namespace: str, name: str, sig: int = signal.SIGKILL) -> int:
         """Kill one trainer process (a torchrun worker) of a pod, as a crash would; returns its pid."""
         rp = self.pods[(namespace, name)]
-        assert rp.proc is not None, "kill_worker needs run_processes=True"
+        assert rp.proc is not None and not self.config.podman, "kill_worker needs local processes"
         children = psutil.Process(rp.proc.pid).children(recursive=True)
         victim = next(c for c in children if "tinkerkube_trainer" in " ".join(c.cmdline()))
         victim.send_signal(sig)
@@ -303,6 +352,11 @@ class Kubelet:
         return [rp.proc.pid for rp in self.pods.values() if rp.proc is not None and rp.proc.returncode is None]
 
     async def _stop(self, rp: RunningPod) -> None:
+        if rp.container_name is not None and rp.proc is not None and rp.proc.returncode is None:
+            # SIGTERM, SIGKILL after the grace period, as a kubelet does; --rm removes it.
+            await _podman("stop", "-t", str(int(self.config.grace_seconds)), rp.container_name)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(rp.proc.wait(), 30)
         if rp.proc is not None and rp.proc.returncode is None:
             tree = _tree(rp.proc.pid)
             for proc in tree:
@@ -331,6 +385,12 @@ class Kubelet:
         for key in list(self.pods):
             await self._stop(self.pods.pop(key))
         await self.api.aclose()
+
+
+async def _podman(*args: str) -> None:
+    proc = await asyncio.create_subprocess_exec("podman", *args, env=podman.podman_env(),
+                                                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    await proc.wait()
 
 
 def _tree(pid: int) -> list[psutil.Process]:
