@@ -249,9 +249,12 @@ class Kubelet:
         env["PYTHONUNBUFFERED"] = "1"
         mounts = self._mounts(rp, pod, container)
         for name, value in (await self._container_env(rp, pod, container)).items():
-            for mount_path, local in mounts.items():
+            # One rewrite per value, the deepest mount first: a rewritten path may itself lie under
+            # another mountPath (a host temp dir under the pod's /tmp emptyDir).
+            for mount_path, local in sorted(mounts.items(), key=lambda item: -len(item[0])):
                 if value == mount_path or value.startswith(mount_path.rstrip("/") + "/"):
                     value = local + value[len(mount_path):]
+                    break
             env[name] = value
         env[HOST_ENV] = rp.ip
         env.update(self.config.extra_env)
