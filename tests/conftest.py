@@ -8,7 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent
 _TIER_BY_DIR = {"unit": "unit", "component": "component", "cluster": "cluster", "kind": "kind", "chart": "chart",
-                "faults": "faults"}
+                "faults": "faults", "images": "images"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
