@@ -87,8 +87,8 @@ images-test: images ## image tier: build the images, then run them under their p
 	  TINKERKUBE_TEST_IMAGE_TRAINER=$(IMAGE_TRAINER) $(PY) -m pytest tests/images -m images $(PYTEST_ARGS)
 
 images-clean: ## remove the image tier's images and build cache (keeps the debootstrapped base image)
-	-$(IMAGES_ENV) podman rmi -f $(IMAGE_GATEWAY) $(IMAGE_OPERATOR) $(IMAGE_TRAINER) 2>/dev/null
-	-$(IMAGES_ENV) podman image prune -f >/dev/null
+	-@$(IMAGES_ENV) podman rmi -f $(IMAGE_GATEWAY) $(IMAGE_OPERATOR) $(IMAGE_TRAINER) 2>/dev/null
+	-@$(IMAGES_ENV) podman image prune -f >/dev/null
 
 e2e: ## kind e2e: cluster, images, helm install, real SDK through the ingress (needs docker + kind)
 	bash tests/kind/e2e.sh
