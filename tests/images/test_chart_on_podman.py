@@ -52,7 +52,6 @@ def _image(ref: str) -> dict[str, str]:
 
 @dataclass
 class Release:
-    docs: list[dict[str, Any]]
     gateway_pod: str
     operator_pod: str
     gateway_url: str
@@ -104,7 +103,7 @@ def release(images: Images, cluster: EmulatedCluster, api: Api, kubelet: Kubelet
     gateway = wait_ready(api, kubelet, pods["gateway"])
     env = {e["name"]: e.get("value") for d in docs if d["kind"] == "Deployment"
            for e in d["spec"]["template"]["spec"]["containers"][0]["env"]}
-    yield Release(docs, pods["gateway"], pods["operator"],
+    yield Release(pods["gateway"], pods["operator"],
                   f"http://{gateway['podIP']}:{env['TINKERKUBE_GATEWAY_PORT']}",
                   f"http://{operator['podIP']}:{env['TINKERKUBE_OPERATOR_METRICS_PORT']}")
     for name in pods.values():

@@ -8,6 +8,7 @@ pool's environment (`launch.pool_env`) instead of a run's; the test kubelet runs
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,14 @@ MODEL_ID = "pool-run:train:0"
 BATCH = [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10]]
 
 
+@dataclass
+class Pool:
+    pod_name: str
+    http: httpx.Client  # the pod API at the pod's address
+
+
 @pytest.fixture(scope="module")
-def pool(images: Images, api: Api, kubelet: Kubelet, checkpoint_host_dir: Path) -> Iterator[httpx.Client]:
+def pool(images: Images, api: Api, kubelet: Kubelet, checkpoint_host_dir: Path) -> Iterator[Pool]:
     ref = SessionRef("pool-a", NAMESPACE)
     spec = TrainingSessionSpec(base_model=TINY_QWEN3, model_id="unused", owner="images")
     pod = manifests.pod(ref, spec, PodConfig(image=images.trainer, checkpoint_host_path=str(checkpoint_host_dir)), 0)
@@ -45,8 +52,7 @@ def pool(images: Images, api: Api, kubelet: Kubelet, checkpoint_host_dir: Path) 
     api.create("pods", NAMESPACE, pod)
     status = wait_ready(api, kubelet, name)
     with httpx.Client(base_url=f"http://{status['podIP']}:{TRAINER_PORT}", timeout=60) as client:
-        client.pod_name = name  # type: ignore[attr-defined]
-        yield client
+        yield Pool(name, client)
     api.delete("pods", NAMESPACE, name)
 
 
@@ -69,32 +75,31 @@ def _loss(client: httpx.Client, seq: int, *, forward_only: bool) -> float:
     return float(out.metrics["loss:sum"])
 
 
-def test_the_pool_container_runs_read_only_as_the_image_user(pool: httpx.Client, kubelet: Kubelet,
-                                                              images: Images) -> None:
-    found = container_of(kubelet, pool.pod_name)  # type: ignore[attr-defined]
+def test_the_pool_container_runs_read_only_as_the_image_user(pool: Pool, kubelet: Kubelet, images: Images) -> None:
+    found = container_of(kubelet, pool.pod_name)
     assert found["ImageName"] == images.trainer
     assert found["HostConfig"]["ReadonlyRootfs"] is True
     assert found["Config"]["User"].split(":")[0] == str(TRAINER_UID)
-    info = papi.PoolInfo.model_validate(pool.get(papi.INFO_PATH).json())
+    info = papi.PoolInfo.model_validate(pool.http.get(papi.INFO_PATH).json())
     assert info.base_model == TINY_QWEN3 and info.ready and info.runs == []
 
 
-def test_a_run_attaches_over_the_pod_api_and_trains(pool: httpx.Client) -> None:
+def test_a_run_attaches_over_the_pod_api_and_trains(pool: Pool) -> None:
     spec = papi.RunSpec(model_id=MODEL_ID, base_model=TINY_QWEN3, lora=LoraSpec(rank=8, seed=0))
-    put = pool.put(papi.run_path(MODEL_ID), content=json_body(spec), headers={"content-type": papi.CONTENT_JSON})
+    put = pool.http.put(papi.run_path(MODEL_ID), content=json_body(spec), headers={"content-type": papi.CONTENT_JSON})
     assert put.status_code in (200, 201, 202), put.text
-    info = pool.get(papi.run_path(MODEL_ID), params={"wait": 30}).json()
+    info = pool.http.get(papi.run_path(MODEL_ID), params={"wait": 30}).json()
     assert info["state"] == "ready", info
-    assert papi.PoolInfo.model_validate(pool.get(papi.INFO_PATH).json()).runs == [MODEL_ID]
+    assert papi.PoolInfo.model_validate(pool.http.get(papi.INFO_PATH).json()).runs == [MODEL_ID]
 
-    before = _loss(pool, 1, forward_only=False)
-    _op(pool, 2, OpKind.OPTIM_STEP, json_body(papi.OptimStepOp(adam_params=papi.AdamParams(learning_rate=5e-2))))
-    after = _loss(pool, 3, forward_only=True)
+    before = _loss(pool.http, 1, forward_only=False)
+    _op(pool.http, 2, OpKind.OPTIM_STEP, json_body(papi.OptimStepOp(adam_params=papi.AdamParams(learning_rate=5e-2))))
+    after = _loss(pool.http, 3, forward_only=True)
     assert 0 < after < before, (before, after)
 
 
-def test_a_run_saves_its_state_onto_the_checkpoint_volume(pool: httpx.Client, checkpoint_host_dir: Path) -> None:
-    _op(pool, 4, OpKind.SAVE_STATE, json_body(papi.SaveStateOp(name="pool-step")))
+def test_a_run_saves_its_state_onto_the_checkpoint_volume(pool: Pool, checkpoint_host_dir: Path) -> None:
+    _op(pool.http, 4, OpKind.SAVE_STATE, json_body(papi.SaveStateOp(name="pool-step")))
     saved = [p for p in checkpoint_host_dir.rglob("*") if p.is_file() and "pool-step" in str(p)]
     assert saved, sorted(str(p) for p in checkpoint_host_dir.rglob("*"))
     assert {p.stat().st_uid for p in saved} == {TRAINER_UID}
