@@ -39,8 +39,8 @@ def full_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
     try:
         yield store
     finally:
-        if mounted:
-            subprocess.run(["umount", str(store)], check=False)
+        if mounted:  # lazily: a writer thread of the engine may still hold the directory
+            subprocess.run(["umount", "-l", str(store)], check=False)
 
 
 def engine(store: Path, cache: Path) -> PoolEngine:
