@@ -70,8 +70,9 @@ def test_sampling_from_the_live_run_uses_its_own_pod(training: tinker.TrainingCl
 
 def test_futures_are_mirrored_into_the_session_status(training: tinker.TrainingClient, api: Api) -> None:
     futures = eventually_sync(lambda: _session_of(api, training.model_id)["status"].get("futures") or {},
-                              lambda f: f.get("completed", 0) >= 3, timeout=20, what="futures mirrored")
-    assert futures["pending"] == 0 and futures["failed"] == 0
+                              lambda f: f.get("completed", 0) >= 3 and f.get("pending") == 0, timeout=20,
+                              what="futures mirrored (coalesced: the last write may trail the results)")
+    assert futures["failed"] == 0
 
 
 def test_save_state_and_resume_start_a_second_session(
