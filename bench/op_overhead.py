@@ -13,6 +13,9 @@ All in ONE run on this machine, the paths interleaved round by round (load from 
     own run time for the op), the trainer's HTTP + queue (its internal API driven directly, minus compute), the
     gateway (the Tinker wire protocol by hand through the gateway, minus the trainer's API), and the SDK's
     client side (the SDK minus the wire protocol by hand).
+(c) CPU milliseconds each process spent per SDK `forward` (gateway, trainer ranks, the SDK's own process): unlike
+    wall-clock latency this barely moves with the machine's load, so it shows where an op's work goes even on a
+    shared machine.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ for _src in ("crds", "api_gateway", "trainer_pod", ".", "bench"):
     if str(REPO / _src) not in sys.path:
         sys.path.insert(0, str(REPO / _src))
 
+import psutil  # noqa: E402
 from gateway_overhead import (  # noqa: E402  (the same paths the gateway benchmark drives)
     ADAM,
     API_KEY,
@@ -82,6 +86,37 @@ def all_at_once(client: SdkPath, data: list[types.Datum], steps: int) -> None:
         futures.append(client.client.optim_step(ADAM))
     for f in futures:
         f.result()
+
+
+class CpuMeter:
+    """CPU seconds (user + system) that processes spend while `measure` runs, summed over calls."""
+
+    def __init__(self, processes: dict[str, psutil.Process]) -> None:
+        self.processes = processes
+        self.spent = dict.fromkeys(processes, 0.0)
+        self.calls = 0
+
+    @staticmethod
+    def _cpu(proc: psutil.Process) -> float:
+        t = proc.cpu_times()
+        return t.user + t.system
+
+    def measure(self, call: Callable[[], object]) -> None:
+        before = {k: self._cpu(p) for k, p in self.processes.items()}
+        call()
+        for k, p in self.processes.items():
+            self.spent[k] += self._cpu(p) - before[k]
+        self.calls += 1
+
+    def per_call_ms(self) -> dict[str, float]:
+        return {k: 1000 * v / max(1, self.calls) for k, v in self.spent.items()}
+
+
+def gateway_processes(gateway_pid: int) -> dict[str, psutil.Process]:
+    """The gateway, its trainer ranks (torchrun's workers, without the launcher, which only waits) and us."""
+    gateway = psutil.Process(gateway_pid)
+    ranks = [c for c in gateway.children(recursive=True) if "torch.distributed.run" not in " ".join(c.cmdline())]
+    return {"gateway": gateway, **{f"trainer rank {i}": r for i, r in enumerate(ranks)}, "SDK client": psutil.Process()}
 
 
 class Forward:
@@ -144,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             bare = BarePeft(Path(model_location(args.model, aliases=None, cache_dir=args.model_cache)), lora)
             batch = bare.tensors(data)
             fwd = Forward(sdk, raw, direct)
+            cpu = CpuMeter(gateway_processes(gw.proc.pid))
             for warm in (lambda: sdk.step(data), lambda: direct.step(data), lambda: bare.step(batch), fwd.via_sdk,
                          fwd.via_raw, fwd.via_direct):
                 warm()
@@ -157,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
                     lat["sdk"].append(timed(fwd.via_sdk))
                     lat["raw"].append(timed(fwd.via_raw))
                     lat["direct"].append(timed(fwd.via_direct))
+                    cpu.measure(fwd.via_sdk)
                 print(f"round {r + 1}/{args.rounds} done", flush=True)
-            report(args, tokens, times, lat, fwd.compute)
+            report(args, tokens, times, lat, fwd.compute, cpu.per_call_ms())
             sdk.close()
         finally:
             direct.stop()
@@ -167,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(args: argparse.Namespace, tokens: int, times: dict[str, list[float]], lat: dict[str, list[float]],
-           compute: list[float]) -> None:
+           compute: list[float], cpu_ms: dict[str, float]) -> None:
     rate = {k: tokens * len(v) / sum(v) for k, v in times.items()}
     print(f"model {args.model}, LoRA r={args.rank}, {args.batch} x {args.seq_len} tokens a step, "
           f"{args.threads} thread(s), {args.rounds} rounds")
@@ -184,6 +221,9 @@ def report(args: argparse.Namespace, tokens: int, times: dict[str, list[float]],
     print(f"    per hop (p50s): compute {run:.2f} ms | trainer HTTP + queue {ms['direct'] - run:.2f} ms | "
           f"gateway {ms['raw'] - ms['direct']:.2f} ms | SDK client side {ms['sdk'] - ms['raw']:.2f} ms  "
           f"(wire by hand through the gateway {ms['raw']:.2f} ms, trainer API direct {ms['direct']:.2f} ms)")
+
+    print("(c) CPU per SDK forward: " + " | ".join(f"{k} {v:.2f} ms" for k, v in cpu_ms.items())
+          + f" (load average {os.getloadavg()[0]:.1f})")
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ def start_gateway(state_dir: Path, *, model_cache_dir: Path, real_trainer: bool 
         proc = subprocess.Popen([sys.executable, "-m", module], cwd=ROOT, env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
     gw = GatewayProc(f"http://127.0.0.1:{port}", state_dir, env, proc, log_path, dict(extra_env or {}))
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 90  # a loaded 2-core machine imports the gateway slowly
     while True:
         if proc.poll() is not None:
             raise RuntimeError(f"gateway exited with {proc.returncode}:\n{gw.log()}")
@@ -104,5 +104,5 @@ def start_gateway(state_dir: Path, *, model_cache_dir: Path, real_trainer: bool 
             pass
         if time.monotonic() > deadline:
             gw.stop(kill=True)
-            raise RuntimeError(f"gateway not healthy within 30s:\n{gw.log()}")
+            raise RuntimeError(f"gateway not healthy within 90s:\n{gw.log()}")
         time.sleep(0.1)
