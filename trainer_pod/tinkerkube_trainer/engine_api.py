@@ -43,6 +43,7 @@ class PoolConfig:
     model_cache_dir: Path
     model_aliases: dict[str, str] = field(default_factory=dict)
     device: str = "auto"  # auto | cpu | cuda
+    sharding: str = "replicate"  # replicate | fsdp (the frozen base sharded over the ranks, fsdp.py)
     max_runs: int = 8
     max_lora_rank: int = 128
     max_snapshots_per_run: int = 8  # oldest in-memory sampler snapshots of a run are dropped beyond this
