@@ -55,7 +55,7 @@ def make_backend(settings: GatewaySettings, pods: PodClient) -> SessionBackend:
         checkpoint_dir=settings.effective_checkpoint_dir, logs_dir=settings.logs_dir,
         model_cache_dir=settings.model_cache_dir.resolve(), token=settings.kube_token or secrets.token_urlsafe(24),
         base_env=inherited_environment(), nproc_per_node=settings.trainer_nproc_per_node,
-        device=settings.trainer_device, model_aliases=settings.model_aliases, command=settings.trainer_command,
+        device=settings.trainer_device, sharding=settings.trainer_sharding, model_aliases=settings.model_aliases, command=settings.trainer_command,
         pool_max_runs=settings.pool_max_runs, pool_idle_seconds=settings.pool_idle_timeout_seconds,
         share_pools_across_tenants=settings.share_pools_across_tenants, pool_max_restarts=settings.pool_max_restarts,
         pool_restart_window_seconds=settings.pool_restart_window_seconds, pool_hang_seconds=settings.pool_hang_seconds,
