@@ -5,6 +5,11 @@ ranks inside one pass arrive within seconds of each other. Control messages (the
 stop) go over a separate gloo group with a very long timeout, because ranks ≠ 0 wait there for as
 long as the model sits idle, and an idle model must never trip a watchdog.
 
+Sampling passes run on rank 0 alone, except on a sharded base (`sharding: fsdp`), where every forward
+needs every rank's shards: then rank 0 broadcasts the start of the pass and, at every decode step, the
+requests it admits (seeds made explicit), so every rank decodes the same rows in lockstep
+(`execute_samples_everywhere`).
+
 Failure rule: a rank that cannot go on exits non-zero at once (`fatal`), so its peers' next
 collective fails, they exit too, and torchrun tears the group down. Nothing waits forever. The one
 failure ranks survive is an `OpError` returned for an op on every rank alike (a deterministic

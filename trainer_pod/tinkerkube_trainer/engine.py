@@ -4,8 +4,9 @@ Why a pool: a run is its adapter, optimizer and snapshots; the base model is the
 every run of a base model can share one copy. `prepare` (rank 0 only) decodes and validates, so bad
 input fails before any rank moves; `run_pass` runs a pass (at most one op per run) on every rank:
 forward/backward ops of several runs as one co-batched forward/backward (`train_pass`), the rest one
-by one, each with its own outcome. Parameters stay replicated because every rank applies the same
-steps; gradients are summed over ranks (Tinker sums losses over tokens and datums).
+by one, each with its own outcome. Adapter parameters stay replicated because every rank applies the
+same steps; gradients are summed over ranks (Tinker sums losses over tokens and datums). The base is
+replicated too, or, with `sharding: fsdp`, sharded over the ranks (`fsdp.py`).
 """
 
 from __future__ import annotations

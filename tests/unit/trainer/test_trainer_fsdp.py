@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from tests.unit.trainer.test_trainer_lora import LlamaLike
+from tinkerkube_contract.pod_api import OpKind
 from tinkerkube_trainer.codec import SampleParams
 from tinkerkube_trainer.distributed import with_seed
 from tinkerkube_trainer.engine_api import PreparedOp
 from tinkerkube_trainer.fsdp import chunk_bounds, decoder_layers
 from tinkerkube_trainer.multilora import AdapterSites
 from tinkerkube_trainer.op_decode import SamplePayload
-from tinkerkube_contract.pod_api import OpKind
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 49, 576])
