@@ -84,7 +84,7 @@ class PoolEngine:
         self.decoder = OpDecoder(config, self.vocab_size)
         self.module = loaded.model
         self.model = train_pass.Model(loaded.model, self.sites.routing, pad_id=self.pad_id,
-                                      vocab_size=self.vocab_size, device=self.device)
+                                      vocab_size=self.vocab_size, device=self.device, sharded=self.sharded)
         log.info("base model loaded", extra={"sharding": "fsdp" if self.sharded else "replicate",
                                              "rank": collective.rank, "base_param_bytes": fsdp.local_param_bytes(
                                                  self.module)})

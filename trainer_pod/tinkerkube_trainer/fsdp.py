@@ -110,6 +110,20 @@ def build_on_meta(location: str, dtype: torch.dtype) -> nn.Module:
     return model
 
 
+def grads_through_every_layer(model: nn.Module) -> None:
+    """Make the input embeddings' output require grad in grad mode: every decoder layer's output then
+    requires grad, so FSDP's pre-backward all-gather of every layer runs on every rank in every backward,
+    whichever layers the adapters of this rank's rows touch (ranks must issue the same collectives).
+    The forward is unchanged; the extra gradient (down to the embeddings' output) is discarded."""
+
+    def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and not output.requires_grad:
+            return output.detach().requires_grad_(True)
+        return output
+
+    model.get_input_embeddings().register_forward_hook(hook)
+
+
 def _tensor_files(location: str) -> dict[str, Path]:
     """Checkpoint key → the safetensors file holding it (one file, or a sharded checkpoint's index)."""
     root = Path(location)

@@ -118,4 +118,5 @@ def load_sharded_base_model(
     fsdp.shard(model, device=dev, world_size=world_size, dtype=dtype_for(dev))
     fsdp.load_shards(model, location, device=dev, rank=rank, world_size=world_size,
                      checkpoint_name=lambda param: checkpoint_name(sites, param))
+    fsdp.grads_through_every_layer(model)
     return LoadedModel(model=model, tokenizer=tokenizer, model_dir=location, device=dev), sites

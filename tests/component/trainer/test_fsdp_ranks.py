@@ -3,7 +3,8 @@ checkpoint and sample like one replicated rank.
 
 Two layouts: two ranks in one torchrun (`--nproc_per_node=2`) and two "pods" (`--nnodes=2`, one rank
 each, on 127.0.0.1). Each gets the same ops as a one-rank in-process reference engine (replicate):
-two forward_backward + optim_step rounds, a forward-only pass, a checkpoint (its adapter tensors are
+two forward_backward + optim_step rounds, a forward-only pass, a round of one datum (the second
+rank has no rows but must join every collective of the first), a checkpoint (its adapter tensors are
 the weights after the steps), a greedy sample and a seeded temperature-1 sample (every rank decodes
 in lockstep with rank 0's seeds). Each rank's log says how many base parameter bytes it holds: half
 of the whole base, give or take one row of padding per tensor.
@@ -48,6 +49,10 @@ OPS = [
     (OpKind.FORWARD_BACKWARD, forward_backward_body(DATA[::-1])),
     (OpKind.OPTIM_STEP, STEP),
     (OpKind.FORWARD_BACKWARD, forward_backward_body(DATA, forward_only=True)),
+    # one datum: rank 1 has no rows, yet must join every all-gather of rank 0's forward and backward
+    (OpKind.FORWARD_BACKWARD, forward_backward_body(DATA[2:3])),
+    (OpKind.OPTIM_STEP, STEP),
+    (OpKind.FORWARD_BACKWARD, forward_backward_body(DATA[3:4], forward_only=True)),
     (OpKind.SAVE_STATE, SAVE),
 ]
 
@@ -132,7 +137,8 @@ def check_like_one_rank(tmp_path: Path, model_cache_dir: Path, group: TrainerGro
     assert len({tuple(t) for t in seeded}) > 1  # temperature 1 really sampled (three different draws)
 
 
-FSDP_ENV = {SHARDING: "fsdp", PREFIX + "HEARTBEAT_SECONDS": "0.5"}
+# A rank left out of a collective fails the group within a minute rather than the default ten.
+FSDP_ENV = {SHARDING: "fsdp", PREFIX + "HEARTBEAT_SECONDS": "0.5", PREFIX + "COLLECTIVE_TIMEOUT_SECONDS": "60"}
 
 
 def test_two_fsdp_ranks_train_checkpoint_and_sample_like_one_rank(
