@@ -60,6 +60,8 @@ class GatewaySettings(BaseSettings):
         "(num_samples * max_tokens); a 400 beyond")
     trainer_nproc_per_node: int = Field(1, ge=1, le=8, description="torchrun ranks per local trainer")
     trainer_device: str = Field("auto", pattern="^(auto|cpu|cuda)$", description="device for local trainers")
+    trainer_sharding: str = Field("replicate", pattern="^(replicate|fsdp)$", description="local trainer pools: "
+                                  "replicate the base on every rank, or shard it over the ranks (FSDP2)")
     trainer_start_timeout_seconds: float = Field(300.0, gt=0, description="longest wait for a trainer's readiness")
     pool_max_runs: int = Field(8, ge=1, le=1024, description="runs (and samplers) one trainer pool holds")
     pool_idle_timeout_seconds: float = Field(

@@ -24,4 +24,5 @@ HOST = PREFIX + "HOST"
 PORT = PREFIX + "PORT"
 AUTH_TOKEN = PREFIX + "AUTH_TOKEN"
 DEVICE = PREFIX + "DEVICE"  # auto | cpu | cuda
+SHARDING = PREFIX + "SHARDING"  # replicate | fsdp: how the pool's ranks hold the base model
 LOG_LEVEL = PREFIX + "LOG_LEVEL"

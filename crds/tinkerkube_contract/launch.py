@@ -54,6 +54,7 @@ def pool_env(
     max_runs: int | None = None,
     max_lora_rank: int | None = None,
     auto_checkpoint_steps: int | None = None,
+    sharding: str | None = None,
 ) -> dict[str, str]:
     """A trainer pool with no run yet: runs attach over the pod API."""
     values = {
@@ -75,6 +76,8 @@ def pool_env(
         values[env.MAX_LORA_RANK] = str(max_lora_rank)
     if auto_checkpoint_steps is not None:
         values[env.AUTO_CHECKPOINT_STEPS] = str(auto_checkpoint_steps)
+    if sharding is not None:
+        values[env.SHARDING] = sharding
     return values
 
 

@@ -5,6 +5,11 @@ ranks inside one pass arrive within seconds of each other. Control messages (the
 stop) go over a separate gloo group with a very long timeout, because ranks ≠ 0 wait there for as
 long as the model sits idle, and an idle model must never trip a watchdog.
 
+Sampling passes run on rank 0 alone, except on a sharded base (`sharding: fsdp`), where every forward
+needs every rank's shards: then rank 0 broadcasts the start of the pass and, at every decode step, the
+requests it admits (seeds made explicit), so every rank decodes the same rows in lockstep
+(`execute_samples_everywhere`).
+
 Failure rule: a rank that cannot go on exits non-zero at once (`fatal`), so its peers' next
 collective fails, they exit too, and torchrun tears the group down. Nothing waits forever. The one
 failure ranks survive is an `OpError` returned for an op on every rank alike (a deterministic
@@ -15,6 +20,7 @@ Ranks disagreeing on an op (some failed it, some not) is a divergence and fatal.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -43,6 +49,9 @@ CONTROL_TIMEOUT = timedelta(days=365)  # idle ranks wait here; gloo needs a fini
 _STOP = "stop"
 _PASS = "pass"
 _PING = "ping"
+_SAMPLE = "sample"  # a sampling pass on every rank (sharded base): then one _TAKE per decode step, then _END
+_TAKE = "take"
+_END = "end"
 
 
 def fatal(message: str, *, code: int = 1, **fields: Any) -> None:
@@ -167,6 +176,87 @@ def execute_local(engine: Engine, feed: SampleFeed) -> None:
     engine.run_samples(feed)
 
 
+def with_seed(op: PreparedOp) -> PreparedOp:
+    """A sample without a seed gets one drawn here, on rank 0, so that every rank decoding it draws the
+    same tokens (each rank's own `Generator.seed()` would not)."""
+    params = getattr(op.payload, "params", None)
+    if params is None or params.seed is not None:
+        return op
+    seed = int(torch.randint(0, 2**62, (1,), generator=_SEEDS).item())
+    payload = dataclasses.replace(op.payload, params=dataclasses.replace(params, seed=seed))
+    return dataclasses.replace(op, payload=payload)
+
+
+_SEEDS = torch.Generator()
+_SEEDS.seed()  # private: drawing seeds never moves the global RNG
+
+
+class _LeaderFeed:
+    """Rank 0's feed on a sharded base: every poll's requests (seeds made explicit) go to every rank
+    too, so all ranks admit the same requests at the same decode step."""
+
+    def __init__(self, ctx: DistContext, feed: SampleFeed) -> None:
+        self._ctx, self._feed = ctx, feed
+
+    def poll(self) -> list[tuple[Any, PreparedOp]]:
+        taken = [(key, with_seed(op)) for key, op in self._feed.poll()]
+        try:
+            _broadcast(self._ctx, (_TAKE, [op for _, op in taken]))
+        except Exception as exc:
+            fatal("broadcast to ranks failed during a sampling pass; a rank is gone", error=repr(exc))
+        return taken
+
+    def done(self, key: Any, outcome: OpOutput | OpError) -> None:
+        self._feed.done(key, outcome)
+
+
+class RanksDiverged(RuntimeError):
+    """A follower's decode and rank 0's disagree on when the sampling pass ends."""
+
+
+class _FollowerFeed:
+    """A follower's feed on a sharded base: what rank 0 polled, step by step; results are rank 0's to send."""
+
+    def __init__(self, ctx: DistContext) -> None:
+        self._ctx = ctx
+
+    def poll(self) -> list[tuple[Any, PreparedOp]]:
+        kind, ops = _broadcast(self._ctx, (_END, None))
+        if kind != _TAKE:
+            raise RanksDiverged(f"rank 0 sent {kind!r} while this rank was still decoding")
+        return list(enumerate(ops))
+
+    def done(self, key: Any, outcome: OpOutput | OpError) -> None:
+        return None
+
+
+def execute_samples_everywhere(ctx: DistContext, engine: Engine, feed: SampleFeed) -> None:
+    """Rank 0, on the executor thread, sharded base: every forward of the decode needs every rank's
+    shards, so the sampling pass runs on every rank in lockstep. A failure here cannot be one op's:
+    the others sit in the same collectives, so it fails the group (module rule)."""
+    if not ctx.distributed:
+        engine.run_samples(feed)
+        return
+    try:
+        _broadcast(ctx, (_SAMPLE, None))
+        engine.run_samples(_LeaderFeed(ctx, feed))  # type: ignore[arg-type]
+        _broadcast(ctx, (_END, None))
+    except Exception as exc:
+        log.exception("sampling pass raised on rank 0")
+        fatal("a sampling pass failed on rank 0; failing the whole group", error=repr(exc))
+
+
+def _follow_samples(ctx: DistContext, engine: Engine) -> None:
+    try:
+        engine.run_samples(_FollowerFeed(ctx))  # type: ignore[arg-type]
+        kind, _ = _broadcast(ctx, (_END, None))
+        if kind != _END:
+            raise RanksDiverged(f"this rank finished decoding but rank 0 sent {kind!r}")
+    except Exception as exc:
+        log.exception("sampling pass raised on this rank", extra={"rank": ctx.rank})
+        fatal("a rank failed inside a sampling pass; failing the whole group", rank=ctx.rank, error=repr(exc))
+
+
 def heartbeat(ctx: DistContext) -> None:
     """Rank 0, on the executor thread, while idle: every rank answers, or the group is failed now.
     (Ranks ≠ 0 notice rank 0's death by themselves; rank 0 would otherwise only notice a dead peer
@@ -234,6 +324,9 @@ def worker_loop(ctx: DistContext, engine: Engine) -> None:
                 ctx.collective.all_gather_object(ctx.rank)
             except Exception as exc:
                 fatal("heartbeat failed; a rank is gone", error=repr(exc), rank=ctx.rank)
+            continue
+        if kind == _SAMPLE:
+            _follow_samples(ctx, engine)
             continue
         ops: list[PreparedOp] = payload
         if any(op.kind is OpKind.SAMPLE for op in ops):  # never broadcast, but stay in step if it ever were

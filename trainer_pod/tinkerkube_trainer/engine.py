@@ -4,13 +4,15 @@ Why a pool: a run is its adapter, optimizer and snapshots; the base model is the
 every run of a base model can share one copy. `prepare` (rank 0 only) decodes and validates, so bad
 input fails before any rank moves; `run_pass` runs a pass (at most one op per run) on every rank:
 forward/backward ops of several runs as one co-batched forward/backward (`train_pass`), the rest one
-by one, each with its own outcome. Parameters stay replicated because every rank applies the same
-steps; gradients are summed over ranks (Tinker sums losses over tokens and datums).
+by one, each with its own outcome. Adapter parameters stay replicated because every rank applies the
+same steps; gradients are summed over ranks (Tinker sums losses over tokens and datums). The base is
+replicated too, or, with `sharding: fsdp`, sharded over the ranks (`fsdp.py`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,7 +33,7 @@ from tinkerkube_contract.pod_api import (
     SaveResult,
 )
 from tinkerkube_contract.resource import LoraSpec, SessionMode
-from tinkerkube_trainer import checkpoints, codec, export, multilora, train_pass
+from tinkerkube_trainer import checkpoints, codec, export, fsdp, multilora, train_pass
 from tinkerkube_trainer.autosave import AutoSaver, latest_durable
 from tinkerkube_trainer.engine_api import (
     Collective,
@@ -43,7 +45,7 @@ from tinkerkube_trainer.engine_api import (
     SampleFeed,
 )
 from tinkerkube_trainer.lora import DEFAULT_SEED
-from tinkerkube_trainer.model_loading import load_base_model
+from tinkerkube_trainer.model_loading import load_base_model, load_sharded_base_model
 from tinkerkube_trainer.op_decode import (
     AttachPayload,
     LoadPayload,
@@ -57,22 +59,35 @@ from tinkerkube_trainer.runs import LIVE, Run
 from tinkerkube_trainer.sampling import SampleJob, decode_stream
 from tinkerkube_trainer.train_pass import FbWork
 
+log = logging.getLogger(__name__)
+
 
 class PoolEngine:
     def __init__(self, config: PoolConfig, collective: Collective):
         self.config = config
         self.collective = collective
-        loaded = load_base_model(config.base_model, aliases=config.model_aliases, cache_dir=config.model_cache_dir,
-                                 device=config.device)
+        # fsdp on one rank would shard over nobody: the base is then simply held whole.
+        self.sharded = config.sharding == "fsdp" and collective.world_size > 1
+        if self.sharded:
+            loaded, self.sites = load_sharded_base_model(
+                config.base_model, aliases=config.model_aliases, cache_dir=config.model_cache_dir,
+                device=config.device, rank=collective.rank, world_size=collective.world_size,
+                install=multilora.AdapterSites.install, checkpoint_name=multilora.AdapterSites.checkpoint_name)
+        else:
+            loaded = load_base_model(config.base_model, aliases=config.model_aliases,
+                                     cache_dir=config.model_cache_dir, device=config.device)
+            self.sites = multilora.AdapterSites.install(loaded.model)
         self.tokenizer, self.device, self.model_dir = loaded.tokenizer, loaded.device, loaded.model_dir
         self.vocab_size = int(loaded.model.get_input_embeddings().num_embeddings)
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
         self.eos_ids = sorted(self._eos_ids(loaded.model))
         self.decoder = OpDecoder(config, self.vocab_size)
-        self.sites = multilora.AdapterSites.install(loaded.model)
         self.module = loaded.model
         self.model = train_pass.Model(loaded.model, self.sites.routing, pad_id=self.pad_id,
-                                      vocab_size=self.vocab_size, device=self.device)
+                                      vocab_size=self.vocab_size, device=self.device, sharded=self.sharded)
+        log.info("base model loaded", extra={"sharding": "fsdp" if self.sharded else "replicate",
+                                             "rank": collective.rank, "base_param_bytes": fsdp.local_param_bytes(
+                                                 self.module)})
         self.runs: dict[str, Run] = {}
         self.autosave = AutoSaver(config.checkpoint_dir, every_steps=config.auto_checkpoint_steps,
                                   every_seconds=config.auto_checkpoint_seconds, keep=config.auto_checkpoints_kept)
@@ -288,9 +303,9 @@ class PoolEngine:
         written = None
         if p.path is not None:
             written = self._write(run, p.path, p.seq_id, with_optimizer=False)
-            if self.collective.rank == 0:  # only rank 0 samples
+            if self._samples_here:
                 run.remember(str(p.path))
-        if p.snapshot_id and self.collective.rank == 0:
+        if p.snapshot_id and self._samples_here:
             run.remember(p.snapshot_id)
         return json_output(SaveResult(checkpoint=written, snapshot_id=p.snapshot_id))
 
@@ -318,6 +333,11 @@ class PoolEngine:
         return json_output(LoadResult(path=str(p.path)))
 
     # ------------------------------------------------------------------ sampling
+
+    @property
+    def _samples_here(self) -> bool:
+        """Rank 0 samples alone, except on a sharded base, where every rank runs every forward."""
+        return self.sharded or self.collective.rank == 0
 
     def _sample(self, ops: Sequence[PreparedOp]) -> list[OpOutput | OpError]:
         """Rank 0: every request of the pass decoded together; one that cannot run fails alone."""

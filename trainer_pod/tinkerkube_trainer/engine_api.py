@@ -4,8 +4,9 @@ The runtime knows bytes, runs, sequence numbers and ranks; the engine knows mode
 `prepare`s each op (decode + validate, deterministic, no model state touched) so bad input fails
 with a 4xx before anything runs; the scheduler groups prepared ops into passes (at most one op per
 run), and every rank `run_pass`es the same pass, except sample passes, which rank 0 runs alone (they
-touch no collective). Attaching and detaching a run are ops too (`PoolOpKind`), so every rank
-builds and drops a run's state in step with the others.
+touch no collective) unless the base is sharded over the ranks (then every rank decodes in lockstep).
+Attaching and detaching a run are ops too (`PoolOpKind`), so every rank builds and drops a run's
+state in step with the others.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class PoolConfig:
     model_cache_dir: Path
     model_aliases: dict[str, str] = field(default_factory=dict)
     device: str = "auto"  # auto | cpu | cuda
+    sharding: str = "replicate"  # replicate | fsdp (the frozen base sharded over the ranks, fsdp.py)
     max_runs: int = 8
     max_lora_rank: int = 128
     max_snapshots_per_run: int = 8  # oldest in-memory sampler snapshots of a run are dropped beyond this

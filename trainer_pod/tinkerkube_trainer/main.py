@@ -119,7 +119,10 @@ def run_leader(settings: TrainerSettings, dist_env: DistEnv) -> int:
     def boot() -> Booted:
         ctx, engine = build_rank(settings, dist_env)
         holder["ctx"] = ctx
-        return Booted(engine, partial(d.execute_everywhere, ctx, engine), partial(d.execute_local, engine),
+        # A sharded base needs every rank in every forward, sampling's included.
+        sample = partial(d.execute_samples_everywhere, ctx, engine) if settings.sharding == "fsdp" \
+            else partial(d.execute_local, engine)
+        return Booted(engine, partial(d.execute_everywhere, ctx, engine), sample,
                       ctx.world_size, dict(engine.info()),
                       heartbeat=partial(d.heartbeat, ctx) if ctx.distributed else None)
 

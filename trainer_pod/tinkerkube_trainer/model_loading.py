@@ -7,15 +7,17 @@ so a hub id only works if it is already in the local HF cache; otherwise the err
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import huggingface_hub.constants
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tinkerkube_contract.models import SourceKind, resolve_model
-from tinkerkube_trainer import hf_loading, model_store
+from tinkerkube_trainer import fsdp, hf_loading, model_store
 from tinkerkube_trainer.engine_api import OpError
 
 
@@ -84,3 +86,37 @@ def load_base_model(
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, model_dir=location, device=dev)
+
+
+Sites = TypeVar("Sites")
+
+
+def _local_dir(name: str, location: str) -> str:
+    """Sharded loading reads safetensors files: a local directory, or a hub id already in the HF cache."""
+    if Path(location).is_dir():
+        return location
+    try:
+        return str(huggingface_hub.snapshot_download(location, local_files_only=True))
+    except Exception as exc:  # not cached (LocalEntryNotFoundError and friends)
+        raise _hub_error(name, exc) from None
+
+
+def load_sharded_base_model(
+    name: str, *, aliases: dict[str, str] | None = None, cache_dir: Path, device: str = "auto", rank: int,
+    world_size: int, install: Callable[[torch.nn.Module], Sites], checkpoint_name: Callable[[Sites, str], str],
+) -> tuple[LoadedModel, Sites]:
+    """`sharding: fsdp`: build the model with its parameters on the meta device, let `install` wrap its
+    layers (adapter sites) while nothing is allocated, shard it over the ranks (fsdp.shard), then read
+    only this rank's rows of each tensor. No rank ever holds the whole base."""
+    dev = resolve_device(device)
+    location = _local_dir(name, model_location(name, aliases=aliases, cache_dir=cache_dir))
+    tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=True)
+    model = fsdp.build_on_meta(location, dtype_for(dev))
+    model.eval()
+    model.requires_grad_(False)
+    sites = install(model)
+    fsdp.shard(model, device=dev, world_size=world_size, dtype=dtype_for(dev))
+    fsdp.load_shards(model, location, device=dev, rank=rank, world_size=world_size,
+                     checkpoint_name=lambda param: checkpoint_name(sites, param))
+    fsdp.grads_through_every_layer(model)
+    return LoadedModel(model=model, tokenizer=tokenizer, model_dir=location, device=dev), sites

@@ -159,6 +159,12 @@ class AdapterSites:
             setattr(parent, child, layers[path])
         return cls(names, layers, routing)
 
+    def checkpoint_name(self, param_name: str) -> str:
+        """The base checkpoint's key for a parameter of the wrapped model (`q_proj.base.weight` → `q_proj.weight`)."""
+        owner, _, leaf = param_name.rpartition(".")
+        layer = owner.removesuffix(".base")
+        return f"{layer}.{leaf}" if owner.endswith(".base") and layer in self.layers else param_name
+
     def target_modules(self, spec: LoraSpec) -> list[str]:
         """peft's `target_modules` for `spec` (ValueError when it selects nothing)."""
         return targets_among(self.linear_names, spec)

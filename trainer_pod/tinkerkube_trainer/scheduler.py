@@ -9,7 +9,8 @@ A pass is a group of ops the engine runs at once. Rules, in the order they apply
    first next time. Fair means: every run with a ready op is served once per pass or, when the
    token budget is reached, first in the next one; no run can be starved by a busier one.
 4. A sampling pass takes waiting samples oldest first (any runs, base-model samples too) up to
-   `max_sample_rows` sequences, decoded together on rank 0 alone. Samples that arrive while it decodes
+   `max_sample_rows` sequences, decoded together on rank 0 alone (on every rank in lockstep when the
+   base is sharded). Samples that arrive while it decodes
    join it at the next step (continuous batching) as long as rows are free and no training op waits;
    each sample is answered as soon as its sequences are done.
 

@@ -51,6 +51,8 @@ class TrainerSettings(BaseSettings):
     port: int = Field(TRAINER_PORT, ge=0, le=65535, description="rank 0's HTTP port; 0 picks a free one")
     auth_token: SecretStr | None = Field(None, description="required in X-Tinkerkube-Token when set")
     device: str = Field("auto", pattern="^(auto|cpu|cuda)$", description="auto | cpu | cuda")
+    sharding: str = Field("replicate", pattern="^(replicate|fsdp)$", description="replicate: every rank holds the "
+                          "whole base; fsdp: the ranks shard the frozen base (FSDP2), each holding ~1/N of it")
     log_level: str = Field("INFO", description="logging level name")
     # Runtime knobs beyond the contract (defaults suit every launcher; no launcher needs to set them).
     max_body_bytes: int = Field(64 * 1024 * 1024, gt=0, description="larger request bodies get a 413")
@@ -76,6 +78,7 @@ class TrainerSettings(BaseSettings):
             model_cache_dir=self.model_cache_dir,
             model_aliases=dict(self.model_aliases),
             device=self.device,
+            sharding=self.sharding,
             max_runs=self.max_runs,
             max_lora_rank=self.max_lora_rank,
             max_snapshots_per_run=self.max_snapshots_per_run,

@@ -11,6 +11,13 @@ outputs and gradients are what it would get alone, up to the float rounding of a
 Each rank takes a contiguous shard of every op's datums; gradients are all-reduce-SUMmed (Tinker
 sums losses over tokens and datums) in one collective for all ops of the pass, and rank 0 rebuilds
 each op's outputs in request order from the gathered shards.
+
+On a sharded base (`sharding: fsdp`) every forward and backward is also a series of collectives (one
+all-gather per layer), so every rank must run as many of each, in the same order, whatever its share
+of the rows: ranks agree on the number of micro-batches (a rank with fewer rows runs one-token idle
+forwards), every micro-batch of a training pass runs a backward (a zero one when it holds no training
+rows), and the embeddings' output requires grad (`fsdp.grads_through_every_layer`) so that every
+layer's backward all-gather happens on every rank, whichever layers the adapters of its rows touch.
 """
 
 from __future__ import annotations
@@ -74,9 +81,19 @@ class Model:
     """What a pass needs of the pool's model (kept small so tests can build one around any model)."""
 
     def __init__(self, module: torch.nn.Module, routing: Routing, *, pad_id: int, vocab_size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, sharded: bool = False) -> None:
         self.module, self.routing = module, routing
         self.pad_id, self.vocab_size, self.device = pad_id, vocab_size, device
+        self.sharded = sharded  # every rank must run the same forwards and backwards (module docstring)
+
+    def idle(self, backward: bool) -> None:
+        """A one-token forward (and backward) through no adapter: this rank's part of the collectives of a
+        micro-batch it has no rows for. Touches no gradient of any adapter."""
+        with torch.enable_grad() if backward else torch.inference_mode():
+            ids = torch.full((1, 1), self.pad_id, device=self.device)
+            logits = self.module(input_ids=ids, use_cache=False).logits
+            if backward:
+                (logits.float().sum() * 0.0).backward()
 
     def logits(self, chunks: Sequence[_Chunk], works: Sequence[FbWork]) -> tuple[torch.Tensor, list[int]]:
         """One forward over the chunks' rows; returns fp32 logits `(rows, T, V)` and each chunk's first row."""
@@ -126,8 +143,10 @@ def _chunks(works: Sequence[FbWork], rank: int, world: int, budget: int, pad_id:
     return batches
 
 
-def _micro_batch(model: Model, chunks: list[_Chunk], works: Sequence[FbWork]) -> None:
+def _micro_batch(model: Model, chunks: list[_Chunk], works: Sequence[FbWork], pass_trains: bool) -> None:
     training = any(works[c.work].payload.train for c in chunks)
+    if model.sharded:  # the same backwards on every rank (module docstring)
+        training = pass_trains
     # No KV cache (a pass never decodes on) and, for forward-only passes, no autograd bookkeeping at all:
     # on small ops the model's per-layer Python overhead is most of the compute (~15% less, measured).
     with torch.enable_grad() if training else torch.inference_mode():
@@ -147,6 +166,8 @@ def _micro_batch(model: Model, chunks: list[_Chunk], works: Sequence[FbWork]) ->
             work._outputs.extend({"logprobs": lp_np[i, :m], "elementwise_loss": loss_np[i, :m]}
                                  for i, m in enumerate(batch.lengths))
             work._loss += float(loss.detach())
+        if total is None and training:
+            total = logits.sum() * 0.0
         del logits
         if total is not None:
             total.backward()
@@ -162,8 +183,14 @@ def run(model: Model, collective: Collective, works: Sequence[FbWork]) -> None:
         p.grad = None
     budget = max(1, MAX_LOGITS_PER_FORWARD // model.vocab_size)
     try:
-        for chunks in _chunks(works, rank, world, budget, model.pad_id):
-            _micro_batch(model, chunks, works)
+        batches = _chunks(works, rank, world, budget, model.pad_id)
+        pass_trains = any(w.payload.train for w in works)
+        # Agreed before any forward: a rank waiting here would leave the others' all-gathers unanswered.
+        idle = max(collective.all_gather_object(len(batches))) - len(batches) if model.sharded else 0
+        for chunks in batches:
+            _micro_batch(model, chunks, works, pass_trains)
+        for _ in range(idle):
+            model.idle(backward=pass_trains)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         collective.all_reduce_sum_(grads)  # one collective for every run of the pass; SUM, never average
     finally:

@@ -27,7 +27,8 @@ def test_the_launcher_environment_becomes_the_pool_config_and_boot_run(clean_env
                                mode=SessionMode.TRAIN, lora=LoraSpec(rank=8, alpha=16, train_mlp=False, seed=5),
                                restore_from="tinker://sess-a:train:3/weights/step2", restore_optimizer=True)
     values = trainer_env(spec, checkpoint_dir="/ckpt", port=0, host="127.0.0.1", auth_token="s3cret-value",
-                         model_cache_dir="/models", model_aliases={"small": "/models/x"}, device="cpu")
+                         model_cache_dir="/models", model_aliases={"small": "/models/x"}, device="cpu",
+                         sharding="fsdp")
     for name, value in values.items():
         clean_env.setenv(name, value)
     settings = TrainerSettings()
@@ -36,7 +37,7 @@ def test_the_launcher_environment_becomes_the_pool_config_and_boot_run(clean_env
     assert (run.model_id, run.mode) == (spec.model_id, SessionMode.TRAIN)
     assert run.lora == spec.lora and run.restore_from == spec.restore_from and run.restore_optimizer
     assert (config.checkpoint_dir, config.model_cache_dir) == (Path("/ckpt"), Path("/models"))
-    assert config.model_aliases == {"small": "/models/x"} and config.device == "cpu"
+    assert config.model_aliases == {"small": "/models/x"} and config.device == "cpu" and config.sharding == "fsdp"
     assert (settings.host, settings.port, settings.token) == ("127.0.0.1", 0, "s3cret-value")
     assert "s3cret-value" not in repr(settings)  # the token is a secret
     assert TrainerSettings(**{k: v for k, v in settings.model_dump().items()}).to_env() == settings.to_env()
@@ -50,6 +51,11 @@ def test_missing_or_bad_values_are_refused(clean_env: pytest.MonkeyPatch) -> Non
     clean_env.setenv(env.MODEL_ID, "m")
     clean_env.setenv(env.DEVICE, "tpu")
     with pytest.raises(ValueError, match="device"):
+        TrainerSettings()
+    clean_env.setenv(env.DEVICE, "cpu")
+    assert TrainerSettings().pool_config().sharding == "replicate"
+    clean_env.setenv(env.SHARDING, "zero3")
+    with pytest.raises(ValueError, match="sharding"):
         TrainerSettings()
 
 
