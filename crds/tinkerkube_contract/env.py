@@ -25,3 +25,4 @@ PORT = PREFIX + "PORT"
 AUTH_TOKEN = PREFIX + "AUTH_TOKEN"
 DEVICE = PREFIX + "DEVICE"  # auto | cpu | cuda
 LOG_LEVEL = PREFIX + "LOG_LEVEL"
+SAMPLER = PREFIX + "SAMPLER"  # hf | vllm: the pool's sampler backend
