@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                               json_body(api.OptimStepOp(adam_params=api.AdamParams(learning_rate=1e-3))))
             clients[name].run(3, OpKind.SAVE_SAMPLER_WEIGHTS, json_body(api.SaveSamplerWeightsOp(snapshot_id="s1")))
 
-        greedy = {n: sample_once(c, f"greedy-{n}", prompts[0], 1, args.max_tokens, 0.0, None) for n, c in clients.items()}
+        greedy = {n: sample_once(c, f"greedy-{n}", prompts[0], 1, args.max_tokens, 0.0, None)
+                  for n, c in clients.items()}
         same = greedy["hf"].sequences[0].tokens == greedy["vllm"].sequences[0].tokens
         agree = next((i for i, (a, b) in enumerate(zip(greedy["hf"].sequences[0].tokens,
                                                        greedy["vllm"].sequences[0].tokens, strict=False)) if a != b),

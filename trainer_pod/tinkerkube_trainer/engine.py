@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -54,9 +55,9 @@ from tinkerkube_trainer.op_decode import (
 )
 from tinkerkube_trainer.optim import LoraOptimizer
 from tinkerkube_trainer.runs import LIVE, Run
-from tinkerkube_trainer.sampling import SampleJob, decode_stream
+from tinkerkube_trainer.sampling import SampleJob, decode_stream, sample
 from tinkerkube_trainer.train_pass import FbWork
-from tinkerkube_trainer.vllm_sampler import AdapterRef, VllmJob, VllmSampler
+from tinkerkube_trainer.vllm_sampler import AdapterRef, VllmJob, VllmSampler, wants_prompt_scores
 from tinkerkube_trainer.vllm_server import Adapters, VllmServer, VllmServerConfig
 
 
@@ -342,7 +343,12 @@ class PoolEngine:
                 return SampleJob(op.payload.params, weights)
             ref = None if run is None or weights is None else AdapterRef(
                 run.model_id, weights, self.sites.peft_config(run.spec.lora, self.model_dir), weights is run.weights)
-            return VllmJob(op.payload.params, ref)
+            params = op.payload.params
+            prompt = None  # prompt scores: one prefill of our own model (see vllm_sampler)
+            if wants_prompt_scores(params):
+                prompt = sample(self.module, replace(params, max_tokens=0), eos_ids=self.eos_ids, device=self.device,
+                                routing=self.sites.routing, weights=weights, decode=self._decode)
+            return VllmJob(params, ref, prompt)
 
         def take() -> list[tuple[Any, Any]]:
             jobs = []
@@ -361,7 +367,10 @@ class PoolEngine:
             self.vllm.serve_stream(take, done)
             return
         decode_stream(self.module, take, done, eos_ids=self.eos_ids, device=self.device, routing=self.sites.routing,
-                      decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False))
+                      decode=self._decode)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
 
 class _ListFeed:

