@@ -140,6 +140,8 @@ def test_sampled_and_prompt_logprobs_match_the_learner_and_the_hf_path(pools: di
         assert len(seq.tokens) == len(seq.logprobs) == 10 and seq.stop_reason == "length"
         full = teacher_forced(pools["vllm"], PROMPT + seq.tokens)  # weights now == w1
         np.testing.assert_allclose(seq.logprobs, full[len(PROMPT) - 1:], atol=TOL, rtol=0)
+        print(f"vLLM vs learner, max |logprob diff| of sampled tokens: "
+              f"{np.max(np.abs(np.subtract(seq.logprobs, full[len(PROMPT) - 1:]))):.2e}")
         np.testing.assert_allclose(out.prompt_logprobs[1:], full[: len(PROMPT) - 1], atol=TOL, rtol=0)
     hf = sample(pools["hf"], "w1", max_tokens=1, prompt_logprobs=True, topk_prompt_logprobs=4)
     assert out.prompt_logprobs[0] is None and hf.prompt_logprobs[0] is None
