@@ -8,6 +8,7 @@ launchers write through `tinkerkube_contract.launch.trainer_env`.
 from __future__ import annotations
 
 import json
+import os
 from enum import StrEnum
 from pathlib import Path
 
@@ -116,7 +117,7 @@ class TrainerSettings(BaseSettings):
             sampler=self.sampler.value,
             vllm=None if self.sampler is SamplerKind.HF else VllmServerConfig(
                 url=self.vllm_url, python=self.vllm_python, dtype=self.vllm_dtype, extra_args=tuple(self.vllm_args),
-                extra_env=dict(self.vllm_env), adapter_dir=self.vllm_adapter_dir,
+                env={**os.environ, **self.vllm_env}, adapter_dir=self.vllm_adapter_dir,
                 max_adapters=self.vllm_max_adapters, start_timeout_seconds=self.vllm_start_timeout_seconds),
         )
 

@@ -21,7 +21,6 @@ import ctypes
 import hashlib
 import json
 import logging
-import os
 import shutil
 import signal
 import socket
@@ -55,7 +54,7 @@ class VllmServerConfig:
     python: str = "python3"
     dtype: str = "float32"
     extra_args: tuple[str, ...] = ()
-    extra_env: Mapping[str, str] = field(default_factory=dict)
+    env: Mapping[str, str] | None = field(default=None, repr=False)  # the server's whole environment (settings)
     adapter_dir: Path | None = None
     max_adapters: int = 16
     start_timeout_seconds: float = 900.0
@@ -103,7 +102,7 @@ class VllmServer:
         else:
             port = _free_port()
             self.url = f"http://127.0.0.1:{port}"
-            env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", **config.extra_env}
+            env = {**(config.env or {}), "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
             cmd = server_command(config, model_dir, port, max_lora_rank, max_loras)
             log.info("starting vLLM: %s", " ".join(cmd))
             self.proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
