@@ -57,7 +57,7 @@ def _vllm_env() -> dict[str, str]:
                                               "--max-num-seqs", "16", "--seed", "0"]),
         env.PREFIX + "VLLM_ENV": json.dumps({"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
                                              "OMP_NUM_THREADS": "1"}),
-        env.PREFIX + "VLLM_MAX_ADAPTERS": "3",
+        env.PREFIX + "VLLM_MAX_ADAPTERS": "1",  # w1 is unloaded for w2, then loaded again (same content name)
     }
 
 
