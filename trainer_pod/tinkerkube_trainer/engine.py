@@ -15,6 +15,7 @@ import json
 import logging
 import shutil
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -56,8 +57,10 @@ from tinkerkube_trainer.op_decode import (
 )
 from tinkerkube_trainer.optim import LoraOptimizer
 from tinkerkube_trainer.runs import LIVE, Run
-from tinkerkube_trainer.sampling import SampleJob, decode_stream
+from tinkerkube_trainer.sampling import SampleJob, decode_stream, sample
 from tinkerkube_trainer.train_pass import FbWork
+from tinkerkube_trainer.vllm_sampler import AdapterRef, VllmJob, VllmSampler, wants_prompt_scores
+from tinkerkube_trainer.vllm_server import Adapters, VllmServer, VllmServerConfig
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +94,7 @@ class PoolEngine:
         self.runs: dict[str, Run] = {}
         self.autosave = AutoSaver(config.checkpoint_dir, every_steps=config.auto_checkpoint_steps,
                                   every_seconds=config.auto_checkpoint_seconds, keep=config.auto_checkpoints_kept)
+        self.vllm = self._start_vllm() if config.sampler == "vllm" and collective.rank == 0 else None
         self._runners: dict[OpKind, Callable[[Run, PreparedOp], OpOutput]] = {
             OpKind.OPTIM_STEP: self._optim_step,
             OpKind.SAVE_STATE: self._save_state,
@@ -98,6 +102,12 @@ class PoolEngine:
             OpKind.LOAD_STATE: self._load_state,
             OpKind.SAVE_EXTERNAL_WEIGHTS: self._save_external,
         }
+
+    def _start_vllm(self) -> VllmSampler:
+        """Rank 0 of a `sampler: vllm` pool: its vLLM server (started now or reached by URL)."""
+        cfg: VllmServerConfig = self.config.vllm or VllmServerConfig()
+        server = VllmServer(cfg, model_dir=self.model_dir, max_lora_rank=self.config.max_lora_rank)
+        return VllmSampler(server, Adapters(server, cfg.adapter_dir, cfg.max_adapters), eos_ids=self.eos_ids)
 
     def _eos_ids(self, model: torch.nn.Module) -> set[int]:
         ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
@@ -346,22 +356,41 @@ class PoolEngine:
         return feed.outcomes  # type: ignore[return-value]
 
     def run_samples(self, feed: SampleFeed) -> None:
-        def take() -> list[tuple[Any, SampleJob]]:
+        def job(op: PreparedOp) -> SampleJob | VllmJob:
+            run = None if op.model_id is None else self._run(op.model_id)
+            weights = None if run is None else run.weights_for(op.payload.snapshot_id)
+            if self.vllm is None:
+                return SampleJob(op.payload.params, weights)
+            ref = None if run is None or weights is None else AdapterRef(
+                run.model_id, weights, self.sites.peft_config(run.spec.lora, self.model_dir), weights is run.weights)
+            params = op.payload.params
+            prompt = None  # prompt scores: one prefill of our own model (see vllm_sampler)
+            if wants_prompt_scores(params):
+                prompt = sample(self.module, replace(params, max_tokens=0), eos_ids=self.eos_ids, device=self.device,
+                                routing=self.sites.routing, weights=weights, decode=self._decode)
+            return VllmJob(params, ref, prompt)
+
+        def take() -> list[tuple[Any, Any]]:
             jobs = []
             for key, op in feed.poll():
                 try:
-                    run = None if op.model_id is None else self._run(op.model_id)
-                    jobs.append((key, SampleJob(op.payload.params, None if run is None else
-                                                run.weights_for(op.payload.snapshot_id))))
+                    jobs.append((key, job(op)))
                 except OpError as exc:
                     feed.done(key, exc)
             return jobs
 
-        def done(key: Any, result: codec.SampleResult) -> None:
-            feed.done(key, OpOutput(CONTENT_PROTOBUF, codec.encode_sample_response(result)))
+        def done(key: Any, result: codec.SampleResult | OpError) -> None:
+            feed.done(key, result if isinstance(result, OpError) else
+                      OpOutput(CONTENT_PROTOBUF, codec.encode_sample_response(result)))
 
+        if self.vllm is not None:  # the pool's `sampler: vllm` setting
+            self.vllm.serve_stream(take, done)
+            return
         decode_stream(self.module, take, done, eos_ids=self.eos_ids, device=self.device, routing=self.sites.routing,
-                      decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False))
+                      decode=self._decode)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
 
 class _ListFeed:

@@ -52,6 +52,8 @@ class PoolConfig:
     auto_checkpoint_seconds: float = 600.0  # ... or after this long since the last one, at its next optim_step
     auto_checkpoints_kept: int = 2  # older automatic checkpoints of a run are deleted
     max_sample_tokens: int = 262_144  # num_samples x max_tokens of one sample request: nothing holds the pool longer
+    sampler: str = "hf"  # hf: our decode loop; vllm: a vLLM OpenAI server (see vllm_server.VllmServerConfig)
+    vllm: Any = None  # vllm_server.VllmServerConfig when sampler == "vllm"
 
 
 @dataclass(frozen=True, slots=True)

@@ -126,6 +126,12 @@ def _build_tokenizer(out: Path) -> int:
 
 
 def _build_tiny_qwen3(out: Path) -> None:
+    build_tiny_qwen3(out)
+
+
+def build_tiny_qwen3(out: Path, *, head_dim: int = 16) -> None:
+    """The tiny random Qwen3 into `out`. The built-in uses head_dim 16; vLLM's attention needs >= 32,
+    so the vLLM sampler's tests build a head_dim 32 copy (same tokenizer, same seed) as a local model."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -139,7 +145,7 @@ def _build_tiny_qwen3(out: Path) -> None:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=16,
+        head_dim=head_dim,
         max_position_embeddings=4096,
         tie_word_embeddings=False,
         eos_token_id=tokenizer.eos_token_id,

@@ -67,26 +67,40 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator:
 def prompt_scores(logp: torch.Tensor, prompt: torch.Tensor, params: SampleParams) -> dict[str, np.ndarray]:
     """Prompt logprobs (NaN at 0 and before the last N), the top-k table and requested target ids'
     logprobs, all from the prompt's `(P, V)` logprobs."""
-    p = prompt.shape[0]
-    first = 1 if params.prompt_logprobs_last_n is None else p - params.prompt_logprobs_last_n
-    out: dict[str, np.ndarray] = {}
+    picked = top_ids = top_vals = target = None
     if params.prompt_logprobs:
-        scores = torch.full((p,), float("nan"), dtype=torch.float32)
-        picked = logp[:-1].gather(-1, prompt[1:, None]).squeeze(-1).float().cpu()
-        scores[first:] = picked[first - 1 :]
-        out["prompt_logprobs"] = scores.numpy()
+        picked = logp[:-1].gather(-1, prompt[1:, None]).squeeze(-1).float().cpu().numpy()
     k = min(params.topk_prompt_logprobs, logp.shape[-1])
     if k > 0:
-        ids = np.full((p, k), TOPK_PAD_TOKEN, dtype=np.int32)
-        vals = np.full((p, k), TOPK_PAD_LOGPROB, dtype=np.float32)
         top = torch.topk(logp[:-1].float(), k, dim=-1)
-        ids[first:] = top.indices[first - 1 :].cpu().numpy()
-        vals[first:] = top.values[first - 1 :].cpu().numpy()
-        out["topk_ids"], out["topk_logprobs"] = ids, vals
+        top_ids, top_vals = top.indices.cpu().numpy(), top.values.cpu().numpy()
     if params.target_prompt_ids is not None:
         wanted = torch.as_tensor(params.target_prompt_ids, device=logp.device)
-        picked = logp[:-1].float().gather(-1, wanted.clamp(min=0))
-        out["target_prompt_logprobs"] = torch.where(wanted >= 0, picked, 0.0).cpu().numpy()
+        chosen = logp[:-1].float().gather(-1, wanted.clamp(min=0))
+        target = torch.where(wanted >= 0, chosen, 0.0).cpu().numpy()
+    return shape_prompt_scores(params, prompt.shape[0], picked, top_ids, top_vals, target)
+
+
+def shape_prompt_scores(params: SampleParams, p: int, picked: np.ndarray | None, top_ids: np.ndarray | None,
+                        top_vals: np.ndarray | None, target: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The response's prompt arrays from per-position scores of prompt tokens 1..P-1 (`picked`: (P-1,),
+    `top_*`: (P-1, k)): NaN / padding at position 0 and before the last N. Every sampler backend
+    shapes its prompt scores here, so they all answer alike."""
+    first = 1 if params.prompt_logprobs_last_n is None else p - params.prompt_logprobs_last_n
+    out: dict[str, np.ndarray] = {}
+    if picked is not None:
+        scores = np.full((p,), np.nan, dtype=np.float32)
+        scores[first:] = picked[first - 1 :]
+        out["prompt_logprobs"] = scores
+    if top_ids is not None and top_vals is not None:
+        k = top_ids.shape[-1]
+        ids = np.full((p, k), TOPK_PAD_TOKEN, dtype=np.int32)
+        vals = np.full((p, k), TOPK_PAD_LOGPROB, dtype=np.float32)
+        ids[first:] = top_ids[first - 1 :]
+        vals[first:] = top_vals[first - 1 :]
+        out["topk_ids"], out["topk_logprobs"] = ids, vals
+    if target is not None:
+        out["target_prompt_logprobs"] = np.asarray(target, dtype=np.float32)
     return out
 
 
@@ -336,18 +350,25 @@ def sample(
 
 
 def _result(job: _Job) -> SampleResult:
+    return make_result(job.tokens, job.logprobs, job.stopped, job.topk, job.k, job.scores)
+
+
+def make_result(tokens: Sequence[list[int]], logprobs: Sequence[list[float]], stopped: Sequence[bool],
+                topk: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]], k: int,
+                scores: dict[str, np.ndarray]) -> SampleResult:
+    """A request's result from its samples' tokens, logprobs, stop flags and per-step top-k (ids, logprobs)
+    and its `shape_prompt_scores`: the one place every sampler backend builds its answer."""
     seqs = []
-    k = job.k
-    for i in range(len(job.tokens)):
+    for i in range(len(tokens)):
         topk_ids = topk_lps = None
         if k:
-            topk_ids = np.stack([t[0] for t in job.topk[i]]).astype(np.int32) if job.topk[i] else np.zeros((0, k))
-            topk_lps = np.stack([t[1] for t in job.topk[i]]) if job.topk[i] else np.zeros((0, k), np.float32)
-        seqs.append(SampledSeq(job.tokens[i], job.logprobs[i], job.stopped[i], topk_ids, topk_lps))
+            topk_ids = np.stack([t[0] for t in topk[i]]).astype(np.int32) if topk[i] else np.zeros((0, k))
+            topk_lps = np.stack([t[1] for t in topk[i]]) if topk[i] else np.zeros((0, k), np.float32)
+        seqs.append(SampledSeq(tokens[i], logprobs[i], stopped[i], topk_ids, topk_lps))
     return SampleResult(
         sequences=seqs,
-        prompt_logprobs=job.scores.get("prompt_logprobs"),
-        topk_ids=job.scores.get("topk_ids"),
-        topk_logprobs=job.scores.get("topk_logprobs"),
-        target_prompt_logprobs=job.scores.get("target_prompt_logprobs"),
+        prompt_logprobs=scores.get("prompt_logprobs"),
+        topk_ids=scores.get("topk_ids"),
+        topk_logprobs=scores.get("topk_logprobs"),
+        target_prompt_logprobs=scores.get("target_prompt_logprobs"),
     )

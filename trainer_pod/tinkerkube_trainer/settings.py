@@ -8,6 +8,8 @@ launchers write through `tinkerkube_contract.launch.trainer_env`.
 from __future__ import annotations
 
 import json
+import os
+from enum import StrEnum
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator
@@ -18,6 +20,14 @@ from tinkerkube_contract.models import default_cache_dir
 from tinkerkube_contract.pod_api import MAX_WAIT_SECONDS, RESULT_TTL_SECONDS, RunSpec
 from tinkerkube_contract.resource import TRAINER_PORT, LoraSpec, SessionMode
 from tinkerkube_trainer.engine_api import PoolConfig
+from tinkerkube_trainer.vllm_server import VllmServerConfig
+
+
+class SamplerKind(StrEnum):
+    """Which code serves a pool's sample ops (`env.SAMPLER`)."""
+
+    HF = "hf"
+    VLLM = "vllm"
 
 
 class TrainerSettings(BaseSettings):
@@ -44,6 +54,27 @@ class TrainerSettings(BaseSettings):
                                            "after the run's last automatic checkpoint")
     auto_checkpoints_kept: int = Field(2, ge=1, description="a run's older automatic checkpoints are deleted")
     max_sample_tokens: int = Field(262_144, ge=1, description="cap on num_samples x max_tokens of one sample request")
+    sampler: SamplerKind = Field(SamplerKind.HF, description="hf: our own batched decode loop (CPU default); vllm: "
+                                 "sample ops go to a vLLM OpenAI server of the base model, each run's sampler "
+                                 "weights loaded into it as LoRA adapters (GPU pools; see docs/operations.md)")
+    vllm_url: str | None = Field(None, description="sampler=vllm: URL of a vLLM OpenAI server already running the "
+                                 "pool's base model with --enable-lora and runtime LoRA updating (a sidecar); it "
+                                 "must read vllm_adapter_dir. Unset: the trainer starts its own server")
+    vllm_python: str = Field("python3", description="sampler=vllm without vllm_url: the Python of the venv that "
+                             "holds vLLM (it cannot share the trainer's venv); rank 0 runs its OpenAI server")
+    vllm_dtype: str = Field("float32", description="dtype of the server the trainer starts: float32 gives "
+                            "sampling logprobs equal to the learner's to ~1e-5 (exact RL importance ratios); "
+                            "bfloat16 is faster but off by up to ~0.3 per token")
+    vllm_args: list[str] = Field(default_factory=list, description="JSON list of extra arguments for the server "
+                                 "the trainer starts (e.g. [\"--gpu-memory-utilization\", \"0.5\"])")
+    vllm_env: dict[str, str] = Field(default_factory=dict, description="JSON {name: value}, extra environment "
+                                     "of the server the trainer starts (e.g. VLLM_CPU_KVCACHE_SPACE)")
+    vllm_adapter_dir: Path | None = Field(None, description="where sampler weights are written for vLLM to load "
+                                          "(shared with a vllm_url server); unset: a private temporary directory")
+    vllm_max_adapters: int = Field(16, ge=1, description="adapters kept loaded in vLLM; the least recently "
+                                   "used are unloaded beyond this")
+    vllm_start_timeout_seconds: float = Field(900.0, gt=0, description="how long the started server may take to "
+                                              "become healthy")
     checkpoint_dir: Path = Field(Path("var/checkpoints"), description="root of the checkpoint store")
     model_cache_dir: Path = Field(default_factory=default_cache_dir, description="built-in models live here")
     model_aliases: dict[str, str] = Field(default_factory=dict, description="JSON {name: name-or-dir}")
@@ -86,6 +117,11 @@ class TrainerSettings(BaseSettings):
             auto_checkpoint_seconds=self.auto_checkpoint_seconds,
             auto_checkpoints_kept=self.auto_checkpoints_kept,
             max_sample_tokens=self.max_sample_tokens,
+            sampler=self.sampler.value,
+            vllm=None if self.sampler is SamplerKind.HF else VllmServerConfig(
+                url=self.vllm_url, python=self.vllm_python, dtype=self.vllm_dtype, extra_args=tuple(self.vllm_args),
+                env={**os.environ, **self.vllm_env}, adapter_dir=self.vllm_adapter_dir,
+                max_adapters=self.vllm_max_adapters, start_timeout_seconds=self.vllm_start_timeout_seconds),
         )
 
     def boot_run(self) -> RunSpec | None:
