@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -19,18 +19,27 @@ from pydantic import ValidationError
 from tinker.proto import tinker_public_pb2 as pb
 from tinker.types import SampleRequest
 
+from tinkerkube_contract.images import MAX_IMAGES_PER_REQUEST
 from tinkerkube_contract.pod_api import DEFAULT_MAX_TOKENS
 from tinkerkube_trainer.engine_api import OpError
+from tinkerkube_trainer.vision import EncodedImage, ImageBatch
 
 TOPK_PAD_TOKEN = 0
 TOPK_PAD_LOGPROB = -99999.0
 _NUMPY_DTYPES = {pb.DTYPE_FLOAT32: np.float32, pb.DTYPE_INT64: np.int64, pb.DTYPE_INT32: np.int32}
 
 
+class Images(Protocol):
+    """What decoding needs of a vision-language model (`vision.ImageEncoder`); None: a text-only model."""
+
+    def encode(self, data: bytes, declared: str, expected_tokens: int | None, where: str) -> EncodedImage: ...
+
+
 @dataclass(frozen=True, slots=True)
 class DatumData:
-    tokens: np.ndarray  # int64 (N,)
+    tokens: np.ndarray  # int64 (N,); an image chunk is its run of image tokens
     inputs: dict[str, np.ndarray]  # loss_fn_inputs by name, first dimension N
+    images: ImageBatch | None = None  # the datum's images in token order
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +71,7 @@ class SampleParams:
     prompt_logprobs_last_n: int | None = None
     topk_sample_logprobs: int = 0
     target_prompt_ids: np.ndarray | None = None  # int64 (len(prompt) - 1, K); -1 asks for nothing
+    images: ImageBatch | None = None  # the prompt's images in token order
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,10 +126,26 @@ def decode_tensor(msg: pb.Tensor, name: str) -> np.ndarray:
     return flat.reshape(shape).copy()
 
 
-def _chunk_tokens(chunk: pb.Chunk, where: str) -> np.ndarray:
+def _image(images: Images | None, data: bytes, declared: str, expected: int | None, where: str,
+           seen: list[EncodedImage]) -> np.ndarray:
+    if images is None:
+        raise OpError(f"{where}: this base model is text-only and takes no image chunks; use a vision-language "
+                      "model (docs/vision.md)", code="unsupported_chunk")
+    if len(seen) >= MAX_IMAGES_PER_REQUEST:
+        raise OpError(f"{where}: more than {MAX_IMAGES_PER_REQUEST} images in one request", code="too_many_images")
+    encoded = images.encode(data, declared, expected, where)
+    seen.append(encoded)
+    return encoded.tokens
+
+
+def _chunk_tokens(chunk: pb.Chunk, where: str, images: Images | None, seen: list[EncodedImage]) -> np.ndarray:
     kind = chunk.WhichOneof("chunk")
+    if kind == "image":
+        img = chunk.image
+        return _image(images, img.data, img.format, img.expected_tokens if img.HasField("expected_tokens") else None,
+                      where, seen)
     if kind != "encoded_text":
-        raise OpError(f"{where}: only text chunks are supported, got {kind or 'an empty chunk'}",
+        raise OpError(f"{where}: only text and image chunks are supported, got {kind or 'an empty chunk'}",
                       code="unsupported_chunk")
     raw = chunk.encoded_text.tokens
     if len(raw) % 4:
@@ -127,19 +153,22 @@ def _chunk_tokens(chunk: pb.Chunk, where: str) -> np.ndarray:
     return np.frombuffer(raw, dtype="<i4").astype(np.int64)
 
 
-def decode_forward_backward(body: bytes) -> ForwardBackwardPayload:
-    """`ForwardBackwardRequest` protobuf bytes → payload. Shapes are checked later, per loss."""
+def decode_forward_backward(body: bytes, images: Images | None = None) -> ForwardBackwardPayload:
+    """`ForwardBackwardRequest` protobuf bytes → payload. Shapes are checked later, per loss. Image chunks
+    need `images` (a vision-language model): each becomes its image tokens and pixel patches."""
     msg = pb.ForwardBackwardRequest()
     try:
         msg.ParseFromString(body)
     except DecodeError as exc:
         raise OpError(f"malformed ForwardBackwardRequest protobuf: {exc}", code="malformed_protobuf") from None
     datums = []
+    seen: list[EncodedImage] = []
     for i, d in enumerate(msg.data):
-        parts = [_chunk_tokens(c, f"datum {i} chunk {j}") for j, c in enumerate(d.model_input)]
+        first = len(seen)
+        parts = [_chunk_tokens(c, f"datum {i} chunk {j}", images, seen) for j, c in enumerate(d.model_input)]
         tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
         inputs = {name: decode_tensor(t, name) for name, t in d.loss_fn_inputs.items()}
-        datums.append(DatumData(tokens=tokens, inputs=inputs))
+        datums.append(DatumData(tokens=tokens, inputs=inputs, images=ImageBatch.of(seen[first:])))
     config: dict[str, float | str] = {}
     for key, value in msg.loss_fn_config_v2.items():
         which = value.WhichOneof("value")
@@ -197,16 +226,26 @@ def encode_forward_backward_output(
 # ---------------------------------------------------------------- sample request / response
 
 
-def decode_sample_request(request: Mapping[str, object]) -> SampleParams:
-    """The SDK's SampleRequest JSON (inside pod_api.SampleOp) → SampleParams, validated."""
+def decode_sample_request(request: Mapping[str, object], images: Images | None = None) -> SampleParams:
+    """The SDK's SampleRequest JSON (inside pod_api.SampleOp) → SampleParams, validated. Image chunks need
+    `images` (a vision-language model); asset pointers (a path or URL to fetch) are refused."""
     try:
         req = SampleRequest.model_validate(dict(request))
     except ValidationError as exc:
         raise OpError(f"invalid sample request: {exc.errors()[:3]}", code="invalid_sample_request") from None
     tokens: list[int] = []
+    seen: list[EncodedImage] = []
     for i, chunk in enumerate(req.prompt.chunks):
-        if getattr(chunk, "type", None) != "encoded_text":
-            raise OpError(f"prompt chunk {i}: only text chunks are supported", code="unsupported_chunk")
+        kind = getattr(chunk, "type", None)
+        if kind == "image":
+            tokens.extend(int(t) for t in _image(images, chunk.data, chunk.format,  # type: ignore[union-attr]
+                                                  chunk.expected_tokens, f"prompt chunk {i}", seen))  # type: ignore[union-attr]
+            continue
+        if kind == "image_asset_pointer":
+            raise OpError(f"prompt chunk {i}: image_asset_pointer chunks are not supported (the server fetches no "
+                          "paths or URLs); send the image bytes as an ImageChunk", code="unsupported_chunk")
+        if kind != "encoded_text":
+            raise OpError(f"prompt chunk {i}: only text and image chunks are supported", code="unsupported_chunk")
         tokens.extend(int(t) for t in chunk.tokens)  # type: ignore[union-attr]
     sp = req.sampling_params
     stop_strings: tuple[str, ...] | None = None
@@ -238,6 +277,7 @@ def decode_sample_request(request: Mapping[str, object]) -> SampleParams:
         prompt_logprobs_last_n=req.prompt_logprobs_last_n,
         topk_sample_logprobs=int(req.topk_sample_logprobs or 0),
         target_prompt_ids=None if req.target_prompt_logprobs is None else _target_ids(req.target_prompt_logprobs),
+        images=ImageBatch.of(seen),
     )
     if req.prompt_alt_tokens_k:
         raise OpError("prompt_alt_tokens_k is not supported by this server", code="unsupported_feature")

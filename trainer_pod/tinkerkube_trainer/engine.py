@@ -31,7 +31,7 @@ from tinkerkube_contract.pod_api import (
     SaveResult,
 )
 from tinkerkube_contract.resource import LoraSpec, SessionMode
-from tinkerkube_trainer import checkpoints, codec, export, multilora, train_pass
+from tinkerkube_trainer import checkpoints, codec, export, multilora, train_pass, vision
 from tinkerkube_trainer.autosave import AutoSaver, latest_durable
 from tinkerkube_trainer.engine_api import (
     Collective,
@@ -68,7 +68,8 @@ class PoolEngine:
         self.vocab_size = int(loaded.model.get_input_embeddings().num_embeddings)
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
         self.eos_ids = sorted(self._eos_ids(loaded.model))
-        self.decoder = OpDecoder(config, self.vocab_size)
+        self.images = vision.ImageEncoder.load(loaded.model, loaded.model_dir)  # None: a text-only model
+        self.decoder = OpDecoder(config, self.vocab_size, self.images)
         self.sites = multilora.AdapterSites.install(loaded.model)
         self.module = loaded.model
         self.model = train_pass.Model(loaded.model, self.sites.routing, pad_id=self.pad_id,
@@ -93,7 +94,7 @@ class PoolEngine:
     # ------------------------------------------------------------------ engine_api
 
     def info(self) -> dict[str, Any]:
-        return {"tokenizer_dir": self.model_dir, "vocab_size": self.vocab_size}
+        return {"tokenizer_dir": self.model_dir, "vocab_size": self.vocab_size, "vision": self.images is not None}
 
     def run_info(self, model_id: str) -> dict[str, Any]:
         run = self._run(model_id)
