@@ -114,7 +114,8 @@ def _datum_length(datum: pb.Datum, i: int) -> int:
             n += _image_length(chunk.image, f"data[{i}].model_input[{j}]")
             continue
         if which != "encoded_text":
-            raise InvalidRequest(f"data[{i}]: only text and image chunks are supported, got {which or 'an empty chunk'}")
+            raise InvalidRequest(f"data[{i}]: only text and image chunks are supported, "
+                                 f"got {which or 'an empty chunk'}")
         if len(chunk.encoded_text.tokens) % 4:
             raise InvalidRequest(f"data[{i}]: encoded_text.tokens is not an int32 array")
         n += len(chunk.encoded_text.tokens) // 4

@@ -41,8 +41,9 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 _SEED_LOCK = threading.Lock()
 BUILD_MARKER = ".tinkerkube-build"  # written last; holds the builder version that made the directory
 # Bump a model's version when its builder changes what it writes: older copies are rebuilt on next use.
+# SmolLM2 v2: GGUF-vocab tokenizer; v3: verified weights.
 BUILD_VERSIONS = {TINY_QWEN3: "1", SMOLLM2_135M: "3", TINY_QWEN3_VL: "1"}
-VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")  # SmolLM2 v2: GGUF-vocab tokenizer; v3: verified weights
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")  # Qwen-VL's names
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"

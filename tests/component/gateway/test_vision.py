@@ -7,13 +7,11 @@ The module shares one training run; the tests run in file order on it.
 
 from __future__ import annotations
 
-import base64
 import io
 import math
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import tinker
@@ -22,7 +20,6 @@ from PIL import Image
 from tinker import types
 from tinker_cookbook.renderers.base import image_to_chunk
 
-from tests.support.gateway_raw import fwdbwd_body, post_fwdbwd
 from tests.support.sdk import DEV_KEY, GatewayProc, start_gateway
 from tinkerkube_contract import paths
 from tinkerkube_contract.models import TINY_QWEN3, TINY_QWEN3_VL
@@ -60,14 +57,14 @@ def training(client: tinker.ServiceClient) -> tinker.TrainingClient:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(vl_dir: Path):  # noqa: ANN201 - a transformers tokenizer
+def tokenizer(vl_dir: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(vl_dir)
 
 
 @pytest.fixture(scope="module")
-def processor(vl_dir: Path):  # noqa: ANN201 - the model's image processor, as the cookbook loads it
+def processor(vl_dir: Path):
     from tinker_cookbook.image_processing_utils import get_image_processor
 
     return get_image_processor(str(vl_dir))
@@ -81,7 +78,7 @@ def square(color: str, size: tuple[int, int] = (64, 48)) -> Image.Image:
     return image
 
 
-def example(tokenizer, processor, color: str, size: tuple[int, int] = (64, 48)  # noqa: ANN001
+def example(tokenizer, processor, color: str, size: tuple[int, int] = (64, 48)
             ) -> tuple[types.ImageChunk, list[int], list[int]]:
     """(image chunk, the text tokens before it, the text tokens after it, ending with the answer)."""
     chunk = image_to_chunk(square(color, size), processor)
@@ -91,7 +88,7 @@ def example(tokenizer, processor, color: str, size: tuple[int, int] = (64, 48)  
     return chunk, before, after
 
 
-def datum(tokenizer, processor, color: str, size: tuple[int, int] = (64, 48)) -> types.Datum:  # noqa: ANN001
+def datum(tokenizer, processor, color: str, size: tuple[int, int] = (64, 48)) -> types.Datum:
     """Next-token targets over the whole sequence (image positions included, weight 0), answer weighted."""
     chunk, before, after = example(tokenizer, processor, color, size)
     image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
@@ -110,7 +107,7 @@ def test_the_gateway_advertises_and_loads_the_tiny_vision_model(training: tinker
 
 
 def test_forward_backward_with_images_is_finite_and_training_lowers_the_loss(
-        training: tinker.TrainingClient, tokenizer, processor) -> None:  # noqa: ANN001
+        training: tinker.TrainingClient, tokenizer, processor) -> None:
     batch = [datum(tokenizer, processor, c) for c in ("red", "green", "blue")]
     before = training.forward(batch, "cross_entropy").result()
     assert math.isfinite(before.metrics["loss:sum"]) and before.metrics["loss:sum"] > 0
@@ -123,7 +120,7 @@ def test_forward_backward_with_images_is_finite_and_training_lowers_the_loss(
     assert after.metrics["loss:sum"] < 0.8 * before.metrics["loss:sum"]
 
 
-def test_the_image_changes_the_logprobs(training: tinker.TrainingClient, tokenizer, processor) -> None:  # noqa: ANN001
+def test_the_image_changes_the_logprobs(training: tinker.TrainingClient, tokenizer, processor) -> None:
     """Same text, different pixels: the vision tower's output reaches the language model."""
     red, blue = datum(tokenizer, processor, "red"), datum(tokenizer, processor, "blue")
     blue_pixels_red_text = types.Datum(
@@ -138,7 +135,7 @@ def test_the_image_changes_the_logprobs(training: tinker.TrainingClient, tokeniz
 
 
 def test_forward_logprobs_equal_a_transformers_peft_reference(
-        training: tinker.TrainingClient, vl_gateway: GatewayProc, vl_dir: Path, tokenizer, processor) -> None:  # noqa: ANN001
+        training: tinker.TrainingClient, vl_gateway: GatewayProc, vl_dir: Path, tokenizer, processor) -> None:
     """The trained adapter in plain transformers + peft, fed the way transformers' Qwen-VL processors feed
     it (the image processor's patches, `<|image_pad|>` repeated `grid.prod() // merge_size**2` times) and
     left to compute its own positions: the same tokens and, float32 on CPU, the same logprobs."""
@@ -171,9 +168,9 @@ def test_forward_logprobs_equal_a_transformers_peft_reference(
 
 
 def test_sampling_with_an_image_prompt_is_seeded_and_reproducible(
-        training: tinker.TrainingClient, tokenizer, processor) -> None:  # noqa: ANN001
+        training: tinker.TrainingClient, tokenizer, processor) -> None:
     sampler = training.save_weights_and_get_sampling_client()
-    chunk, before, after = example(tokenizer, processor, "red")
+    chunk, before, _ = example(tokenizer, processor, "red")
     prompt_tokens = tokenizer.encode(f"<|vision_end|>{QUESTION}<|im_end|>\n<|im_start|>assistant\n",
                                      add_special_tokens=False)
     prompt = types.ModelInput(chunks=[types.EncodedTextChunk(tokens=before), chunk,
@@ -191,8 +188,9 @@ def test_sampling_with_an_image_prompt_is_seeded_and_reproducible(
                             ).result().prompt_logprobs
     assert scored is not None and scored[0] is None and len(scored) == prompt.length
     full = before + [tokenizer.convert_tokens_to_ids("<|image_pad|>")] * chunk.expected_tokens + prompt_tokens  # type: ignore[operator]
-    fwd = types.Datum(model_input=prompt.model_copy(update={"chunks": prompt.chunks[:-1] + [
-        types.EncodedTextChunk(tokens=prompt_tokens[:-1])]}), loss_fn_inputs={"target_tokens": full[1:]})
+    fwd = types.Datum(model_input=types.ModelInput(chunks=[*prompt.chunks[:-1],
+                                                           types.EncodedTextChunk(tokens=prompt_tokens[:-1])]),
+                      loss_fn_inputs={"target_tokens": full[1:]})
     logprobs = training.forward([fwd], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].data
     np.testing.assert_allclose(np.asarray(scored[1:], dtype=np.float64), np.asarray(logprobs), atol=1e-4)
 
@@ -212,18 +210,10 @@ def _huge_png_header() -> bytes:
     return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
 
 
-def _image_fwdbwd(model_id: str, seq: int, data: bytes, fmt: str, expected: int = 4) -> bytes:
-    from tinker.proto import tinker_public_pb2 as pb
-
-    msg = pb.ForwardBackwardRequest.FromString(fwdbwd_body(model_id, seq, n=3 + expected))
-    chunks = msg.data[0].model_input
-    text = chunks[0].encoded_text.tokens
-    del chunks[:]
-    chunks.add().encoded_text.tokens = text[:8]
-    image = chunks.add().image
-    image.data, image.format, image.expected_tokens = data, fmt, expected
-    chunks.add().encoded_text.tokens = text[8:12]
-    return msg.SerializeToString()
+def _with_image(d: types.Datum, image: types.ImageChunk) -> types.Datum:
+    chunks = list(d.model_input.chunks)
+    return types.Datum(model_input=types.ModelInput(chunks=[chunks[0], image, chunks[2]]),
+                       loss_fn_inputs=d.loss_fn_inputs)
 
 
 @pytest.mark.parametrize(("data", "fmt", "problem"), [
@@ -232,29 +222,27 @@ def _image_fwdbwd(model_id: str, seq: int, data: bytes, fmt: str, expected: int 
     (_huge_png_header(), "png", "30000x30000"),
     (_b64(square("red"), "PNG"), "jpeg", "declared 'jpeg'"),
     (_b64(square("red"), "GIF"), "png", "not a PNG or JPEG"),
-])
-def test_bad_images_are_400s_that_consume_their_seq_and_the_run_goes_on(
-        training: tinker.TrainingClient, vl_gateway: GatewayProc, tokenizer, processor,  # noqa: ANN001
+], ids=["garbage", "corrupt-jpeg", "huge-dimensions", "png-declared-jpeg", "gif"])
+def test_bad_images_are_400s_and_the_run_goes_on(
+        training: tinker.TrainingClient, tokenizer, processor,
         data: bytes, fmt: str, problem: str) -> None:
-    model_id = training.model_id
-    with vl_gateway.http() as http:
-        seq = _next_seq(training)
-        refused = post_fwdbwd(http, _image_fwdbwd(model_id, seq, data, fmt))
-        assert refused.status_code == 400, refused.text
-        assert problem in refused.json()["detail"] and refused.json()["category"] == "user"
-        # Sampling refuses the same image the same way, synchronously.
-        sample = http.post("/api/v1/asample", json={
-            "base_model": TINY_QWEN3_VL, "num_samples": 1, "sampling_params": {"max_tokens": 1},
-            "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]},
-                                  {"type": "image", "data": base64.b64encode(data).decode(), "format": fmt}]}})
-        assert sample.status_code == 400 and problem in sample.json()["detail"], sample.text
-    _advance_seq(training)
-    assert math.isfinite(training.forward([datum(tokenizer, processor, "red")], "cross_entropy").result()
-                         .metrics["loss:sum"])
+    """Through the SDK: the submit itself is refused (its seq_id consumed, so the next op is not held),
+    for training and for sampling alike."""
+    good = datum(tokenizer, processor, "red")
+    good_image = good.model_input.chunks[1]
+    assert isinstance(good_image, types.ImageChunk)
+    bad = _with_image(good, types.ImageChunk(data=data, format=fmt, expected_tokens=good_image.expected_tokens))
+    with pytest.raises(tinker.BadRequestError, match=problem):
+        training.forward_backward([bad], "cross_entropy").result()
+    assert math.isfinite(training.forward_backward([good], "cross_entropy").result().metrics["loss:sum"])
+    sampler = training.save_weights_and_get_sampling_client()
+    with pytest.raises(tinker.BadRequestError, match=problem):
+        sampler.sample(types.ModelInput(chunks=list(bad.model_input.chunks)), 1,
+                       types.SamplingParams(max_tokens=1)).result()
 
 
 def test_a_corrupt_body_behind_a_good_header_fails_the_op_as_the_users_error(
-        training: tinker.TrainingClient, tokenizer, processor) -> None:  # noqa: ANN001
+        training: tinker.TrainingClient, tokenizer, processor) -> None:
     good = datum(tokenizer, processor, "blue")
     chunk = good.model_input.chunks[1]
     assert isinstance(chunk, types.ImageChunk)
@@ -272,6 +260,9 @@ def test_a_corrupt_body_behind_a_good_header_fails_the_op_as_the_users_error(
         loss_fn_inputs={"target_tokens": [0] * n, "weights": [0.0] * n})
     with pytest.raises(tinker.RequestFailedError, match="expected_tokens is"):
         training.forward_backward([miscounted], "cross_entropy").result()
+    with pytest.raises(tinker.RequestFailedError, match="cannot be decoded"):
+        training.save_weights_and_get_sampling_client().sample(
+            types.ModelInput(chunks=list(bad.model_input.chunks)), 1, types.SamplingParams(max_tokens=1)).result()
     assert math.isfinite(training.forward_backward([good], "cross_entropy").result().metrics["loss:sum"])
 
 
@@ -284,7 +275,7 @@ def test_image_asset_pointers_are_refused(vl_gateway: GatewayProc) -> None:
 
 
 def test_a_text_only_model_refuses_image_chunks_as_the_users_error(
-        client: tinker.ServiceClient, tokenizer, processor) -> None:  # noqa: ANN001
+        client: tinker.ServiceClient, tokenizer, processor) -> None:
     text_only = client.create_lora_training_client(base_model=TINY_QWEN3, rank=4).result()
     d = datum(tokenizer, processor, "red")
     with pytest.raises(tinker.RequestFailedError, match="text-only"):
@@ -294,14 +285,3 @@ def test_a_text_only_model_refuses_image_chunks_as_the_users_error(
     assert math.isfinite(text_only.forward_backward([plain], "cross_entropy").result().metrics["loss:sum"])
 
 
-def _next_seq(training: tinker.TrainingClient) -> int:
-    """The seq_id the SDK would use next for this client (it numbers requests 1, 2, 3, ...)."""
-    return int(training._request_id_counter) + 1  # noqa: SLF001
-
-
-def _advance_seq(training: tinker.TrainingClient) -> None:
-    """The refused raw request used the SDK's next seq_id; let the SDK skip it."""
-    training._request_id_counter += 1  # noqa: SLF001
-
-
-_ = httpx  # imported for type context of vl_gateway.http()
