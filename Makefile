@@ -40,7 +40,7 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP) ## create/update .venv (torch==2.13.0 first, then the project with test extras)
 
-models: venv ## materialise the offline built-in models (tiny Qwen3, SmolLM2-135M) into .cache/models
+models: venv ## materialise the offline built-in models (tiny Qwen3, tiny Qwen3-VL, SmolLM2-135M) into .cache/models
 	$(PY) -m tinkerkube_trainer.model_store prepare --all
 
 system-deps: ## Debian packages the suite uses (PostgreSQL server for the multi-replica store tests)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -19,20 +19,13 @@ from pydantic import ValidationError
 from tinker.proto import tinker_public_pb2 as pb
 from tinker.types import SampleRequest
 
-from tinkerkube_contract.images import MAX_IMAGES_PER_REQUEST
 from tinkerkube_contract.pod_api import DEFAULT_MAX_TOKENS
 from tinkerkube_trainer.engine_api import OpError
-from tinkerkube_trainer.vision import EncodedImage, ImageBatch
+from tinkerkube_trainer.vision import EncodedImage, ImageBatch, Images, image_tokens
 
 TOPK_PAD_TOKEN = 0
 TOPK_PAD_LOGPROB = -99999.0
 _NUMPY_DTYPES = {pb.DTYPE_FLOAT32: np.float32, pb.DTYPE_INT64: np.int64, pb.DTYPE_INT32: np.int32}
-
-
-class Images(Protocol):
-    """What decoding needs of a vision-language model (`vision.ImageEncoder`); None: a text-only model."""
-
-    def encode(self, data: bytes, declared: str, expected_tokens: int | None, where: str) -> EncodedImage: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,24 +119,12 @@ def decode_tensor(msg: pb.Tensor, name: str) -> np.ndarray:
     return flat.reshape(shape).copy()
 
 
-def _image(images: Images | None, data: bytes, declared: str, expected: int | None, where: str,
-           seen: list[EncodedImage]) -> np.ndarray:
-    if images is None:
-        raise OpError(f"{where}: this base model is text-only and takes no image chunks; use a vision-language "
-                      "model (docs/vision.md)", code="unsupported_chunk")
-    if len(seen) >= MAX_IMAGES_PER_REQUEST:
-        raise OpError(f"{where}: more than {MAX_IMAGES_PER_REQUEST} images in one request", code="too_many_images")
-    encoded = images.encode(data, declared, expected, where)
-    seen.append(encoded)
-    return encoded.tokens
-
-
 def _chunk_tokens(chunk: pb.Chunk, where: str, images: Images | None, seen: list[EncodedImage]) -> np.ndarray:
     kind = chunk.WhichOneof("chunk")
     if kind == "image":
         img = chunk.image
-        return _image(images, img.data, img.format, img.expected_tokens if img.HasField("expected_tokens") else None,
-                      where, seen)
+        expected = img.expected_tokens if img.HasField("expected_tokens") else None
+        return image_tokens(images, img.data, img.format, expected, where, seen)
     if kind != "encoded_text":
         raise OpError(f"{where}: only text and image chunks are supported, got {kind or 'an empty chunk'}",
                       code="unsupported_chunk")
@@ -238,8 +219,8 @@ def decode_sample_request(request: Mapping[str, object], images: Images | None =
     for i, chunk in enumerate(req.prompt.chunks):
         kind = getattr(chunk, "type", None)
         if kind == "image":
-            tokens.extend(int(t) for t in _image(images, chunk.data, chunk.format,  # type: ignore[union-attr]
-                                                  chunk.expected_tokens, f"prompt chunk {i}", seen))  # type: ignore[union-attr]
+            tokens.extend(int(t) for t in image_tokens(images, chunk.data, chunk.format,  # type: ignore[union-attr]
+                                                       chunk.expected_tokens, f"prompt chunk {i}", seen))  # type: ignore[union-attr]
             continue
         if kind == "image_asset_pointer":
             raise OpError(f"prompt chunk {i}: image_asset_pointer chunks are not supported (the server fetches no "

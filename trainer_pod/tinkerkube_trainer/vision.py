@@ -20,12 +20,12 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from tinkerkube_contract.images import BadImage, check_image
+from tinkerkube_contract.images import MAX_IMAGES_PER_REQUEST, BadImage, check_image
 from tinkerkube_trainer.engine_api import OpError
 
 
@@ -103,6 +103,25 @@ class ImageEncoder:
                           f"{n} tokens of this {image.width}x{image.height} image", code="image_token_mismatch")
         return EncodedImage(np.full(n, self.image_token_id, dtype=np.int64),
                             np.asarray(out["pixel_values"], dtype=np.float32), grid)
+
+
+class Images(Protocol):
+    """What decoding needs of a vision-language model (`ImageEncoder`); None stands for a text-only model."""
+
+    def encode(self, data: bytes, declared: str, expected_tokens: int | None, where: str) -> EncodedImage: ...
+
+
+def image_tokens(images: Images | None, data: bytes, declared: str, expected: int | None, where: str,
+                 seen: list[EncodedImage]) -> np.ndarray:
+    """One image chunk of a request → its image tokens (its patches appended to `seen`, in token order)."""
+    if images is None:
+        raise OpError(f"{where}: this base model is text-only and takes no image chunks; use a vision-language "
+                      "model (docs/vision.md)", code="unsupported_chunk")
+    if len(seen) >= MAX_IMAGES_PER_REQUEST:
+        raise OpError(f"{where}: more than {MAX_IMAGES_PER_REQUEST} images in one request", code="too_many_images")
+    encoded = images.encode(data, declared, expected, where)
+    seen.append(encoded)
+    return encoded.tokens
 
 
 def is_multimodal(model: torch.nn.Module) -> bool:
