@@ -94,7 +94,7 @@ class PoolEngine:
     # ------------------------------------------------------------------ engine_api
 
     def info(self) -> dict[str, Any]:
-        return {"tokenizer_dir": self.model_dir, "vocab_size": self.vocab_size, "vision": self.images is not None}
+        return {"tokenizer_dir": self.model_dir, "vocab_size": self.vocab_size}
 
     def run_info(self, model_id: str) -> dict[str, Any]:
         run = self._run(model_id)
