@@ -70,6 +70,11 @@ def processor(vl_dir: Path):
     return get_image_processor(str(vl_dir))
 
 
+def sampler_of(training: tinker.TrainingClient) -> tinker.SamplingClient:
+    """The training weights as a sampling client (the SDK hands back a future of it)."""
+    return training.save_weights_and_get_sampling_client().result()
+
+
 def square(color: str, size: tuple[int, int] = (64, 48)) -> Image.Image:
     """A colored square on black."""
     image = Image.new("RGB", size, (0, 0, 0))
@@ -169,7 +174,7 @@ def test_forward_logprobs_equal_a_transformers_peft_reference(
 
 def test_sampling_with_an_image_prompt_is_seeded_and_reproducible(
         training: tinker.TrainingClient, tokenizer, processor) -> None:
-    sampler = training.save_weights_and_get_sampling_client()
+    sampler = sampler_of(training)
     chunk, before, _ = example(tokenizer, processor, "red")
     prompt_tokens = tokenizer.encode(f"<|vision_end|>{QUESTION}<|im_end|>\n<|im_start|>assistant\n",
                                      add_special_tokens=False)
@@ -235,7 +240,7 @@ def test_bad_images_are_400s_and_the_run_goes_on(
     with pytest.raises(tinker.BadRequestError, match=problem):
         training.forward_backward([bad], "cross_entropy").result()
     assert math.isfinite(training.forward_backward([good], "cross_entropy").result().metrics["loss:sum"])
-    sampler = training.save_weights_and_get_sampling_client()
+    sampler = sampler_of(training)
     with pytest.raises(tinker.BadRequestError, match=problem):
         sampler.sample(types.ModelInput(chunks=list(bad.model_input.chunks)), 1,
                        types.SamplingParams(max_tokens=1)).result()
@@ -261,7 +266,7 @@ def test_a_corrupt_body_behind_a_good_header_fails_the_op_as_the_users_error(
     with pytest.raises(tinker.RequestFailedError, match="expected_tokens is"):
         training.forward_backward([miscounted], "cross_entropy").result()
     with pytest.raises(tinker.RequestFailedError, match="cannot be decoded"):
-        training.save_weights_and_get_sampling_client().sample(
+        sampler_of(training).sample(
             types.ModelInput(chunks=list(bad.model_input.chunks)), 1, types.SamplingParams(max_tokens=1)).result()
     assert math.isfinite(training.forward_backward([good], "cross_entropy").result().metrics["loss:sum"])
 
