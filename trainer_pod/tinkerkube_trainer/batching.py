@@ -16,6 +16,7 @@ import torch
 
 from tinkerkube_trainer.codec import DatumData
 from tinkerkube_trainer.losses import FLOAT_INPUTS
+from tinkerkube_trainer.vision import ImageBatch
 
 
 @dataclass(slots=True)
@@ -26,6 +27,7 @@ class Batch:
     mask: torch.Tensor  # float32 (B, T), 1.0 on real tokens
     float_inputs: dict[str, torch.Tensor]  # e.g. weights, logprobs, advantages: float32 (B, T)
     lengths: list[int]
+    images: ImageBatch | None = None  # the rows' images in token order (numpy: moved by the forward)
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
@@ -35,6 +37,7 @@ class Batch:
             mask=self.mask.to(device),
             float_inputs={k: v.to(device) for k, v in self.float_inputs.items()},
             lengths=self.lengths,
+            images=self.images,
         )
 
 
@@ -76,6 +79,7 @@ def collate(datums: Sequence[DatumData], pad_id: int = 0) -> Batch:
         mask=torch.from_numpy(mask),
         float_inputs={k: torch.from_numpy(v) for k, v in floats.items()},
         lengths=lengths,
+        images=ImageBatch.join([d.images for d in datums]),
     )
 
 

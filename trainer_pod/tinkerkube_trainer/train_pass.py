@@ -29,11 +29,12 @@ import numpy as np
 import torch
 
 from tinkerkube_contract.pod_api import CONTENT_PROTOBUF
-from tinkerkube_trainer import codec
+from tinkerkube_trainer import codec, vision
 from tinkerkube_trainer.batching import Batch, collate, micro_batches, shard_bounds
 from tinkerkube_trainer.engine_api import Collective, OpError, OpOutput
 from tinkerkube_trainer.losses import LOSSES, LossConfig, LossInputs, reduce_sum
 from tinkerkube_trainer.multilora import LoraWeights, Routing, RowGroup
+from tinkerkube_trainer.vision import ImageBatch
 
 MAX_LOGITS_PER_FORWARD = 2**28  # fp32 logits per micro-batch (1 GiB): one forward unless memory demands more
 _FLOAT_FIELDS = {"weights": "weights", "logprobs": "sampling_logprobs", "advantages": "advantages",
@@ -85,6 +86,7 @@ class Model:
         self.module, self.routing = module, routing
         self.pad_id, self.vocab_size, self.device = pad_id, vocab_size, device
         self.sharded = sharded  # every rank must run the same forwards and backwards (module docstring)
+        self.multimodal = vision.is_multimodal(module)
 
     def idle(self, backward: bool) -> None:
         """A one-token forward (and backward) through no adapter: this rank's part of the collectives of a
@@ -108,10 +110,13 @@ class Model:
             starts.append(row)
             row += n
         input_ids = torch.cat(ids).to(self.device)
-        # No padding anywhere (equal lengths): no mask, so attention takes its plain causal fast path.
-        mask = None if equal else torch.cat(masks).to(self.device)
+        if self.multimodal:  # images (in row order) and 3-axis positions; text-only rows too (no stale state)
+            kwargs = vision.model_inputs(self.module, input_ids, torch.cat(masks).to(self.device),
+                                         ImageBatch.join([c.batch.images for c in chunks]))
+        else:  # No padding anywhere (equal lengths): no mask, so attention takes its plain causal fast path.
+            kwargs = {"attention_mask": None if equal else torch.cat(masks).to(self.device)}
         with self.routing.route(groups):
-            logits = self.module(input_ids=input_ids, attention_mask=mask, use_cache=False).logits.float()
+            logits = self.module(input_ids=input_ids, use_cache=False, **kwargs).logits.float()
         return logits, starts
 
 

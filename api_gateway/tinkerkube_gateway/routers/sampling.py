@@ -28,5 +28,7 @@ async def get_sampler(svc: Svc, tenant: Tenant, sampler_id: str) -> dict[str, An
 @router.post("/asample", summary="Sample completions (future → protobuf SampleResponse)")
 async def asample(svc: Svc, tenant: Tenant, body: Body) -> dict[str, Any]:
     raw = wire.load_json(body)
-    fut, sequence_ids = await svc.sampling.sample(tenant, wire.validate(raw, SampleRequest), raw)
+    request = wire.validate(raw, SampleRequest)
+    wire.check_prompt(raw.get("prompt"))
+    fut, sequence_ids = await svc.sampling.sample(tenant, request, raw)
     return submitted(fut, sample_sequence_ids=sequence_ids)
