@@ -76,6 +76,15 @@ def spec_defaults(settings: GatewaySettings) -> dict[str, Any]:
             "idle_timeout_seconds": settings.kube_idle_timeout_seconds}
 
 
+def make_futures(settings: GatewaySettings, repo: AsyncRepo, metrics: Metrics,
+                 backend: SessionBackend) -> FuturesService:
+    """Futures, mirrored where operators see them, saying `paused_capacity` while their run waits for room."""
+    futures = FuturesService(repo, metrics, long_poll_seconds=settings.long_poll_seconds)
+    futures.mirror = FuturesMirror(backend, repo)
+    futures.queue_sources.append(capacity_source(backend))
+    return futures
+
+
 def capacity_source(backend: SessionBackend) -> QueueStateSource:
     """Futures of a run whose trainer waits for cluster capacity say `paused_capacity` (and why), not a failure.
     Backends that never wait (local) have no `capacity_wait`."""
@@ -147,9 +156,7 @@ async def compose(settings: GatewaySettings, backend: SessionBackend | None = No
     recorder = TraceRecorder()
     pods = PodClient(timeout=settings.trainer_request_timeout_seconds, observer=recorder)
     backend = backend or make_backend(settings, pods)
-    futures = FuturesService(repo, metrics, long_poll_seconds=settings.long_poll_seconds)
-    futures.mirror = FuturesMirror(backend, repo)
-    futures.queue_sources.append(capacity_source(backend))
+    futures = make_futures(settings, repo, metrics, backend)
     replicas = Replicas(repo, multi=settings.multi_replica, lease_seconds=settings.lease_seconds,
                         database_url=settings.effective_database_url)
     registry = RegistryService(repo, settings.effective_checkpoint_dir)
