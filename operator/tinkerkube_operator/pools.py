@@ -5,8 +5,10 @@ Binding rule (one decision at a time, under `Context.bind_lock`):
 1. a live pool of the session's tenant and base model with a free run slot and a large enough maxLoraRank
    (tenants share pools only under `share_pools_across_tenants`); the fullest one first (packing);
 2. else a warm pool (no owner) of that base model, which the session's tenant claims;
-3. else a new pool, unless the tenant's pool or run limit is reached: then the session waits
-   (condition Bound=False, WaitingForCapacity) and the gateway reports `paused_capacity`.
+3. else a new pool.
+A tenant at its run limit (`max_runs_per_tenant`) binds nowhere, and one at its pool limit
+(`max_pools_per_tenant`) neither claims nor creates: the session waits (condition Bound=False,
+WaitingForCapacity) and the gateway reports `paused_capacity` on the run's futures.
 """
 
 from __future__ import annotations
@@ -79,6 +81,11 @@ def choose(spec: TrainingSessionSpec, pools: Sequence[PoolView], used: Mapping[s
            settings: OperatorSettings) -> Binding:
     """`used`: pool name → live sessions bound to it (this one excluded)."""
     share = settings.share_pools_across_tenants
+    mine = [p for p in pools if p.live and p.spec.owner == spec.owner]
+    runs = sum(used.get(p.name, 0) for p in mine)
+    if settings.max_runs_per_tenant and runs >= settings.max_runs_per_tenant:
+        return Binding(Choice.WAIT, reason=f"tenant {spec.owner!r} has {runs} run(s), its limit "
+                       f"(max_runs_per_tenant); waiting for one to end")
     fits = [p for p in pools
             if p.live and p.spec.base_model == spec.base_model and spec.lora.rank <= p.spec.max_lora_rank]
     own = [p for p in fits if p.spec.owner and (p.spec.owner == spec.owner or share)
@@ -86,18 +93,13 @@ def choose(spec: TrainingSessionSpec, pools: Sequence[PoolView], used: Mapping[s
     if own:
         best = max(own, key=lambda p: (p.phase == Phase.READY.value, used.get(p.name, 0), p.name))
         return Binding(Choice.USE, best.name)
+    if settings.max_pools_per_tenant and len(mine) >= settings.max_pools_per_tenant:
+        return Binding(Choice.WAIT, reason=f"tenant {spec.owner!r} holds {len(mine)} pool(s), its limit "
+                       f"(max_pools_per_tenant); waiting for a run slot to free up")
     warm = sorted((p for p in fits if not p.spec.owner and used.get(p.name, 0) == 0),
                   key=lambda p: (p.phase != Phase.READY.value, p.name))
     if warm:
         return Binding(Choice.CLAIM, warm[0].name)
-    mine = [p for p in pools if p.live and p.spec.owner == spec.owner]
-    if settings.max_pools_per_tenant and len(mine) >= settings.max_pools_per_tenant:
-        return Binding(Choice.WAIT, reason=f"tenant {spec.owner!r} holds {len(mine)} pool(s), its limit "
-                       f"(max_pools_per_tenant); waiting for a run slot to free up")
-    runs = sum(used.get(p.name, 0) for p in mine)
-    if settings.max_runs_per_tenant and runs >= settings.max_runs_per_tenant:
-        return Binding(Choice.WAIT, reason=f"tenant {spec.owner!r} has {runs} run(s), its limit "
-                       f"(max_runs_per_tenant); waiting for one to end")
     return Binding(Choice.CREATE, new_pool_name(spec.owner, spec.base_model))
 
 

@@ -1,8 +1,9 @@
 """Trainer pools on the emulated cluster, end to end through the real SDK and real torchrun trainers (tiny
-model): several runs of one tenant on one TrainerPool, that pool's pod killed with both runs on it and
-both continuing with losses identical to uninterrupted twins (another tenant, so another pool), a deleted
-TrainingSession detached from its pool, and a deleted pool's run recovering on a new pool with its math
-unchanged. The tests run in file order on the same runs."""
+model): several runs of one tenant on one TrainerPool (a warm pool it claimed, refilled by the operator),
+that pool's pod killed with both runs on it and both continuing with losses identical to uninterrupted
+twins (another tenant, so another pool), a deleted TrainingSession detached from its pool, a deleted pool's
+run recovering on a new pool with its math unchanged, and a run over its tenant's limit waiting
+(`paused_capacity` on its future) until a slot frees up. The tests run in file order on the same runs."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import yaml
 from tinker import types
 
 from tests.cluster.conftest import NAMESPACE, TINY
+from tests.support import gateway_raw as raw
 from tests.support.eventually import eventually_sync
 from tests.support.kmock_cluster import Api, EmulatedCluster, OperatorProcess
 from tests.support.kubelet import Kubelet
@@ -39,7 +41,8 @@ def operator(cluster: EmulatedCluster, kubelet: Kubelet, state_dir: Path, tiny_m
     settings = OperatorSettings(
         api_url=cluster.url, standalone=True, metrics_port=0, auth_token_secret=None,
         reconcile_interval_seconds=0.5, backoff_seconds=0.5, max_restarts=3, pools=True, pool_max_runs=2,
-        pool_idle_timeout_seconds=0, checkpoint_host_path=str((state_dir / "checkpoints").resolve()),
+        pool_idle_timeout_seconds=0, max_runs_per_tenant=2, warm_pools={TINY: 1}, warm_pools_namespace=NAMESPACE,
+        checkpoint_host_path=str((state_dir / "checkpoints").resolve()),
         model_cache_dir=str(model_cache_dir),
     )
     proc = OperatorProcess(cluster, settings)
@@ -124,6 +127,10 @@ def test_several_runs_of_a_tenant_share_one_pool_and_tenants_do_not(
     (pool,) = {pool_of(api, v.model_id) for v in victims}
     spec = (api.get(POOL_PLURAL, NAMESPACE, pool) or {})["spec"]
     assert spec["owner"] == "victim" and spec["baseModel"] == TINY
+    assert pool.startswith("warm-")  # claimed: the tenant's first run attached to a pool that was already up
+    eventually_sync(lambda: [p["metadata"]["name"] for p in api.list(POOL_PLURAL, NAMESPACE)
+                             if not p["spec"].get("owner")], lambda warm: len(warm) == 1 and pool not in warm,
+                    timeout=60, what="the claimed warm pool replaced")
     assert sorted(pool_runs(api, pool)) == sorted(v.model_id for v in victims)
     assert len(api.list("pods", NAMESPACE, **{LABEL_POOL: pool})) == 1
     assert all(api.list("pods", NAMESPACE, **{LABEL_SESSION: session_of(api, v.model_id)["metadata"]["name"]}) == []
@@ -186,3 +193,26 @@ def test_a_deleted_pool_s_run_recovers_on_a_new_pool_with_its_math(
     assert after == pytest.approx(before, rel=1e-5)
     new = pool_of(api, run.model_id)
     assert pool_runs(api, new) == [run.model_id]
+
+
+def test_a_run_over_its_tenant_s_limit_waits_with_paused_capacity_then_starts(
+        gateway: GatewayProc, api: Api) -> None:
+    twin_sessions = [s for s in api.list(PLURAL, NAMESPACE) if s["spec"]["owner"] == "twin"]
+    assert len(twin_sessions) == 2  # the limit (max_runs_per_tenant=2)
+    with gateway.http("tml-twin") as http:
+        session_id = raw.new_session(http)
+        created = http.post("/api/v1/create_model", json={"session_id": session_id, "model_seq_id": 0,
+                                                          "base_model": TINY, "lora_config": {"rank": 4}})
+        assert created.status_code == 200, created.text
+        request_id = created.json()["request_id"]
+        paused = eventually_sync(lambda: http.post("/api/v1/retrieve_future", json={"request_id": request_id},
+                                                   timeout=45).json(),
+                                 lambda a: a.get("queue_state") == "paused_capacity", timeout=60,
+                                 what="the create future reports paused_capacity")
+        assert paused["type"] == "try_again" and "max_runs_per_tenant" in paused["queue_state_reason"]
+        waiting = [s for s in api.list(PLURAL, NAMESPACE) if s["spec"]["owner"] == "twin" and
+                   not (s.get("status") or {}).get("pool")]
+        assert len(waiting) == 1 and waiting[0]["status"]["phase"] == "Pending"
+        assert api.delete(PLURAL, NAMESPACE, twin_sessions[0]["metadata"]["name"]) == 200  # a slot frees up
+        model_id = raw.result_json(http, request_id)["model_id"]
+    assert pool_of(api, model_id) == twin_sessions[1]["status"]["pool"]

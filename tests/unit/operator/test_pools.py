@@ -68,6 +68,10 @@ def test_limits_make_a_session_wait_with_a_reason() -> None:
     got = pools.choose(_spec(), full, {"p1": 1}, _settings(max_runs_per_tenant=1))
     assert got.choice is Choice.WAIT and "max_runs_per_tenant" in got.reason
     assert pools.choose(_spec(), full, {"p1": 1}, _settings(max_runs_per_tenant=2)).choice is Choice.CREATE
+    warm = [*full, _pool("w", owner="")]  # limits hold for warm pools too
+    assert pools.choose(_spec(), warm, {"p1": 1}, _settings(max_runs_per_tenant=1)).choice is Choice.WAIT
+    assert pools.choose(_spec(), warm, {"p1": 1}, _settings(max_pools_per_tenant=1)).choice is Choice.WAIT
+    assert pools.choose(_spec(), warm, {"p1": 1}, _settings(max_pools_per_tenant=2)).choice is Choice.CLAIM
 
 
 def test_pool_names_are_short_rfc1035_and_warm_names_deterministic() -> None:
