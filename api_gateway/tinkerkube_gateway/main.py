@@ -30,7 +30,7 @@ from tinkerkube_gateway.services.cancel import CancelService
 from tinkerkube_gateway.services.completions import CompletionsService
 from tinkerkube_gateway.services.copies import CopyService
 from tinkerkube_gateway.services.downloads import DownloadsService
-from tinkerkube_gateway.services.futures import FuturesService
+from tinkerkube_gateway.services.futures import FuturesService, QueueState, QueueStateSource, QueueStatus
 from tinkerkube_gateway.services.mirror import FuturesMirror
 from tinkerkube_gateway.services.models import ModelsService
 from tinkerkube_gateway.services.ops import OpsService
@@ -42,6 +42,7 @@ from tinkerkube_gateway.services.session_search import SessionSearch
 from tinkerkube_gateway.services.sessions import SessionsService
 from tinkerkube_gateway.services.traces import TraceRecorder, TraceService
 from tinkerkube_gateway.settings import BackendKind, GatewaySettings, inherited_environment
+from tinkerkube_gateway.store.records import FutureRecord
 from tinkerkube_gateway.store.repo import AsyncRepo, Repo
 
 log = logging.getLogger("tinkerkube_gateway")
@@ -50,7 +51,7 @@ log = logging.getLogger("tinkerkube_gateway")
 def make_backend(settings: GatewaySettings, pods: PodClient) -> SessionBackend:
     if settings.backend is BackendKind.KUBERNETES:
         module: Any = importlib.import_module("tinkerkube_gateway.backends.kubernetes")
-        return module.KubernetesBackend.from_settings(settings)  # type: ignore[no-any-return]
+        return module.KubernetesBackend.from_settings(settings, pods)  # type: ignore[no-any-return]
     config = LocalBackendConfig(
         checkpoint_dir=settings.effective_checkpoint_dir, logs_dir=settings.logs_dir,
         model_cache_dir=settings.model_cache_dir.resolve(), token=settings.kube_token or secrets.token_urlsafe(24),
@@ -73,6 +74,26 @@ def spec_defaults(settings: GatewaySettings) -> dict[str, Any]:
             "image": settings.trainer_image, "node_selector": settings.trainer_node_selector,
             "tolerations": settings.trainer_tolerations, "priority_class_name": settings.trainer_priority_class_name,
             "idle_timeout_seconds": settings.kube_idle_timeout_seconds}
+
+
+def make_futures(settings: GatewaySettings, repo: AsyncRepo, metrics: Metrics,
+                 backend: SessionBackend) -> FuturesService:
+    """Futures, mirrored where operators see them, saying `paused_capacity` while their run waits for room."""
+    futures = FuturesService(repo, metrics, long_poll_seconds=settings.long_poll_seconds)
+    futures.mirror = FuturesMirror(backend, repo)
+    futures.queue_sources.append(capacity_source(backend))
+    return futures
+
+
+def capacity_source(backend: SessionBackend) -> QueueStateSource:
+    """Futures of a run whose trainer waits for cluster capacity say `paused_capacity` (and why), not a failure.
+    Backends that never wait (local) have no `capacity_wait`."""
+    wait = getattr(backend, "capacity_wait", None)
+
+    def source(record: FutureRecord) -> QueueStatus | None:
+        reason = wait(record.target_id) if wait is not None and record.target_id else None
+        return QueueStatus(QueueState.PAUSED_CAPACITY, reason) if reason else None
+    return source
 
 
 def make_admission(settings: GatewaySettings, metrics: Metrics, futures: FuturesService,
@@ -135,8 +156,7 @@ async def compose(settings: GatewaySettings, backend: SessionBackend | None = No
     recorder = TraceRecorder()
     pods = PodClient(timeout=settings.trainer_request_timeout_seconds, observer=recorder)
     backend = backend or make_backend(settings, pods)
-    futures = FuturesService(repo, metrics, long_poll_seconds=settings.long_poll_seconds)
-    futures.mirror = FuturesMirror(backend, repo)
+    futures = make_futures(settings, repo, metrics, backend)
     replicas = Replicas(repo, multi=settings.multi_replica, lease_seconds=settings.lease_seconds,
                         database_url=settings.effective_database_url)
     registry = RegistryService(repo, settings.effective_checkpoint_dir)

@@ -24,6 +24,7 @@ TERMINAL_PHASES = frozenset({Phase.FAILED, Phase.TERMINATED})
 
 
 class ConditionType(StrEnum):
+    BOUND = "Bound"  # TrainingSessions under pool binding: a TrainerPool serves the run (status.pool)
     SCHEDULED = "Scheduled"  # every pod of the set is bound to a node
     READY = "Ready"  # rank 0 answers readiness: the model is loaded and all ranks joined
     DEGRADED = "Degraded"  # a pod or rank failed; the set is being recreated
@@ -45,6 +46,10 @@ class Reason(StrEnum):
     INVALID_SPEC = "InvalidSpec"
     IDLE_TIMEOUT = "IdleTimeout"
     SESSION_FINISHED = "SessionFinished"
+    POOL_BOUND = "PoolBound"
+    WAITING_FOR_CAPACITY = "WaitingForCapacity"  # no pool has room and none may be created (limits)
+    POOL_LOST = "PoolLost"  # its pool was deleted: the run is bound again (and replayed by the gateway)
+    POOL_NOT_READY = "PoolNotReady"
 
 
 class _HasTypeStatus(Protocol):

@@ -10,6 +10,8 @@ PREFIX = "TINKERKUBE_TRAINER_"
 BASE_MODEL = PREFIX + "BASE_MODEL"  # the pool's resident base model
 MAX_RUNS = PREFIX + "MAX_RUNS"  # runs the pool holds at once
 MAX_LORA_RANK = PREFIX + "MAX_LORA_RANK"
+SHARDING = PREFIX + "SHARDING"  # replicate | fsdp
+SAMPLER = PREFIX + "SAMPLER"  # hf | vllm
 AUTO_CHECKPOINT_STEPS = PREFIX + "AUTO_CHECKPOINT_STEPS"  # a run's weights + optimizer every N optim_steps
 # A run attached at boot (a pool started for one run), optional:
 MODEL_ID = PREFIX + "MODEL_ID"

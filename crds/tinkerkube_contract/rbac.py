@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from tinkerkube_contract.resource import GROUP, PLURAL
+from tinkerkube_contract.resource import GROUP, PLURAL, POOL_PLURAL
 
 CORE = ""
 KOPF_GROUP = "kopf.dev"
@@ -38,11 +38,17 @@ def _rule(group: str, resource: str, verbs: str, why: str, scope: Scope = Scope.
 
 SESSIONS = PLURAL
 SESSIONS_STATUS = f"{PLURAL}/status"
+POOLS = POOL_PLURAL
+POOLS_STATUS = f"{POOL_PLURAL}/status"
 
 OPERATOR_RULES: tuple[Rule, ...] = (
     _rule(GROUP, SESSIONS, "get list watch patch",
-          "kopf watches sessions and patches finalizers/annotations; kube.py reads one"),
-    _rule(GROUP, SESSIONS_STATUS, "patch", "kube.py writes conditions, phase, endpoint"),
+          "kopf watches sessions and patches finalizers/annotations; kube.py reads one, lists them (pool binding)"),
+    _rule(GROUP, SESSIONS_STATUS, "patch", "kube.py writes conditions, phase, endpoint, pool"),
+    _rule(GROUP, POOLS, "create delete get list watch patch",
+          "kopf watches pools; kube.py creates pools (binding, warm pools), claims warm ones (patch spec.owner), "
+          "deletes idle ones"),
+    _rule(GROUP, POOLS_STATUS, "patch", "kube.py writes a pool's conditions, phase, endpoint, runs"),
     _rule(CORE, "pods", "create delete list watch", "kube.py creates/lists/deletes trainer pods; kopf indexes them"),
     _rule(CORE, "services", "create delete", "kube.py creates/deletes the headless Service"),
     _rule(CORE, "events", "create", "kopf posts Events on sessions"),

@@ -31,6 +31,13 @@ LABEL_ROLE = f"{GROUP}/role"  # "trainer" on pods
 LABEL_NODE_RANK = f"{GROUP}/node-rank"
 LABEL_GENERATION = f"{GROUP}/pod-generation"  # bumps when the operator recreates the pod set
 ANNOTATION_MODEL_ID = f"{GROUP}/model-id"  # the Tinker model/sampler id (names must be DNS-safe)
+LABEL_POOL = f"{GROUP}/pool"  # the TrainerPool's name, on its pods and service
+LABEL_BASE_MODEL = f"{GROUP}/base-model"  # on TrainerPools: label_value(spec.baseModel), for selection
+
+POOL_KIND = "TrainerPool"
+POOL_PLURAL = "trainerpools"
+POOL_SINGULAR = "trainerpool"
+POOL_SHORT_NAME = "tp"
 
 TRAINER_PORT = 8080  # the internal HTTP API on rank 0
 RENDEZVOUS_PORT = 29500  # torchrun master port
@@ -75,28 +82,55 @@ class CheckpointStore(_CamelModel):
     mount_path: str = "/checkpoints"
 
 
-class TrainingSessionSpec(_CamelModel):
+class PodSetSpec(_CamelModel):
+    """What a trainer pod set is made of: shared by TrainingSessions (which carry the placement their pool
+    is created with) and TrainerPools (which the operator renders into pods, `manifests.pods`)."""
+
     base_model: str
-    lora: LoraSpec = Field(default_factory=LoraSpec)
-    mode: SessionMode = SessionMode.TRAIN
-    model_id: str = Field(description="the Tinker id served: '<session>:train:<n>' or '<session>:sample:<n>'")
-    restore_from: str | None = Field(None, description="tinker:// path restored at start")
-    restore_optimizer: bool = False
     replicas: int = Field(1, ge=1, le=64)
     procs_per_pod: int = Field(1, ge=1, le=8)
     resources: Resources = Field(default_factory=Resources)
     image: str | None = None
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    affinity: dict[str, Any] | None = None
     priority_class_name: str | None = None
     checkpoint_store: CheckpointStore = Field(default_factory=CheckpointStore)
     idle_timeout_seconds: int = Field(3600, ge=0, description="0 disables idle reaping")
-    owner: str = Field(description="the tenant that owns this session")
-    tinker_session: str | None = None
 
     @property
     def world_size(self) -> int:
         return self.replicas * self.procs_per_pod
+
+
+class TrainingSessionSpec(PodSetSpec):
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    mode: SessionMode = SessionMode.TRAIN
+    model_id: str = Field(description="the Tinker id served: '<session>:train:<n>' or '<session>:sample:<n>'")
+    restore_from: str | None = Field(None, description="tinker:// path restored at start")
+    restore_optimizer: bool = False
+    owner: str = Field(description="the tenant that owns this session")
+    tinker_session: str | None = None
+
+
+class Sharding(StrEnum):
+    REPLICATE = "replicate"  # every rank holds the whole base model (data parallel)
+    FSDP = "fsdp"  # the base model sharded over the ranks
+
+
+class Sampler(StrEnum):
+    HF = "hf"  # generation with transformers inside the trainer
+    VLLM = "vllm"
+
+
+class TrainerPoolSpec(PodSetSpec):
+    """A trainer pod set holding one base model resident, to which TrainingSessions' runs attach."""
+
+    max_runs: int = Field(8, ge=1, le=256, description="runs attached at once")
+    max_lora_rank: int = Field(512, ge=1, le=512)
+    owner: str = Field("", description="the tenant it serves; empty: a warm pool, claimed by the first binding")
+    sharding: Sharding = Sharding.REPLICATE
+    sampler: Sampler = Sampler.HF
 
 
 class Endpoint(_CamelModel):
@@ -138,15 +172,28 @@ class Condition(_CamelModel):
     observed_generation: int | None = None
 
 
-class TrainingSessionStatus(_CamelModel):
+class PodSetStatus(_CamelModel):
+    """The operator's view of a pod set (a TrainerPool, or a TrainingSession with pods of its own)."""
+
     phase: str | None = None
     conditions: list[Condition] = Field(default_factory=list)
     observed_generation: int | None = None
     world_size: int | None = None  # replicas x procsPerPod, for the Ranks printer column
     endpoint: Endpoint | None = None
     restarts: int = 0
+
+
+class TrainingSessionStatus(PodSetStatus):
+    pool: str | None = Field(None, description="the TrainerPool serving this run (pool binding)")
     last_checkpoint: str | None = None
     futures: FuturesStatus | None = None
+
+
+class TrainerPoolStatus(PodSetStatus):
+    runs_used: int = 0
+    runs_free: int | None = None
+    runs: list[str] = Field(default_factory=list, description="TrainingSessions bound to it", max_length=256)
+    idle_since: str | None = None  # when its last run left (idle reaping)
 
 
 # One writer per status subtree: the operator never touches `futures`, the gateway touches only it.

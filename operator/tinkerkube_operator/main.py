@@ -18,7 +18,10 @@ import kopf
 import prometheus_client
 
 from tinkerkube_contract.resource import FINALIZER, GROUP
-from tinkerkube_operator import handlers  # noqa: F401  (registers the handlers)
+from tinkerkube_operator import (
+    binding,
+    handlers,  # noqa: F401  (registers the handlers)
+)
 from tinkerkube_operator.kube import Kube, api_client
 from tinkerkube_operator.reconciler import Context
 from tinkerkube_operator.settings import OperatorSettings
@@ -51,6 +54,15 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         _metrics_started.add(ours.metrics_port)
 
 
+@kopf.on.startup()
+async def start_warm_pools(memo: kopf.Memo, **_: Any) -> None:
+    """Warm pools are topped up by a loop of their own (no object exists to hang a timer on when there are
+    none); every replica runs it, and deterministic names make their creations idempotent."""
+    ctx: Context = memo.ctx
+    if ctx.settings.pools and ctx.settings.warm_pools:
+        memo.warm_task = asyncio.create_task(binding.warm_loop(ctx), name="warm-pools")
+
+
 @kopf.on.login()
 def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
     url = memo.ctx.settings.api_url if getattr(memo, "ctx", None) is not None else None
@@ -61,6 +73,9 @@ def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
 
 @kopf.on.cleanup()
 def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    task = getattr(memo, "warm_task", None)
+    if task is not None:
+        task.get_loop().call_soon_threadsafe(task.cancel)
     memo.ctx.kube.close()
 
 

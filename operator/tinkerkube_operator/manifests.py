@@ -1,7 +1,9 @@
-"""Pure rendering: a TrainingSession spec → its Pods (one per replica) and its headless Service.
+"""Pure rendering: a pod-set spec (a TrainerPool's, or a TrainingSession's when sessions own their pods)
+→ its Pods (one per replica) and its headless Service.
 
 Imports neither kopf nor kubernetes (like KubeRay's common/pod.go). Every pod runs the one torchrun
-command of `tinkerkube_contract.launch`; the env comes from `launch.trainer_env`, never a second copy.
+command of `tinkerkube_contract.launch`; the env comes from `launch.pool_env` (a pool, runs attach over
+the pod API) or `launch.trainer_env` (a session's own pod set, its run attached at boot), never a copy.
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ from tinkerkube_contract import env, launch, pod_api
 from tinkerkube_contract.resource import (
     LABEL_GENERATION,
     LABEL_NODE_RANK,
+    LABEL_POOL,
     LABEL_ROLE,
     LABEL_SESSION,
     LABEL_TENANT,
     LABEL_TINKER_SESSION,
     RENDEZVOUS_PORT,
     TRAINER_PORT,
+    PodSetSpec,
+    TrainerPoolSpec,
     TrainingSessionSpec,
     label_value,
 )
@@ -62,11 +67,16 @@ class PodConfig:
 
 @dataclass(frozen=True, slots=True)
 class SessionRef:
-    """Which TrainingSession the objects belong to, and which pod-set generation they are."""
+    """Which object (TrainingSession or TrainerPool) the pods belong to, and which pod-set generation."""
 
     name: str
     namespace: str
     generation: int = 0  # == status.restarts: bumps each time the pod set is recreated
+    label: str = LABEL_SESSION  # the label naming the owner on its pods: LABEL_SESSION or LABEL_POOL
+
+
+def pool_ref(name: str, namespace: str, generation: int = 0) -> SessionRef:
+    return SessionRef(name, namespace, generation, LABEL_POOL)
 
 
 def service_name(ref: SessionRef) -> str:
@@ -86,17 +96,18 @@ def pod_dns(ref: SessionRef, rank: int, cluster_domain: str) -> str:
 
 
 def selector_labels(ref: SessionRef) -> dict[str, str]:
-    return {LABEL_SESSION: ref.name, LABEL_ROLE: ROLE_TRAINER}
+    return {ref.label: ref.name, LABEL_ROLE: ROLE_TRAINER}
 
 
-def session_labels(ref: SessionRef, spec: TrainingSessionSpec) -> dict[str, str]:
-    labels = {**selector_labels(ref), LABEL_TENANT: label_value(spec.owner)}
-    if spec.tinker_session:
-        labels[LABEL_TINKER_SESSION] = label_value(spec.tinker_session)
+def session_labels(ref: SessionRef, spec: PodSetSpec) -> dict[str, str]:
+    labels = {**selector_labels(ref), LABEL_TENANT: label_value(getattr(spec, "owner", ""))}
+    tinker_session = getattr(spec, "tinker_session", None)
+    if tinker_session:
+        labels[LABEL_TINKER_SESSION] = label_value(tinker_session)
     return labels
 
 
-def headless_service(ref: SessionRef, spec: TrainingSessionSpec) -> dict[str, Any]:
+def headless_service(ref: SessionRef, spec: PodSetSpec) -> dict[str, Any]:
     """DNS names for every pod (the rendezvous address of rank 0), published before readiness because
     the ranks must find each other before the trainer can become ready."""
     return {
@@ -115,13 +126,13 @@ def headless_service(ref: SessionRef, spec: TrainingSessionSpec) -> dict[str, An
     }
 
 
-def pods(ref: SessionRef, spec: TrainingSessionSpec, cfg: PodConfig, *,
+def pods(ref: SessionRef, spec: PodSetSpec, cfg: PodConfig, *,
          restore_from: str | None = None) -> list[dict[str, Any]]:
     """One Pod per replica. `restore_from` overrides spec.restoreFrom when recreating after a failure."""
     return [pod(ref, spec, cfg, rank, restore_from=restore_from) for rank in range(spec.replicas)]
 
 
-def pod(ref: SessionRef, spec: TrainingSessionSpec, cfg: PodConfig, rank: int, *,
+def pod(ref: SessionRef, spec: PodSetSpec, cfg: PodConfig, rank: int, *,
         restore_from: str | None = None) -> dict[str, Any]:
     labels = {**session_labels(ref, spec), LABEL_NODE_RANK: str(rank), LABEL_GENERATION: str(ref.generation)}
     pod_spec: dict[str, Any] = {
@@ -139,6 +150,8 @@ def pod(ref: SessionRef, spec: TrainingSessionSpec, cfg: PodConfig, rank: int, *
         pod_spec["nodeSelector"] = dict(spec.node_selector)
     if spec.tolerations:
         pod_spec["tolerations"] = [dict(t) for t in spec.tolerations]
+    if spec.affinity:
+        pod_spec["affinity"] = dict(spec.affinity)
     if spec.priority_class_name:
         pod_spec["priorityClassName"] = spec.priority_class_name
     if cfg.service_account:
@@ -151,7 +164,7 @@ def pod(ref: SessionRef, spec: TrainingSessionSpec, cfg: PodConfig, rank: int, *
     }
 
 
-def _container(ref: SessionRef, spec: TrainingSessionSpec, cfg: PodConfig, rank: int,
+def _container(ref: SessionRef, spec: PodSetSpec, cfg: PodConfig, rank: int,
                restore_from: str | None) -> dict[str, Any]:
     argv = launch.torchrun_argv(
         nnodes=spec.replicas, nproc_per_node=spec.procs_per_pod, node_rank=rank,
@@ -176,12 +189,23 @@ def _container(ref: SessionRef, spec: TrainingSessionSpec, cfg: PodConfig, rank:
     }
 
 
-def _env(spec: TrainingSessionSpec, cfg: PodConfig, restore_from: str | None) -> list[dict[str, Any]]:
+def launch_env(spec: PodSetSpec, cfg: PodConfig, restore_from: str | None = None) -> dict[str, str]:
+    """A pool's env (no run: runs attach over the pod API), or a session's own pod set (its run at boot)."""
+    common: dict[str, Any] = {"checkpoint_dir": spec.checkpoint_store.mount_path, "port": TRAINER_PORT,
+                              "model_cache_dir": cfg.model_cache_dir,
+                              "device": "cuda" if spec.resources.gpus > 0 else "auto"}
+    if isinstance(spec, TrainerPoolSpec):
+        values = launch.pool_env(spec.base_model, max_runs=spec.max_runs, max_lora_rank=spec.max_lora_rank, **common)
+        values[env.SHARDING] = spec.sharding.value
+        values[env.SAMPLER] = spec.sampler.value
+        return values
+    assert isinstance(spec, TrainingSessionSpec)
     effective = spec.model_copy(update={"restore_from": restore_from}) if restore_from else spec
-    values = launch.trainer_env(
-        effective, checkpoint_dir=spec.checkpoint_store.mount_path, port=TRAINER_PORT,
-        model_cache_dir=cfg.model_cache_dir, device="cuda" if spec.resources.gpus > 0 else "auto",
-    )
+    return launch.trainer_env(effective, **common)
+
+
+def _env(spec: PodSetSpec, cfg: PodConfig, restore_from: str | None) -> list[dict[str, Any]]:
+    values = launch_env(spec, cfg, restore_from)
     out: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in sorted(values.items())]
     if cfg.token_secret:
         out.append({"name": env.AUTH_TOKEN, "valueFrom": {"secretKeyRef": {
@@ -189,7 +213,7 @@ def _env(spec: TrainingSessionSpec, cfg: PodConfig, restore_from: str | None) ->
     return out
 
 
-def _resources(spec: TrainingSessionSpec) -> dict[str, Any]:
+def _resources(spec: PodSetSpec) -> dict[str, Any]:
     requests: dict[str, str] = {}
     limits: dict[str, str] = {}
     if spec.resources.cpu:
@@ -206,7 +230,7 @@ def _resources(spec: TrainingSessionSpec) -> dict[str, Any]:
     return out
 
 
-def _volumes(spec: TrainingSessionSpec, cfg: PodConfig) -> list[dict[str, Any]]:
+def _volumes(spec: PodSetSpec, cfg: PodConfig) -> list[dict[str, Any]]:
     store = spec.checkpoint_store
     pvc = store.pvc_name or (None if store.host_path else cfg.checkpoint_pvc)
     host = store.host_path or (None if store.pvc_name else cfg.checkpoint_host_path)
@@ -224,7 +248,7 @@ def _volumes(spec: TrainingSessionSpec, cfg: PodConfig) -> list[dict[str, Any]]:
     return volumes
 
 
-def _mounts(spec: TrainingSessionSpec, cfg: PodConfig) -> list[dict[str, Any]]:
+def _mounts(spec: PodSetSpec, cfg: PodConfig) -> list[dict[str, Any]]:
     mounts = [{"name": CHECKPOINT_VOLUME, "mountPath": spec.checkpoint_store.mount_path},
               {"name": TMP_VOLUME, "mountPath": "/tmp"}]
     if cfg.model_cache_pvc and cfg.model_cache_dir:

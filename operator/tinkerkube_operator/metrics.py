@@ -12,6 +12,13 @@ TIME_TO_READY = Histogram(
     buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 3600),
 )
 
+BIND_WAIT = Histogram(
+    "tinkerkube_operator_bind_wait_seconds", "From a TrainingSession's creation to its binding to a TrainerPool "
+    "(the queue wait of a run waiting for capacity)",
+    buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+)
+POOL_RUNS = Gauge("tinkerkube_operator_pool_runs", "Runs (TrainingSessions) bound to each TrainerPool", ["pool"])
+
 
 class PhaseBook:
     """Tracks each session's phase so the gauge is a true count, not a running tally."""

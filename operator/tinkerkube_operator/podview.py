@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from tinkerkube_contract.resource import LABEL_GENERATION, LABEL_NODE_RANK, LABEL_SESSION
+from tinkerkube_contract.resource import LABEL_GENERATION, LABEL_NODE_RANK, LABEL_POOL, LABEL_SESSION
 
 IMAGE_PULL_REASONS = frozenset({"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull"})
 
@@ -16,7 +16,7 @@ IMAGE_PULL_REASONS = frozenset({"ImagePullBackOff", "ErrImagePull", "InvalidImag
 class PodView:
     name: str
     namespace: str
-    session: str
+    session: str  # the owner's name: its TrainingSession's, or its TrainerPool's
     rank: int
     generation: int
     phase: str = "Pending"  # Pending | Running | Succeeded | Failed | Unknown
@@ -60,7 +60,7 @@ def observe(pod: Mapping[str, Any]) -> PodView:
     return PodView(
         name=meta.get("name", ""),
         namespace=meta.get("namespace", ""),
-        session=labels.get(LABEL_SESSION, ""),
+        session=labels.get(LABEL_SESSION) or labels.get(LABEL_POOL, ""),
         rank=int(labels.get(LABEL_NODE_RANK, 0)),
         generation=int(labels.get(LABEL_GENERATION, 0)),
         phase=status.get("phase") or "Pending",

@@ -42,3 +42,21 @@ class OperatorSettings(BaseSettings):
     posting_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$", description="min level of k8s Events")
     watch_server_timeout: int = Field(300, gt=0, description="seconds the API server keeps a watch open")
     watch_client_timeout: int = Field(330, gt=0, description="client-side watch timeout")
+    # Trainer pools (pool binding): TrainingSessions attach to TrainerPools instead of owning pods.
+    pools: bool = Field(False, description="bind TrainingSessions to TrainerPools (many runs share one resident "
+                        "base model); false: each session gets a pod set of its own")
+    pool_max_runs: int = Field(8, ge=1, le=256, description="maxRuns of the pools the operator creates")
+    pool_max_lora_rank: int = Field(512, ge=1, le=512, description="maxLoraRank of the pools the operator creates")
+    pool_idle_timeout_seconds: int = Field(300, ge=0, description="an owned pool with no run this long is deleted; "
+                                           "0 keeps it")
+    pool_sharding: str = Field("replicate", pattern="^(replicate|fsdp)$", description="sharding of created pools")
+    pool_sampler: str = Field("hf", pattern="^(hf|vllm)$", description="sampler of created pools")
+    share_pools_across_tenants: bool = Field(False, description="runs of different tenants may share a pool")
+    max_pools_per_tenant: int = Field(0, ge=0, description="pools one tenant may hold at once; 0: no limit")
+    max_runs_per_tenant: int = Field(0, ge=0, description="runs one tenant may have bound at once; 0: no limit")
+    warm_pools: dict[str, int] = Field(default_factory=dict, description="JSON {base model: N}: keep N ready, "
+                                       "unowned pools of that model (the first tenant to bind claims one)")
+    warm_pools_namespace: str | None = Field(None, description="where warm pools live; default: the first of "
+                                             "`namespaces`, else 'default'")
+    trainer_token: str | None = Field(None, description="the gateway↔trainer token (from the same Secret), to "
+                                      "detach runs of deleted TrainingSessions from their pools")

@@ -20,7 +20,10 @@ from tinkerkube_contract.resource import (
     TRAINER_PORT,
     Condition,
     Endpoint,
-    TrainingSessionSpec,
+    PodSetSpec,
+    PodSetStatus,
+    TrainerPoolSpec,
+    TrainerPoolStatus,
     TrainingSessionStatus,
 )
 from tinkerkube_operator import conditions as cond
@@ -28,9 +31,14 @@ from tinkerkube_operator.manifests import SessionRef, pod_dns, service_name
 from tinkerkube_operator.podview import PodView, parse_time
 
 C = ConditionType
-OPERATOR_FIELDS = tuple(
-    f.alias or n for n, f in TrainingSessionStatus.model_fields.items() if (f.alias or n) not in GATEWAY_STATUS_FIELDS
-)
+
+
+def operator_fields(kind: type[PodSetStatus]) -> tuple[str, ...]:
+    """The status keys the operator writes (all but the gateway's subtree)."""
+    return tuple(f.alias or n for n, f in kind.model_fields.items() if (f.alias or n) not in GATEWAY_STATUS_FIELDS)
+
+
+OPERATOR_FIELDS = operator_fields(TrainingSessionStatus)
 
 
 class Action(StrEnum):
@@ -50,17 +58,18 @@ class Policy:
 @dataclass(frozen=True, slots=True)
 class Observation:
     ref: SessionRef  # generation ignored: the current one is old.restarts
-    spec: TrainingSessionSpec
-    old: TrainingSessionStatus
+    spec: PodSetSpec  # a TrainerPoolSpec or a TrainingSessionSpec
+    old: PodSetStatus  # of the same kind
     pods: Sequence[PodView]
     now: datetime
     generation: int | None = None  # metadata.generation
     created: datetime | None = None  # metadata.creationTimestamp
+    runs: Sequence[str] = ()  # pools: the TrainingSessions bound to it
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    status: TrainingSessionStatus
+    status: PodSetStatus
     action: Action
     current: tuple[PodView, ...] = field(default=())  # the live pods of the current generation
     stale: tuple[PodView, ...] = field(default=())  # pods of older generations, to delete
@@ -70,13 +79,15 @@ def iso(now: datetime) -> str:
     return now.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def is_terminal(status: TrainingSessionStatus) -> bool:
+def is_terminal(status: PodSetStatus) -> bool:
     return cond.is_true(status.conditions, C.FAILED) or cond.is_true(status.conditions, C.TERMINATED)
 
 
 def derive(obs: Observation, policy: Policy) -> Decision:
     old = obs.old
     base = old.model_copy(update={"observed_generation": obs.generation, "world_size": obs.spec.world_size})
+    if isinstance(base, TrainerPoolStatus) and isinstance(obs.spec, TrainerPoolSpec):
+        base = _pool_runs(base, obs.spec, obs.runs, obs.now)
     if is_terminal(old):
         return Decision(_with_phase(base, pods_exist=False), Action.TEARDOWN)
     current = tuple(sorted((p for p in obs.pods if p.generation == old.restarts and not p.deleting),
@@ -89,13 +100,14 @@ def derive(obs: Observation, policy: Policy) -> Decision:
     if fatal is not None:
         return Decision(_terminal(base, C.FAILED, *fatal, now=obs.now), Action.TEARDOWN, current, stale)
     if _idle(obs):
-        message = f"no futures activity for {obs.spec.idle_timeout_seconds}s"
+        message = (f"no run for {obs.spec.idle_timeout_seconds}s" if isinstance(obs.spec, TrainerPoolSpec)
+                   else f"no futures activity for {obs.spec.idle_timeout_seconds}s")
         return Decision(_terminal(base, C.TERMINATED, Reason.IDLE_TIMEOUT, message, now=obs.now),
                         Action.TEARDOWN, current, stale)
     return Decision(_progress(base, obs, current, policy), Action.ENSURE, current, stale)
 
 
-def _failure(spec: TrainingSessionSpec, current: Sequence[PodView],
+def _failure(spec: PodSetSpec, current: Sequence[PodView],
              old: TrainingSessionStatus) -> tuple[Reason, str] | None:
     for p in current:
         if p.exited:
@@ -108,7 +120,7 @@ def _failure(spec: TrainingSessionSpec, current: Sequence[PodView],
     return None
 
 
-def _on_failure(base: TrainingSessionStatus, obs: Observation, failure: tuple[Reason, str], policy: Policy,
+def _on_failure(base: PodSetStatus, obs: Observation, failure: tuple[Reason, str], policy: Policy,
                 stale: tuple[PodView, ...]) -> Decision:
     reason, message = failure
     live = tuple(p for p in obs.pods if p.generation == obs.old.restarts and not p.deleting)
@@ -135,9 +147,20 @@ def _impossible(current: Sequence[PodView], now: datetime, policy: Policy) -> tu
     return None
 
 
+def _pool_runs(base: TrainerPoolStatus, spec: TrainerPoolSpec, runs: Sequence[str],
+               now: datetime) -> TrainerPoolStatus:
+    idle_since = None if runs else (base.idle_since or iso(now))
+    return base.model_copy(update={"runs": sorted(runs), "runs_used": len(runs),
+                                   "runs_free": max(spec.max_runs - len(runs), 0), "idle_since": idle_since})
+
+
 def _idle(obs: Observation) -> bool:
     timeout = obs.spec.idle_timeout_seconds
-    futures = obs.old.futures
+    if isinstance(obs.spec, TrainerPoolSpec):  # a pool: no run bound for the timeout; warm pools stay
+        since = parse_time(getattr(obs.old, "idle_since", None))
+        return (timeout > 0 and bool(obs.spec.owner) and not obs.runs and since is not None
+                and (obs.now - since).total_seconds() > timeout)
+    futures = getattr(obs.old, "futures", None)
     if timeout <= 0 or (futures is not None and futures.pending > 0):
         return False
     ready = cond.find(obs.old.conditions, C.READY)
@@ -147,8 +170,8 @@ def _idle(obs: Observation) -> bool:
     return last is not None and (obs.now - last).total_seconds() > timeout
 
 
-def _progress(base: TrainingSessionStatus, obs: Observation, current: Sequence[PodView],
-              policy: Policy) -> TrainingSessionStatus:
+def _progress(base: PodSetStatus, obs: Observation, current: Sequence[PodView],
+              policy: Policy) -> PodSetStatus:
     now, n = iso(obs.now), obs.spec.replicas
     complete = len(current) == n
     conds = cond.set_condition(base.conditions, _scheduled(current, n), now=now)
@@ -186,49 +209,53 @@ def _not_ready(current: Sequence[PodView], n: int) -> Condition:
 
 
 def _endpoint(ref: SessionRef, rank0: PodView, policy: Policy) -> Endpoint:
-    gen_ref = SessionRef(ref.name, ref.namespace, rank0.generation)
+    gen_ref = SessionRef(ref.name, ref.namespace, rank0.generation, ref.label)
     host = rank0.ip or pod_dns(gen_ref, 0, policy.cluster_domain)
     return Endpoint(url=f"http://{host}:{TRAINER_PORT}", pod_name=rank0.name, service_name=service_name(ref))
 
 
-def _terminal(base: TrainingSessionStatus, kind: ConditionType, reason: Reason, message: str, *,
-              now: datetime) -> TrainingSessionStatus:
+def _terminal(base: PodSetStatus, kind: ConditionType, reason: Reason, message: str, *,
+              now: datetime) -> PodSetStatus:
     stamp = iso(now)
     conds = cond.set_condition(base.conditions, cond.make(kind, True, reason, message), now=stamp)
     conds = cond.set_condition(conds, cond.make(C.READY, False, reason, message), now=stamp)
     return _with_phase(base.model_copy(update={"conditions": conds, "endpoint": None}), pods_exist=False)
 
 
-def _with_phase(status: TrainingSessionStatus, *, pods_exist: bool) -> TrainingSessionStatus:
+def _with_phase(status: PodSetStatus, *, pods_exist: bool) -> PodSetStatus:
     return status.model_copy(update={"phase": phase_from(status.conditions, pods_exist=pods_exist).value})
 
 
-def _meaning(status: TrainingSessionStatus) -> dict[str, Any]:
+def _meaning(status: PodSetStatus) -> dict[str, Any]:
     dumped = operator_view(status)
     for c in dumped.get("conditions") or []:
         c.pop("lastTransitionTime", None)
     return dumped
 
 
-def operator_view(status: TrainingSessionStatus) -> dict[str, Any]:
+def operator_view(status: PodSetStatus) -> dict[str, Any]:
     """The operator's subtree of status, as the API sees it."""
     dumped = status.to_k8s()
-    return {k: dumped[k] for k in OPERATOR_FIELDS if k in dumped}
+    return {k: dumped[k] for k in operator_fields(type(status)) if k in dumped}
 
 
-def differs(old: TrainingSessionStatus, new: TrainingSessionStatus) -> bool:
+def differs(old: PodSetStatus, new: PodSetStatus) -> bool:
     return _meaning(old) != _meaning(new)
 
 
-def status_patch(new: TrainingSessionStatus) -> dict[str, Any]:
+def status_patch(new: PodSetStatus) -> dict[str, Any]:
     """A merge patch of the operator's fields only: absent ones become null (removed), `futures` untouched."""
     view = operator_view(new)
-    return {k: view.get(k) for k in OPERATOR_FIELDS}
+    return {k: view.get(k) for k in operator_fields(type(new))}
 
 
 def parse_status(raw: Any) -> TrainingSessionStatus:
     return TrainingSessionStatus.model_validate(raw or {})
 
 
-def phase_of(status: TrainingSessionStatus) -> Phase:
+def parse_pool_status(raw: Any) -> TrainerPoolStatus:
+    return TrainerPoolStatus.model_validate(raw or {})
+
+
+def phase_of(status: PodSetStatus) -> Phase:
     return Phase(status.phase) if status.phase else Phase.PENDING

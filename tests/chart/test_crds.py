@@ -25,6 +25,11 @@ def test_chart_crd_is_a_symlink_to_the_single_source() -> None:
     assert CHART_CRD.resolve() == SOURCE.resolve()
 
 
+def test_the_pool_crd_is_a_symlink_too() -> None:
+    link = CHART / "crds" / "trainerpool.yaml"
+    assert link.is_symlink() and link.resolve() == (ROOT / "crds" / "trainerpool.yaml").resolve()
+
+
 def test_every_top_level_crd_is_in_the_chart() -> None:
     top = {p.name for p in (ROOT / "crds").glob("*.yaml")}
     chart = {p.name for p in (CHART / "crds").glob("*.yaml")}
@@ -39,8 +44,12 @@ def test_packaged_chart_carries_the_crd_bytes(helm: Helm, tmp_path: Path) -> Non
         member = tar.extractfile("tinkerkube/crds/trainingsession.yaml")
         assert member is not None
         assert member.read() == SOURCE.read_bytes()
-    shown = helm.run("show", "crds", str(package)).stdout
-    assert yaml.safe_load(shown) == yaml.safe_load(SOURCE.read_text())
+        pool = tar.extractfile("tinkerkube/crds/trainerpool.yaml")
+        assert pool is not None
+        assert pool.read() == (ROOT / "crds" / "trainerpool.yaml").read_bytes()
+    shown = [d for d in yaml.safe_load_all(helm.run("show", "crds", str(package)).stdout) if d]
+    assert yaml.safe_load(SOURCE.read_text()) in shown
+    assert yaml.safe_load((ROOT / "crds" / "trainerpool.yaml").read_text()) in shown
 
 
 def _openapi_to_jsonschema(node: Any) -> Any:

@@ -12,7 +12,7 @@ import pytest
 
 from tests.chart.conftest import ROOT, Helm, Render
 from tinkerkube_contract import rbac
-from tinkerkube_contract.resource import PLURAL
+from tinkerkube_contract.resource import PLURAL, POOL_PLURAL
 
 Perms = dict[tuple[str, str], frozenset[str]]
 OPERATOR_PKG = ROOT / "operator" / "tinkerkube_operator"
@@ -50,16 +50,28 @@ def client_calls(package: Path) -> Perms:
     for path in sorted(package.rglob("*.py")):
         tree = ast.parse(path.read_text())
         watches = any(isinstance(n, ast.Attribute) and n.attr == "stream" for n in ast.walk(tree))
+        parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
         for node in ast.walk(tree):
             if not isinstance(node, ast.Attribute) or not (m := _CLIENT_CALL.match(node.attr)):
                 continue
-            resource = _KIND.get(m["kind"], m["kind"] + "s")
-            group = "tinkerkube.dev" if resource == PLURAL else rbac.CORE
-            key = (group, resource + ("/status" if m["status"] else ""))
-            out[key].add(_VERB.get(m["verb"], m["verb"]))
-            if watches and m["verb"] == "list":
-                out[key].add("watch")
+            for resource in _resources(m["kind"], parents.get(node)):
+                group = "tinkerkube.dev" if resource in (PLURAL, POOL_PLURAL) else rbac.CORE
+                key = (group, resource + ("/status" if m["status"] else ""))
+                out[key].add(_VERB.get(m["verb"], m["verb"]))
+                if watches and m["verb"] == "list":
+                    out[key].add("watch")
     return {k: frozenset(v) for k, v in out.items()}
+
+
+def _resources(kind: str, parent: ast.AST | None) -> tuple[str, ...]:
+    """A custom-object call names its plural: `POOL_PLURAL` (pools), a `plural` parameter (a helper used for
+    both kinds), else the sessions' `PLURAL`."""
+    if kind != "custom_object":
+        return (_KIND.get(kind, kind + "s"),)
+    names = {a.id for a in getattr(parent, "args", []) if isinstance(a, ast.Name)}
+    if "POOL_PLURAL" in names:
+        return (POOL_PLURAL,)
+    return (PLURAL, POOL_PLURAL) if "plural" in names else (PLURAL,)
 
 
 def kopf_calls(package: Path) -> Perms:
@@ -76,10 +88,12 @@ def kopf_calls(package: Path) -> Perms:
                 continue
             core_kind = next((a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)),
                              None)
+            spread = {k.value.id for k in node.keywords if k.arg is None and isinstance(k.value, ast.Name)}
             if core_kind in ("pods", "services"):
                 out[(rbac.CORE, core_kind)] |= {"list", "watch"}
             elif dotted.rsplit(".", 1)[-1] in _KOPF_SESSION_DECORATORS | {"event", "index"}:
-                out[("tinkerkube.dev", PLURAL)] |= {"list", "watch", "patch"}
+                resource = POOL_PLURAL if "POOLS" in spread else PLURAL
+                out[("tinkerkube.dev", resource)] |= {"list", "watch", "patch"}
     if out:
         out[(rbac.CORE, "events")].add("create")
     return {k: frozenset(v) for k, v in out.items()}

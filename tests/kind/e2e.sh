@@ -104,9 +104,10 @@ for node in $(kind get nodes --name "$CLUSTER"); do
   docker exec "$node" sh -c 'mkdir -p /var/lib/tinkerkube/checkpoints && chown 10001:10001 /var/lib/tinkerkube/checkpoints'
 done
 
-log "applying the CRD"
+log "applying the CRDs"
 kubectl apply --server-side -f crds/
-kubectl wait --for condition=established --timeout=60s crd/trainingsessions.tinkerkube.dev
+kubectl wait --for condition=established --timeout=60s crd/trainingsessions.tinkerkube.dev \
+  crd/trainerpools.tinkerkube.dev
 
 HELM_ARGS=(-f charts/tinkerkube/ci/kind-values.yaml)
 if [ "$INGRESS" = nginx ]; then

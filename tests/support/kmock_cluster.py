@@ -31,12 +31,24 @@ import yaml
 from kmock import action
 from kmock._internal import parsing as _kmock_parsing
 
-from tinkerkube_contract.resource import GROUP, KIND, PLURAL, SHORT_NAME, SINGULAR, VERSION
+from tinkerkube_contract.resource import (
+    GROUP,
+    KIND,
+    PLURAL,
+    POOL_KIND,
+    POOL_PLURAL,
+    POOL_SHORT_NAME,
+    POOL_SINGULAR,
+    SHORT_NAME,
+    SINGULAR,
+    VERSION,
+)
 
 T = TypeVar("T")
 _MATCHING: contextvars.ContextVar[kmock.Request | None] = contextvars.ContextVar("kmock_matching", default=None)
 REPO = Path(__file__).resolve().parents[2]
 CRD_PATH = REPO / "crds" / "trainingsession.yaml"
+POOL_CRD_PATH = REPO / "crds" / "trainerpool.yaml"
 VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
 DEFAULT_NAMESPACES = ("default",)
 
@@ -135,13 +147,17 @@ def declare_resources(emulator: kmock.KubernetesEmulator, namespaces: tuple[str,
     res[f"{GROUP}/{VERSION}/{PLURAL}"] = {
         "kind": KIND, "singular": SINGULAR, "namespaced": True, "verbs": VERBS,
         "shortnames": {SHORT_NAME}, "categories": {"all"}, "subresources": {"status"}}
+    res[f"{GROUP}/{VERSION}/{POOL_PLURAL}"] = {
+        "kind": POOL_KIND, "singular": POOL_SINGULAR, "namespaced": True, "verbs": VERBS,
+        "shortnames": {POOL_SHORT_NAME}, "categories": {"all"}, "subresources": {"status"}}
     res["v1/pods"] = {"kind": "Pod", "singular": "pod", "namespaced": True, "verbs": VERBS,
                       "subresources": {"status"}}
     for plural, kind in (("services", "Service"), ("events", "Event"), ("secrets", "Secret")):
         res[f"v1/{plural}"] = {"kind": kind, "singular": plural[:-1], "namespaced": True, "verbs": VERBS}
-    crd = yaml.safe_load(CRD_PATH.read_text())
-    crd["metadata"].update(uid=str(uuid.uuid4()), resourceVersion="1")
-    emulator.objects["apiextensions.k8s.io/v1/customresourcedefinitions", None, crd["metadata"]["name"]] = crd
+    for path in (CRD_PATH, POOL_CRD_PATH):
+        crd = yaml.safe_load(path.read_text())
+        crd["metadata"].update(uid=str(uuid.uuid4()), resourceVersion="1")
+        emulator.objects["apiextensions.k8s.io/v1/customresourcedefinitions", None, crd["metadata"]["name"]] = crd
     for ns in namespaces:
         add_namespace(emulator, ns)
 

@@ -1,12 +1,18 @@
 """KubernetesBackend: one TrainingSession custom resource per training run / started sampler.
 
-The operator turns each resource into trainer pods and reports `status.phase` and `status.endpoint`;
-this backend only creates, reads, deletes and status-patches TrainingSessions (in threads, with the
+The operator either turns each resource into trainer pods of its own, or (pool binding) binds it to a
+TrainerPool; either way it reports `status.phase` and `status.endpoint`. Under pool binding
+(`status.pool` set) this backend then attaches the run to the pool over the pod API (`attach.attach_run`,
+the local backend's own code), and attaches it again whenever the pool at its endpoint does not hold it
+(the pool's pods were recreated, or the run was bound to another pool): the worker sees a new boot id and
+replays the run's ops from the op log. While the operator says the run waits for capacity, its futures
+report `paused_capacity` (`capacity_wait`) and the start timeout does not run.
+This backend only creates, reads, deletes and status-patches TrainingSessions (in threads, with the
 official `kubernetes` client). Kubernetes API calls made here (RBAC derives from this list):
   tinkerkube.dev trainingsessions: create, get, delete;  trainingsessions/status: patch.
 
-Futures are mirrored into `status.futures` through a `Coalescer`: at most one write per session per
-`status_interval` seconds, whatever the call rate; the last value always gets written.
+Futures are mirrored into `status.futures` through a `Coalescer` (status_writes.py): at most one write per
+session per `status_interval` seconds, whatever the call rate; the last value always gets written.
 """
 
 from __future__ import annotations
@@ -16,10 +22,9 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -42,7 +47,10 @@ from tinkerkube_contract.resource import (
     TrainingSessionSpec,
     label_value,
 )
+from tinkerkube_gateway.backends.attach import attach_run
 from tinkerkube_gateway.backends.base import TrainerHandle, TrainerStartFailed
+from tinkerkube_gateway.backends.status_writes import Coalescer
+from tinkerkube_gateway.clients.pod_client import OpRejected, PodClient, TrainerUnreachable
 
 log = logging.getLogger(__name__)
 TERMINAL = {Phase.FAILED.value, Phase.TERMINATED.value}
@@ -56,62 +64,6 @@ def resource_name(model_id: str) -> str:
     digest = hashlib.sha256(model_id.encode()).hexdigest()[:8]
     head = f"ts-{slug}"[: 63 - len(digest) - 1].rstrip("-")
     return f"{head}-{digest}"
-
-
-class Coalescer:
-    """Per key: the first value is written at once, later ones at most once per `interval`; the
-    latest value wins and a trailing write always happens. `clock`/`sleep` are injectable for tests."""
-
-    def __init__(self, write: Callable[[str, Any], Awaitable[None]], interval: float = 1.0, *,
-                 clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
-        self._write, self.interval, self._clock, self._sleep = write, interval, clock, sleep
-        self._latest: dict[str, Any] = {}
-        self._last_write: dict[str, float] = {}
-        self._tasks: dict[str, asyncio.Task[None]] = {}
-        self.writes = 0
-        self.min_spacing = math.inf  # the shortest gap seen between two writes of one key (≥ interval)
-
-    def offer(self, key: str, value: Any) -> None:
-        self._latest[key] = value
-        if key not in self._tasks:
-            self._tasks[key] = asyncio.get_running_loop().create_task(self._drain(key))
-
-    async def _drain(self, key: str) -> None:
-        try:
-            while key in self._latest:
-                wait = self._last_write.get(key, -math.inf) + self.interval - self._clock()
-                if wait > 0:
-                    await self._sleep(wait)
-                value = self._latest.pop(key)
-                now = self._clock()
-                if key in self._last_write:
-                    self.min_spacing = min(self.min_spacing, now - self._last_write[key])
-                self._last_write[key] = now
-                self.writes += 1
-                try:
-                    await self._write(key, value)
-                except Exception:  # a lost mirror write must never fail a future
-                    log.warning("status write for %s failed", key, exc_info=True)
-        finally:
-            self._tasks.pop(key, None)
-
-    def forget(self, key: str) -> None:
-        self._latest.pop(key, None)
-        task = self._tasks.pop(key, None)
-        if task is not None:
-            task.cancel()
-        self._last_write.pop(key, None)
-
-    async def flush(self) -> None:
-        """Write whatever is pending now (shutdown), ignoring the interval."""
-        for task in list(self._tasks.values()):
-            task.cancel()
-        self._tasks.clear()
-        pending, self._latest = self._latest, {}
-        for key, value in pending.items():
-            with contextlib.suppress(Exception):
-                await self._write(key, value)
 
 
 def api_client(api_url: str | None, kubeconfig: str | None) -> kubernetes.client.ApiClient:
@@ -183,8 +135,10 @@ class KubernetesBackend:
                  tolerations: list[dict[str, Any]] | None = None, priority_class_name: str | None = None,
                  idle_timeout_seconds: int | None = None, status_interval_seconds: float = 1.0,
                  poll_interval_seconds: float = 0.5, recover_timeout_seconds: float = 600.0,
-                 delete_on_close: bool = False, client: kubernetes.client.ApiClient | None = None) -> None:
+                 delete_on_close: bool = False, client: kubernetes.client.ApiClient | None = None,
+                 pods: PodClient | None = None) -> None:
         self.namespace, self.token = namespace, token
+        self._pods = pods
         self._client = client or api_client(api_url, kubeconfig)
         self._api = kubernetes.client.CustomObjectsApi(self._client)
         self.placement = Placement(
@@ -196,13 +150,14 @@ class KubernetesBackend:
         self._delete_on_close = delete_on_close
         self._started: set[str] = set()
         self._reasons: dict[str, str] = {}
+        self._waiting: dict[str, str] = {}  # model_id → why it waits for capacity (the operator's words)
         self.coalescer = Coalescer(self._write_futures, status_interval_seconds)
 
     @classmethod
-    def from_settings(cls, settings: Any) -> KubernetesBackend:
+    def from_settings(cls, settings: Any, pods: PodClient | None = None) -> KubernetesBackend:
         """From the gateway's settings object: `kube_<arg>` for each constructor argument it has, else the
         gateway's own `trainer_*` names (see _SETTINGS_FALLBACKS); absent or None keeps the default."""
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {"pods": pods}
         for name in _SETTINGS_NAMES:
             value = getattr(settings, f"kube_{name}", None)
             if value is None and name in _SETTINGS_FALLBACKS:
@@ -245,10 +200,19 @@ class KubernetesBackend:
         while True:
             last = await self._get(resource_name(model_id))
             if last is None:
+                self._waiting.pop(model_id, None)
                 raise TrainerStartFailed(f"TrainingSession for {model_id} does not exist (deleted?)")
+            waiting = _capacity_wait(last)
+            if waiting is not None:  # the operator holds it until room appears: that is no start failure
+                self._waiting[model_id] = waiting
+                deadline = max(deadline, time.monotonic() + timeout)
+            else:
+                self._waiting.pop(model_id, None)
             handle = self._handle_of(last)
             if handle is not None:
-                return handle
+                with contextlib.suppress(TrainerUnreachable):  # a pool pod going away: wait for the next
+                    await self._attached(last, handle, deadline)
+                    return handle
             if _phase(last) in TERMINAL:
                 raise TrainerStartFailed(self._remember(model_id, last), retryable=False)
             if time.monotonic() >= deadline:
@@ -270,14 +234,45 @@ class KubernetesBackend:
             return None
         if _phase(body) in TERMINAL:
             self._remember(model_id, body)
-        return self._handle_of(body)
+        handle = self._handle_of(body)
+        if handle is not None:
+            try:
+                await self._attached(body, handle, time.monotonic() + self._recover_timeout)
+            except (TrainerStartFailed, TimeoutError) as exc:
+                log.error("could not attach %s to its pool again: %s", model_id, exc)
+                return None
+            except TrainerUnreachable:
+                pass  # the worker asks again
+        return handle
+
+    def capacity_wait(self, model_id: str) -> str | None:
+        """Why this run waits for capacity (no pool may be created, or its pool cannot be scheduled), or None."""
+        return self._waiting.get(model_id)
+
+    async def _attached(self, body: dict[str, Any], handle: TrainerHandle, deadline: float) -> None:
+        """Under pool binding: make sure the pool at `handle` holds the run (attach it when it does not:
+        a pool that was recreated or replaced has lost it). A session with pods of its own attached its
+        run at boot."""
+        pool = (body.get("status") or {}).get("pool")
+        if not pool or self._pods is None:
+            return
+        spec = TrainingSessionSpec.model_validate(body.get("spec") or {})
+        try:
+            await self._pods.info(handle, spec.model_id)
+            return
+        except OpRejected as exc:
+            if exc.status != 404:
+                raise TrainerStartFailed(f"TrainerPool {pool} refused {spec.model_id}: {exc.detail}") from exc
+        await attach_run(self._pods, handle, spec, deadline, where=f"TrainerPool {pool}")
 
     def exit_reason(self, model_id: str) -> str:
         return self._reasons.get(model_id, "the TrainingSession is gone")
 
     async def stop(self, model_id: str) -> None:
+        """Deletes the TrainingSession; under pool binding the operator detaches the run from its pool."""
         self.coalescer.forget(model_id)
         self._started.discard(model_id)
+        self._waiting.pop(model_id, None)
         with contextlib.suppress(ApiException):
             await self._delete(resource_name(model_id))
 
@@ -368,6 +363,17 @@ def _utcnow() -> str:
 
 def _phase(body: dict[str, Any] | None) -> str | None:
     return ((body or {}).get("status") or {}).get("phase")
+
+
+def _capacity_wait(body: dict[str, Any]) -> str | None:
+    """The operator's reason when the run waits for room: unbound (limits), or its pool's pods unschedulable."""
+    bound = _condition(body, ConditionType.BOUND)
+    if bound is not None and bound.get("status") == "False" and bound.get("reason") == Reason.WAITING_FOR_CAPACITY:
+        return str(bound.get("message") or "waiting for capacity")
+    scheduled = _condition(body, ConditionType.SCHEDULED)
+    if scheduled is not None and scheduled.get("status") == "False" and scheduled.get("reason") == Reason.UNSCHEDULABLE:
+        return str(scheduled.get("message") or "the trainer's pods cannot be scheduled yet")
+    return None
 
 
 def _condition(body: dict[str, Any] | None, kind: ConditionType) -> dict[str, Any] | None:

@@ -34,8 +34,8 @@ from pathlib import Path
 
 from tinkerkube_contract import env as contract_env
 from tinkerkube_contract import launch
-from tinkerkube_contract.pod_api import RunInfo, RunSpec, RunState
 from tinkerkube_contract.resource import FuturesStatus, TrainingSessionSpec
+from tinkerkube_gateway.backends.attach import attach_run
 from tinkerkube_gateway.backends.base import TrainerHandle, TrainerStartFailed
 from tinkerkube_gateway.backends.processes import (
     Adopted,
@@ -113,13 +113,6 @@ class _Pool:
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
-
-
-def run_spec(spec: TrainingSessionSpec) -> RunSpec:
-    """The pod API's view of a run. Always `resume`: a new run has no checkpoint of its own yet, and a run
-    attached again after its pool died must come back from its newest durable state."""
-    return RunSpec(model_id=spec.model_id, base_model=spec.base_model, mode=spec.mode, lora=spec.lora,
-                   restore_from=spec.restore_from, restore_optimizer=spec.restore_optimizer, resume=True)
 
 
 class LocalBackend:
@@ -231,25 +224,13 @@ class LocalBackend:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"trainer pool for {model_id} not ready within {timeout:.0f}s (log {pool.log_path})")
             await asyncio.sleep(0.2)
-        info = await self._attach(pool, handle, model_id)
-        while info.state is RunState.ATTACHING:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"{model_id} not attached within {timeout:.0f}s (log {pool.log_path})")
-            info = await self._pods.info(handle, model_id, wait=min(remaining, 10.0))
-        if info.state is RunState.FAILED:
-            raise TrainerStartFailed(f"{model_id} could not start on its trainer pool: {info.error}")
-        return handle
-
-    async def _attach(self, pool: _Pool, handle: TrainerHandle, model_id: str) -> RunInfo:
         try:
-            return await self._pods.attach(handle, run_spec(pool.runs[model_id]))
-        except OpRejected as exc:
-            raise TrainerStartFailed(f"{model_id} could not attach to its trainer pool: {exc.detail}",
-                                     retryable=exc.status == 429) from exc
+            await attach_run(self._pods, handle, pool.runs[model_id], deadline,
+                             where=f"its trainer pool (log {pool.log_path})")
         except TrainerUnreachable:
             self._check_alive(pool, model_id)
             raise
+        return handle
 
     def _check_alive(self, pool: _Pool, model_id: str) -> None:
         code = pool.proc.poll()

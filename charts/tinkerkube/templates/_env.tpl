@@ -132,4 +132,34 @@ persistentVolumeClaim:
   value: {{ $o.metricsPort | quote }}
 - name: TINKERKUBE_OPERATOR_POSTING_LEVEL
   value: {{ $o.eventsLevel | quote }}
+{{- with $o.pools }}
+- name: TINKERKUBE_OPERATOR_POOLS
+  value: {{ .enabled | quote }}
+- name: TINKERKUBE_OPERATOR_POOL_MAX_RUNS
+  value: {{ .maxRuns | quote }}
+- name: TINKERKUBE_OPERATOR_POOL_MAX_LORA_RANK
+  value: {{ .maxLoraRank | quote }}
+- name: TINKERKUBE_OPERATOR_POOL_IDLE_TIMEOUT_SECONDS
+  value: {{ .idleTimeoutSeconds | quote }}
+- name: TINKERKUBE_OPERATOR_POOL_SHARDING
+  value: {{ .sharding | quote }}
+- name: TINKERKUBE_OPERATOR_POOL_SAMPLER
+  value: {{ .sampler | quote }}
+- name: TINKERKUBE_OPERATOR_SHARE_POOLS_ACROSS_TENANTS
+  value: {{ .shareAcrossTenants | quote }}
+- name: TINKERKUBE_OPERATOR_MAX_POOLS_PER_TENANT
+  value: {{ .maxPoolsPerTenant | quote }}
+- name: TINKERKUBE_OPERATOR_MAX_RUNS_PER_TENANT
+  value: {{ .maxRunsPerTenant | quote }}
+- name: TINKERKUBE_OPERATOR_WARM_POOLS
+  value: {{ .warm | toJson | quote }}
+{{- end }}
+{{- if $o.pools.enabled }}
+# Detaching a deleted session's run from its pool speaks the pod API, with the trainers' token.
+- name: TINKERKUBE_OPERATOR_TRAINER_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "tinkerkube.trainerTokenSecret" . | quote }}
+      key: {{ $t.authToken.secretKey | quote }}
+{{- end }}
 {{- end -}}

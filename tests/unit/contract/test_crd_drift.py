@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from pydantic import BaseModel
 
 from tests.unit.contract import crd_schema
@@ -111,7 +113,7 @@ def test_printer_columns_are_the_documented_ones() -> None:
     cols = crd_schema.version()["additionalPrinterColumns"]
     default = [c["name"] for c in cols if not c.get("priority")]
     wide = [c["name"] for c in cols if c.get("priority") == 1]
-    assert default == ["Phase", "Model", "Ranks", "Pending", "Completed", "Age"]
+    assert default == ["Phase", "Model", "Ranks", "Pool", "Pending", "Completed", "Age"]
     assert wide == ["Endpoint", "Owner"]
     assert all("[-1:]" not in c["jsonPath"] for c in cols)
 
@@ -120,3 +122,25 @@ def test_conditions_are_a_bounded_map_keyed_by_type() -> None:
     conds = STATUS["properties"]["conditions"]
     assert conds["x-kubernetes-list-type"] == "map" and conds["x-kubernetes-list-map-keys"] == ["type"]
     assert conds["maxItems"] >= len(conditions.ConditionType)
+
+
+POOL_CRD = yaml.safe_load((Path(__file__).resolve().parents[3] / "crds" / "trainerpool.yaml").read_text())
+POOL_SCHEMA = POOL_CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
+
+
+def test_every_pool_spec_and_status_field_is_in_its_schema_and_vice_versa() -> None:
+    assert _drift(resource.TrainerPoolSpec, POOL_SCHEMA["spec"], "spec") == []
+    assert _drift(resource.TrainerPoolStatus, POOL_SCHEMA["status"], "status") == []
+
+
+def test_pool_schema_defaults_and_enums_match_the_contract() -> None:
+    default = resource.TrainerPoolSpec(base_model="m").to_k8s()
+    for key, sub in POOL_SCHEMA["spec"]["properties"].items():
+        if "default" in sub and sub["default"] != {}:
+            assert default[key] == sub["default"], key
+    assert set(POOL_SCHEMA["spec"]["properties"]["sharding"]["enum"]) == {s.value for s in resource.Sharding}
+    assert set(POOL_SCHEMA["spec"]["properties"]["sampler"]["enum"]) == {s.value for s in resource.Sampler}
+    conds = POOL_SCHEMA["status"]["properties"]["conditions"]["items"]["properties"]["type"]["enum"]
+    assert set(conds) == {c.value for c in conditions.ConditionType}
+    assert POOL_CRD["spec"]["names"]["plural"] == resource.POOL_PLURAL
+    assert POOL_CRD["spec"]["names"]["kind"] == resource.POOL_KIND

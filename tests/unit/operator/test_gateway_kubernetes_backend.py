@@ -13,7 +13,8 @@ from tinkerkube_contract.resource import (
     FuturesStatus,
     TrainingSessionSpec,
 )
-from tinkerkube_gateway.backends.kubernetes import Coalescer, KubernetesBackend, resource_name
+from tinkerkube_gateway.backends.kubernetes import KubernetesBackend, resource_name
+from tinkerkube_gateway.backends.status_writes import Coalescer
 
 RFC1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
