@@ -46,7 +46,7 @@ from tinkerkube_trainer.engine_api import (
     SampleFeed,
 )
 from tinkerkube_trainer.lora import DEFAULT_SEED
-from tinkerkube_trainer.model_loading import load_base_model, load_sharded_base_model
+from tinkerkube_trainer.model_loading import eos_ids, load_base_model, load_sharded_base_model
 from tinkerkube_trainer.op_decode import (
     AttachPayload,
     LoadPayload,
@@ -57,6 +57,7 @@ from tinkerkube_trainer.op_decode import (
 )
 from tinkerkube_trainer.optim import LoraOptimizer
 from tinkerkube_trainer.runs import LIVE, Run
+from tinkerkube_trainer.sample_feed import ListFeed
 from tinkerkube_trainer.sampling import SampleJob, decode_stream, sample
 from tinkerkube_trainer.train_pass import FbWork
 from tinkerkube_trainer.vllm_sampler import AdapterRef, VllmJob, VllmSampler, wants_prompt_scores
@@ -83,7 +84,7 @@ class PoolEngine:
         self.tokenizer, self.device, self.model_dir = loaded.tokenizer, loaded.device, loaded.model_dir
         self.vocab_size = int(loaded.model.get_input_embeddings().num_embeddings)
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
-        self.eos_ids = sorted(self._eos_ids(loaded.model))
+        self.eos_ids = sorted(eos_ids(self.tokenizer, loaded.model))
         self.images = vision.ImageEncoder.load(loaded.model, loaded.model_dir)  # None: a text-only model
         self.decoder = OpDecoder(config, self.vocab_size, self.images)
         self.module = loaded.model
@@ -109,12 +110,6 @@ class PoolEngine:
         cfg: VllmServerConfig = self.config.vllm or VllmServerConfig()
         server = VllmServer(cfg, model_dir=self.model_dir, max_lora_rank=self.config.max_lora_rank)
         return VllmSampler(server, Adapters(server, cfg.adapter_dir, cfg.max_adapters), eos_ids=self.eos_ids)
-
-    def _eos_ids(self, model: torch.nn.Module) -> set[int]:
-        ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
-        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        ids |= set(gen_eos) if isinstance(gen_eos, list) else ({gen_eos} if gen_eos is not None else set())
-        return {int(i) for i in ids}
 
     # ------------------------------------------------------------------ engine_api
 
@@ -352,7 +347,7 @@ class PoolEngine:
 
     def _sample(self, ops: Sequence[PreparedOp]) -> list[OpOutput | OpError]:
         """Rank 0: every request of the pass decoded together; one that cannot run fails alone."""
-        feed = _ListFeed(ops)
+        feed = ListFeed(ops)
         self.run_samples(feed)
         return feed.outcomes  # type: ignore[return-value]
 
@@ -392,21 +387,6 @@ class PoolEngine:
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
-
-
-class _ListFeed:
-    """A sampling pass over a fixed list of ops (no joiners), outcomes in op order."""
-
-    def __init__(self, ops: Sequence[PreparedOp]) -> None:
-        self._ops: list[tuple[Any, PreparedOp]] = list(enumerate(ops))
-        self.outcomes: list[OpOutput | OpError | None] = [None] * len(ops)
-
-    def poll(self) -> list[tuple[Any, PreparedOp]]:
-        taken, self._ops = self._ops, []
-        return taken
-
-    def done(self, key: Any, outcome: OpOutput | OpError) -> None:
-        self.outcomes[key] = outcome
 
 
 def build_engine(config: PoolConfig, collective: Collective) -> PoolEngine:

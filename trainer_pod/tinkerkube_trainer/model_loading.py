@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import huggingface_hub.constants
 import torch
@@ -120,3 +120,11 @@ def load_sharded_base_model(
                      checkpoint_name=lambda param: checkpoint_name(sites, param))
     fsdp.grads_through_every_layer(model)
     return LoadedModel(model=model, tokenizer=tokenizer, model_dir=location, device=dev), sites
+
+
+def eos_ids(tokenizer: Any, model: torch.nn.Module) -> set[int]:
+    """Every token that ends a sample: the tokenizer's EOS and the model's generation-config EOS list."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(gen_eos) if isinstance(gen_eos, list) else ({gen_eos} if gen_eos is not None else set())
+    return {int(i) for i in ids}

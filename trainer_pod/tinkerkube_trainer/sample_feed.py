@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tinkerkube_contract.pod_api import OpFailure
@@ -71,3 +71,18 @@ def sample_rows(entry: Entry) -> int:
     payload = entry.prepared.payload if entry.prepared is not None else None
     params = getattr(payload, "params", None)
     return int(getattr(params, "num_samples", 1) or 1)
+
+
+class ListFeed:
+    """A sampling pass over a fixed list of ops (no joiners), outcomes in op order."""
+
+    def __init__(self, ops: Sequence[PreparedOp]) -> None:
+        self._ops: list[tuple[Any, PreparedOp]] = list(enumerate(ops))
+        self.outcomes: list[OpOutput | OpError | None] = [None] * len(ops)
+
+    def poll(self) -> list[tuple[Any, PreparedOp]]:
+        taken, self._ops = self._ops, []
+        return taken
+
+    def done(self, key: Any, outcome: OpOutput | OpError) -> None:
+        self.outcomes[key] = outcome
