@@ -62,6 +62,9 @@ class GatewaySettings(BaseSettings):
     trainer_device: str = Field("auto", pattern="^(auto|cpu|cuda)$", description="device for local trainers")
     trainer_sharding: str = Field("replicate", pattern="^(replicate|fsdp)$", description="local trainer pools: "
                                   "replicate the base on every rank, or shard it over the ranks (FSDP2)")
+    trainer_sampler: str = Field("hf", pattern="^(hf|vllm)$", description="local trainer pools' sampler: hf (the "
+                                 "trainer's own batched decode) or vllm (a vLLM server per pool; the trainer's "
+                                 "TINKERKUBE_TRAINER_VLLM_* variables say which, see operations.md)")
     trainer_start_timeout_seconds: float = Field(300.0, gt=0, description="longest wait for a trainer's readiness")
     pool_max_runs: int = Field(8, ge=1, le=1024, description="runs (and samplers) one trainer pool holds")
     pool_idle_timeout_seconds: float = Field(

@@ -55,6 +55,7 @@ def pool_env(
     max_lora_rank: int | None = None,
     auto_checkpoint_steps: int | None = None,
     sharding: str | None = None,
+    sampler: str | None = None,
 ) -> dict[str, str]:
     """A trainer pool with no run yet: runs attach over the pod API."""
     values = {
@@ -78,6 +79,8 @@ def pool_env(
         values[env.AUTO_CHECKPOINT_STEPS] = str(auto_checkpoint_steps)
     if sharding is not None:
         values[env.SHARDING] = sharding
+    if sampler is not None:
+        values[env.SAMPLER] = sampler
     return values
 
 

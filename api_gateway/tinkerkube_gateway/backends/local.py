@@ -62,6 +62,7 @@ class LocalBackendConfig:
     nproc_per_node: int = 1
     device: str = "auto"
     sharding: str = "replicate"  # replicate | fsdp (launch.pool_env)
+    sampler: str = "hf"  # hf | vllm (launch.pool_env)
     model_aliases: dict[str, str] = field(default_factory=dict)
     command: list[str] | None = None  # replaces torchrun (tests' fake trainer)
     pool_max_runs: int = 8
@@ -188,7 +189,8 @@ class LocalBackend:
             key[1], checkpoint_dir=str(cfg.checkpoint_dir), port=port, host="127.0.0.1", auth_token=cfg.token,
             model_cache_dir=str(cfg.model_cache_dir), model_aliases=cfg.model_aliases or None, device=cfg.device,
             max_runs=cfg.pool_max_runs, max_lora_rank=cfg.pool_max_lora_rank,
-            auto_checkpoint_steps=cfg.auto_checkpoint_steps, sharding=cfg.sharding))
+            auto_checkpoint_steps=cfg.auto_checkpoint_steps, sharding=cfg.sharding,
+            sampler=cfg.sampler))
         log_path = cfg.logs_dir / f"{name}.log"
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -28,7 +28,7 @@ def test_the_launcher_environment_becomes_the_pool_config_and_boot_run(clean_env
                                restore_from="tinker://sess-a:train:3/weights/step2", restore_optimizer=True)
     values = trainer_env(spec, checkpoint_dir="/ckpt", port=0, host="127.0.0.1", auth_token="s3cret-value",
                          model_cache_dir="/models", model_aliases={"small": "/models/x"}, device="cpu",
-                         sharding="fsdp")
+                         sharding="fsdp", sampler="vllm")
     for name, value in values.items():
         clean_env.setenv(name, value)
     settings = TrainerSettings()
@@ -38,6 +38,7 @@ def test_the_launcher_environment_becomes_the_pool_config_and_boot_run(clean_env
     assert run.lora == spec.lora and run.restore_from == spec.restore_from and run.restore_optimizer
     assert (config.checkpoint_dir, config.model_cache_dir) == (Path("/ckpt"), Path("/models"))
     assert config.model_aliases == {"small": "/models/x"} and config.device == "cpu" and config.sharding == "fsdp"
+    assert config.sampler == "vllm"
     assert (settings.host, settings.port, settings.token) == ("127.0.0.1", 0, "s3cret-value")
     assert "s3cret-value" not in repr(settings)  # the token is a secret
     assert TrainerSettings(**{k: v for k, v in settings.model_dump().items()}).to_env() == settings.to_env()
