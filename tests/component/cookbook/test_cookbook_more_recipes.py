@@ -1,9 +1,11 @@
 """More of tinker-cookbook's recipes, unmodified, run offline against the local-mode gateway (real trainers
 on the tiny Qwen3, the real SDK): `preference/shorter` (pairwise-preference RL), `multiplayer_rl/guess_number`
-(multi-turn RL) and `preference/dpo` (DPO: a reference sampler's logprobs plus a client-side custom loss).
+(multi-turn RL), `preference/dpo` (DPO: a reference sampler's logprobs plus a client-side custom loss) and
+`rubric` (RL graded by a second model's sampled answers).
 
 As in test_cookbook_recipes.py each recipe is `python -m tinker_cookbook.recipes...` with the tiny model's
-directory as `model_name` and `renderer_name=role_colon`. shorter and guess_number generate their own data;
+directory as `model_name` and `renderer_name=role_colon`. shorter and guess_number generate their own data,
+rubric's comes from the cookbook's generate_data;
 the DPO recipe's `dataset=hhh` reads `Anthropic/hh-rlhf` from the Hub, so local_hub_datasets.py serves that
 one hub id from JSON Lines files written here in the same format (nothing else in the recipe changes).
 """
@@ -131,4 +133,33 @@ def test_dpo_recipe_starts_at_log2_against_its_reference_sampler_and_lowers_the_
     assert last["accuracy"] == 1.0 and last["margin"] > 0 and last["chosen_reward"] > last["rejected_reward"], last
     # The hhh test split is evaluated by the sampler (SamplerNLLEvaluator) at the first and the last step.
     assert finite(first["test/nll"]) and finite(last["test/nll"]), (first, last)
+    assert_final_checkpoints_registered(log_path, cookbook_gateway, str(tiny_model_dir))
+
+
+def test_rubric_recipe_grades_each_rollout_with_a_grader_model(
+        cookbook_gateway: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The grader is a second sampling client on a base model (here the tiny model too, through its own
+    renderer); the cookbook's generate_data writes the addition datapoints with their rubrics."""
+    from tinker_cookbook.recipes.rubric.generate_data import generate_dataset
+
+    train_jsonl, test_jsonl = generate_dataset(num_train=2, num_test=1, seed=0, write_dir=str(tmp_path))
+    log_path = tmp_path / "rubric"
+    groups, group = 1, 2
+    run_recipe("tinker_cookbook.recipes.rubric.train", {
+        "model_name": tiny_model_dir, "renderer_name": "role_colon", "grader_llm_name": tiny_model_dir,
+        "grader_renderer_name": "role_colon", "train_jsonl_path": train_jsonl, "test_jsonl_path": test_jsonl,
+        "groups_per_batch": groups, "train_group_size": group, "max_tokens": 8, "lora_rank": 8, "max_steps": 1,
+        "learning_rate": 1e-3, "eval_every": 0, "save_every": 0, "behavior_if_log_dir_exists": "delete",
+        "log_path": log_path}, cookbook_gateway, tmp_path)
+
+    (m,) = train_metrics(log_path, 1)
+    assert m["env/all/total_episodes"] == groups * group, m
+    # Every rollout was graded: the env's rubric score and format flag are in [0, 1] and make its reward.
+    assert 0 <= m["env/all/rubric_score"] <= 1 and 0 <= m["env/all/format"] <= 1, m
+    assert math.isclose(m["env/all/reward/total"], m["env/all/rubric_score"] + 0.1 * (m["env/all/format"] - 1),
+                        abs_tol=1e-6), m
+    assert abs(m["optim/kl_sample_train_v1"]) < 1e-3, m
+    # The env's log tree holds one grade per rollout with the grader's sampled answer ("Model output").
+    tree = (log_path / "iteration_000000" / "train_logtree.json").read_text()
+    assert tree.count("Rubric 1: score=") == tree.count('"Model output"') == groups * group, tree[:2000]
     assert_final_checkpoints_registered(log_path, cookbook_gateway, str(tiny_model_dir))
