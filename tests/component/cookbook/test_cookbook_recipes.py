@@ -30,6 +30,7 @@ COOKBOOK_DIR = Path(tinker_cookbook.__file__).resolve().parent
 CONVERSATIONS = COOKBOOK_DIR / "example_data" / "conversations.jsonl"
 API_KEY = DEV_KEY  # the gateway's local dev key (no keys configured)
 RECIPE_TIMEOUT_S = 420
+LOCAL_HUB_DATASETS = Path(__file__).resolve().parent / "local_hub_datasets.py"
 
 
 def recipe_env(base_url: str) -> dict[str, str]:
@@ -39,9 +40,20 @@ def recipe_env(base_url: str) -> dict[str, str]:
     return env
 
 
-def run_recipe(module: str, args: dict[str, object], base_url: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", module, f"base_url={base_url}", *(f"{k}={v}" for k, v in args.items())]
-    done = subprocess.run(argv, cwd=cwd, env=recipe_env(base_url), capture_output=True, text=True,
+def run_recipe(module: str, args: dict[str, object], base_url: str, cwd: Path, *,
+               base_url_arg: bool = True,
+               hub_datasets: dict[str, dict[str, str]] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m module base_url=... key=value ...` (recipes without a `base_url` option read
+    TINKER_BASE_URL); with `hub_datasets` ({hub id: {split: jsonl}}) the module runs under
+    local_hub_datasets.py, which serves those hub datasets from the local files."""
+    recipe_args = [*([f"base_url={base_url}"] if base_url_arg else []), *(f"{k}={v}" for k, v in args.items())]
+    if hub_datasets is None:
+        argv = [sys.executable, "-m", module, *recipe_args]
+    else:
+        argv = [sys.executable, str(LOCAL_HUB_DATASETS), json.dumps(hub_datasets), module, *recipe_args]
+    env = recipe_env(base_url)
+    env["HF_DATASETS_CACHE"] = str(cwd / "hf-datasets-cache")  # the json builder's cache: per test, not ~
+    done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=RECIPE_TIMEOUT_S, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, f"{module} exited {done.returncode}\n--- stdout\n{done.stdout[-6000:]}" \
                                  f"\n--- stderr\n{done.stderr[-8000:]}"
