@@ -19,7 +19,7 @@ import tinker
 import yaml
 
 from tests.cluster.conftest import NAMESPACE
-from tests.cluster.test_pools import KEYS, batch, new_run, pool_of, submit
+from tests.cluster.test_cluster_pools import KEYS, batch, new_run, pool_of, submit
 from tests.support.kmock_cluster import REPO, Api, EmulatedCluster
 from tests.support.kubelet import Kubelet
 from tests.support.sdk import GatewayProc, start_gateway

@@ -69,3 +69,15 @@ def test_import_boundaries_hold() -> None:
     lint = Path(sys.executable).parent / "lint-imports"
     result = subprocess.run([str(lint), "--no-cache"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_test_module_names_are_unique_outside_packages() -> None:
+    """Test folders without __init__.py import their modules by basename: two `test_x.py` in such folders
+    stop the whole collection ("import file mismatch")."""
+    seen: dict[str, Path] = {}
+    for path in sorted((REPO / "tests").rglob("test_*.py")):
+        if (path.parent / "__init__.py").exists():
+            continue
+        assert path.name not in seen, f"{path.relative_to(REPO)} and {seen[path.name].relative_to(REPO)} share a name"
+        seen[path.name] = path
+    assert seen
