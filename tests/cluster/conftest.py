@@ -72,16 +72,7 @@ def operator(cluster: EmulatedCluster, kubelet: Kubelet, state_dir: Path, tiny_m
 @pytest.fixture(scope="module")
 def gateway(cluster: EmulatedCluster, operator: OperatorProcess, state_dir: Path, model_cache_dir: Path,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProc]:
-    kubeconfig = tmp_path_factory.mktemp("kube") / "config"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
-        "clusters": [{"name": "kmock", "cluster": {"server": cluster.url}}],
-        "users": [{"name": "test", "user": {}}],
-        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "test", "namespace": NAMESPACE}}],
-    }))
-    extra = {"TINKERKUBE_GATEWAY_BACKEND": "kubernetes", "KUBECONFIG": str(kubeconfig),
-             "TINKERKUBE_GATEWAY_TRAINER_START_TIMEOUT_SECONDS": "240"}
-    gw = start_gateway(state_dir, model_cache_dir=model_cache_dir, real_trainer=True, extra_env=extra)
+    gw = start_kube_gateway(cluster, state_dir, model_cache_dir, tmp_path_factory.mktemp("kube"))
     yield gw
     gw.stop()
 
@@ -90,3 +81,19 @@ def gateway(cluster: EmulatedCluster, operator: OperatorProcess, state_dir: Path
 def client(gateway: GatewayProc) -> Iterator[tinker.ServiceClient]:
     with tinker.ServiceClient(base_url=gateway.url, api_key=DEV_KEY) as c:
         yield c
+
+
+def start_kube_gateway(cluster: EmulatedCluster, state_dir: Path, model_cache_dir: Path, kube_dir: Path,
+                       **extra_env: str) -> GatewayProc:
+    """A gateway with the kubernetes backend, reaching the emulated cluster through a kubeconfig in `kube_dir`;
+    `extra_env`: more TINKERKUBE_GATEWAY_* settings."""
+    kubeconfig = kube_dir / "config"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+        "clusters": [{"name": "kmock", "cluster": {"server": cluster.url}}],
+        "users": [{"name": "test", "user": {}}],
+        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "test", "namespace": NAMESPACE}}],
+    }))
+    env = {"TINKERKUBE_GATEWAY_BACKEND": "kubernetes", "KUBECONFIG": str(kubeconfig),
+           "TINKERKUBE_GATEWAY_TRAINER_START_TIMEOUT_SECONDS": "240", **extra_env}
+    return start_gateway(state_dir, model_cache_dir=model_cache_dir, real_trainer=True, extra_env=env)

@@ -15,15 +15,14 @@ from typing import Any
 import httpx
 import pytest
 import tinker
-import yaml
 from tinker import types
 
-from tests.cluster.conftest import NAMESPACE, TINY
+from tests.cluster.conftest import NAMESPACE, TINY, start_kube_gateway
 from tests.support import gateway_raw as raw
 from tests.support.eventually import eventually_sync
 from tests.support.kmock_cluster import Api, EmulatedCluster, OperatorProcess
 from tests.support.kubelet import Kubelet
-from tests.support.sdk import GatewayProc, start_gateway
+from tests.support.sdk import GatewayProc
 from tinkerkube_contract import pod_api
 from tinkerkube_contract.resource import ANNOTATION_MODEL_ID, LABEL_POOL, LABEL_SESSION, PLURAL, POOL_PLURAL
 from tinkerkube_operator.settings import OperatorSettings
@@ -54,17 +53,9 @@ def operator(cluster: EmulatedCluster, kubelet: Kubelet, state_dir: Path, tiny_m
 @pytest.fixture(scope="module")
 def gateway(cluster: EmulatedCluster, operator: OperatorProcess, state_dir: Path, model_cache_dir: Path,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProc]:
-    kubeconfig = tmp_path_factory.mktemp("kube") / "config"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
-        "clusters": [{"name": "kmock", "cluster": {"server": cluster.url}}],
-        "users": [{"name": "test", "user": {}}],
-        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "test", "namespace": NAMESPACE}}],
-    }))
-    extra = {"TINKERKUBE_GATEWAY_BACKEND": "kubernetes", "KUBECONFIG": str(kubeconfig),
-             "TINKERKUBE_GATEWAY_TRAINER_START_TIMEOUT_SECONDS": "240", "TINKERKUBE_GATEWAY_API_KEYS": KEYS,
-             "TINKERKUBE_GATEWAY_TRAINER_REQUEST_TIMEOUT_SECONDS": "10"}
-    gw = start_gateway(state_dir, model_cache_dir=model_cache_dir, real_trainer=True, extra_env=extra)
+    gw = start_kube_gateway(cluster, state_dir, model_cache_dir, tmp_path_factory.mktemp("kube"),
+                            TINKERKUBE_GATEWAY_API_KEYS=KEYS,
+                            TINKERKUBE_GATEWAY_TRAINER_REQUEST_TIMEOUT_SECONDS="10")
     yield gw
     gw.stop()
 

@@ -16,13 +16,12 @@ from typing import Any
 
 import pytest
 import tinker
-import yaml
 
-from tests.cluster.conftest import NAMESPACE
+from tests.cluster.conftest import NAMESPACE, start_kube_gateway
 from tests.cluster.test_cluster_pools import KEYS, batch, new_run, pool_of, submit
 from tests.support.kmock_cluster import REPO, Api, EmulatedCluster
 from tests.support.kubelet import Kubelet
-from tests.support.sdk import GatewayProc, start_gateway
+from tests.support.sdk import GatewayProc
 from tinkerkube_contract.resource import LABEL_POOL, PLURAL, POOL_PLURAL
 
 pytestmark = pytest.mark.slow
@@ -80,16 +79,8 @@ def operator(cluster: EmulatedCluster, kubelet: Kubelet, state_dir: Path, tiny_m
 @pytest.fixture(scope="module")
 def gateway(cluster: EmulatedCluster, operator: OperatorSubprocess, state_dir: Path, model_cache_dir: Path,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProc]:
-    kubeconfig = tmp_path_factory.mktemp("kube") / "config"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
-        "clusters": [{"name": "kmock", "cluster": {"server": cluster.url}}],
-        "users": [{"name": "test", "user": {}}],
-        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "test", "namespace": NAMESPACE}}],
-    }))
-    extra = {"TINKERKUBE_GATEWAY_BACKEND": "kubernetes", "KUBECONFIG": str(kubeconfig),
-             "TINKERKUBE_GATEWAY_TRAINER_START_TIMEOUT_SECONDS": "240", "TINKERKUBE_GATEWAY_API_KEYS": KEYS}
-    gw = start_gateway(state_dir, model_cache_dir=model_cache_dir, real_trainer=True, extra_env=extra)
+    gw = start_kube_gateway(cluster, state_dir, model_cache_dir, tmp_path_factory.mktemp("kube"),
+                            TINKERKUBE_GATEWAY_API_KEYS=KEYS)
     yield gw
     gw.stop()
 
