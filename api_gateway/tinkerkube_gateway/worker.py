@@ -30,7 +30,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from tinkerkube_contract.pod_api import ErrorCategory, ErrorCode, OpState
+from tinkerkube_contract.pod_api import ErrorCategory, ErrorCode, OpState, RunState
 from tinkerkube_gateway import scheduling
 from tinkerkube_gateway.backends.base import SessionBackend, TrainerHandle, TrainerStartFailed
 from tinkerkube_gateway.clients.pod_client import OpRejected, OpResult, PodClient, TrainerUnreachable
@@ -39,6 +39,7 @@ from tinkerkube_gateway.store.repo import AsyncRepo
 
 log = logging.getLogger(__name__)
 CREATED = OpResult(OpState.COMPLETE, "application/json", b"{}")
+ATTACH_POLL_SECONDS = 5.0  # a run being attached again after its pool restarted: long-poll its info this long
 
 
 class ResultSink(Protocol):
@@ -300,15 +301,21 @@ class ModelWorker:
 
     async def _recover(self, problem: str, *, upto: int) -> bool:
         """True when the worker can go on (a transient error, or replayed after a trainer restart)."""
-        for _ in range(5):
+        loop = asyncio.get_running_loop()
+        attach_deadline = loop.time() + self.deps.start_timeout
+        tries = 0
+        while tries < 5:
             handle = await self.deps.backend.handle(self.model_id)
             if handle is None:
                 break
             try:
-                info = await self.deps.pods.info(handle, self.model_id)
+                info = await self.deps.pods.info(handle, self.model_id, wait=ATTACH_POLL_SECONDS)
             except (TrainerUnreachable, OpRejected):
+                tries += 1
                 await asyncio.sleep(1.0)
                 continue
+            if info.state is RunState.ATTACHING and loop.time() < attach_deadline:
+                continue  # attached again to a restarted pool and still restoring: its restore point comes with it
             if info.boot_id == self.boot_id:
                 await asyncio.sleep(0.5)
                 return True

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tinkerkube_contract.pod_api import ErrorCategory, OpState, TrainerInfo
+from tinkerkube_contract.pod_api import ErrorCategory, OpState, RunInfo, RunState
 from tinkerkube_contract.resource import FuturesStatus, LoraSpec, TrainingSessionSpec
 from tinkerkube_gateway.backends.base import TrainerHandle
 from tinkerkube_gateway.clients.pod_client import OpRejected, OpResult, TrainerUnreachable
@@ -33,9 +33,14 @@ class FakeTrainer:
         self.late_results_upto = late_results_upto  # results of these ops are read only after the restart
         self.puts: list[tuple[str, int]] = []
         self.restart_on_poll, self.gone_on_poll, self.alive = restart_on_poll, gone_on_poll, True
+        self.attaching_infos = 0  # after a restart, this many info calls find the run still attaching
 
-    async def info(self, handle: TrainerHandle, model_id: str) -> TrainerInfo:
-        return TrainerInfo(model_id=MODEL, base_model="b", mode="train", lora=LoraSpec(), world_size=1, ready=True,
+    async def info(self, handle: TrainerHandle, model_id: str, *, wait: float = 0.0) -> RunInfo:
+        if self.attaching_infos > 0 and self.boot != "boot-1":  # the run is being attached again: no restore point yet
+            self.attaching_infos -= 1
+            return RunInfo(model_id=MODEL, base_model="b", mode="train", lora=LoraSpec(), world_size=1,
+                               ready=False, boot_id=self.boot, last_completed_seq_id=None, state=RunState.ATTACHING)
+        return RunInfo(model_id=MODEL, base_model="b", mode="train", lora=LoraSpec(), world_size=1, ready=True,
                            boot_id=self.boot, last_completed_seq_id=self.last if self.boot != "lost" else None)
 
     async def submit_op(self, handle: TrainerHandle, model_id: str, seq: int, kind: str, body: bytes,
@@ -176,3 +181,9 @@ async def test_a_trainer_that_is_gone_fails_every_pending_future_clearly(tmp_pat
     assert all("is gone" in sink.results[s] and "exited with code -9" in sink.results[s] for s in failed)
 
 
+async def test_a_run_still_attaching_to_its_restarted_pool_is_waited_for_then_replayed(tmp_path: Path) -> None:
+    trainer = FakeTrainer(restart_on_poll=(3, 2))
+    trainer.attaching_infos = 3  # its restore point is unknown until the attach finishes
+    sink = await _run(tmp_path, trainer, [1, 2, 3, 4])
+    assert set(sink.results.values()) == {"complete"}, sink.results
+    assert trainer.attaching_infos == 0 and ("boot-2", 3) in trainer.puts  # waited, then replayed what was lost
