@@ -32,6 +32,7 @@ from typing import Protocol
 
 from tinkerkube_contract.pod_api import ErrorCategory, ErrorCode, OpState, RunState
 from tinkerkube_gateway import scheduling
+from tinkerkube_gateway.backends.attach import INFO_WAIT_SECONDS
 from tinkerkube_gateway.backends.base import SessionBackend, TrainerHandle, TrainerStartFailed
 from tinkerkube_gateway.clients.pod_client import OpRejected, OpResult, PodClient, TrainerUnreachable
 from tinkerkube_gateway.store.records import FutureRecord, FutureState
@@ -39,7 +40,6 @@ from tinkerkube_gateway.store.repo import AsyncRepo
 
 log = logging.getLogger(__name__)
 CREATED = OpResult(OpState.COMPLETE, "application/json", b"{}")
-ATTACH_POLL_SECONDS = 5.0  # a run being attached again after its pool restarted: long-poll its info this long
 
 
 class ResultSink(Protocol):
@@ -309,7 +309,7 @@ class ModelWorker:
             if handle is None:
                 break
             try:
-                info = await self.deps.pods.info(handle, self.model_id, wait=ATTACH_POLL_SECONDS)
+                info = await self.deps.pods.info(handle, self.model_id, wait=INFO_WAIT_SECONDS)
             except (TrainerUnreachable, OpRejected):
                 tries += 1
                 await asyncio.sleep(1.0)

@@ -195,10 +195,8 @@ def launch_env(spec: PodSetSpec, cfg: PodConfig, restore_from: str | None = None
                               "model_cache_dir": cfg.model_cache_dir,
                               "device": "cuda" if spec.resources.gpus > 0 else "auto"}
     if isinstance(spec, TrainerPoolSpec):
-        values = launch.pool_env(spec.base_model, max_runs=spec.max_runs, max_lora_rank=spec.max_lora_rank, **common)
-        values[env.SHARDING] = spec.sharding.value
-        values[env.SAMPLER] = spec.sampler.value
-        return values
+        return launch.pool_env(spec.base_model, max_runs=spec.max_runs, max_lora_rank=spec.max_lora_rank,
+                               sharding=spec.sharding.value, sampler=spec.sampler.value, **common)
     assert isinstance(spec, TrainingSessionSpec)
     effective = spec.model_copy(update={"restore_from": restore_from}) if restore_from else spec
     return launch.trainer_env(effective, **common)
