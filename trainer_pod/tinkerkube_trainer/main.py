@@ -153,7 +153,10 @@ def run_leader(settings: TrainerSettings, dist_env: DistEnv) -> int:
         tmp = settings.port_file.with_suffix(".tmp")
         tmp.write_text(str(port))
         tmp.replace(settings.port_file)
-    asyncio.run(server.serve(sockets=[sock]))
+    # uvicorn's own loop choice (uvloop where installed, as `uvicorn.run` would): serving from a given socket
+    # bypasses it. Every op is two requests on this loop, which shares the GIL with the op thread.
+    with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
+        runner.run(server.serve(sockets=[sock]))
     log.info("stopped", extra={"signals": received, "ready": runtime.ready})
     if not runtime.ready:  # stopped mid-boot: the boot thread may sit in a rendezvous or a load; never wait
         d.fatal("stopped before the group was ready; failing the group so torchrun stops every rank", code=143)

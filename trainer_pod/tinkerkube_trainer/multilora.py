@@ -104,7 +104,9 @@ class RoutedLinear(nn.Module):
         if pair is None:
             return None
         a, b = pair
-        return F.linear(F.linear(x.to(a.dtype), a), b) * weights.scale
+        if x.dtype != a.dtype:  # a same-dtype `.to` is still a dispatch: on small ops these add up
+            x = x.to(a.dtype)
+        return F.linear(F.linear(x, a), b) * weights.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -115,7 +117,9 @@ class RoutedLinear(nn.Module):
         if len(groups) == 1 and groups[0].start == 0 and groups[0].end == rows:  # one run: peft's exact sum
             only = groups[0].weights
             delta = None if only is None else self._delta(x, only)
-            return out if delta is None else out + delta.to(out.dtype)
+            if delta is None:
+                return out
+            return out + (delta if delta.dtype == out.dtype else delta.to(out.dtype))
         pieces: list[torch.Tensor] = []
         done, adapted = 0, False
         for group in groups:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Engine, case, delete, distinct, func, insert, literal, or_, select, update
+from sqlalchemy import Engine, bindparam, case, delete, distinct, func, insert, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from tinkerkube_gateway.store import tables as t
@@ -22,6 +22,24 @@ from tinkerkube_gateway.store.records import LIVE, FutureState, SessionStatus
 
 CHANNEL = "tinkerkube_gateway"
 SAMPLE_LEASE = "sample:"  # + request_id: the replica running a sample (model ids start with a session id)
+
+# Statements run per op or per mirror flush, built once (see repo.py: building one costs more than running it).
+_lease, _f = t.run_leases.c, t.futures.c
+_LEASE_HELD = (select(_lease.epoch)
+               .where(_lease.model_id == bindparam("b_model_id"), _lease.owner == bindparam("b_owner"),
+                      _lease.epoch == bindparam("b_epoch"))
+               .with_for_update(read=True))
+_SET_TRAINER_SEQ = (update(t.futures).where(_f.request_id == bindparam("b_request_id"))
+                    .values(trainer_seq=bindparam("b_trainer_seq")))
+_done = _f.state != FutureState.PENDING
+_RUN_AGGREGATES = select(func.count(), func.sum(case((_f.state == FutureState.COMPLETE, 1), else_=0)),
+                         func.sum(case((_f.state == FutureState.FAILED, 1), else_=0)),
+                         func.max(_f.seq_id), func.max(case((_done, _f.seq_id), else_=None))
+                         ).where(_f.target_id == bindparam("b_target_id"))
+_changed = func.coalesce(_f.completed_at, _f.created_at)
+_RECENT_FUTURES = (select(_f.request_id, _f.op, _f.seq_id, _f.state, _changed.label("changed"))
+                   .where(_f.target_id == bindparam("b_target_id")).order_by(_changed.desc())
+                   .limit(bindparam("b_limit")))
 
 
 class CoordinationQueries:
@@ -88,14 +106,10 @@ class CoordinationQueries:
     def assign_trainer_seq(self, request_id: str, trainer_seq: int | None, *, model_id: str, owner: str,
                            epoch: int) -> bool:
         """Records the op's trainer seq only while `owner` holds the run at `epoch` (the fence)."""
-        lease = t.run_leases.c
-        held = (select(lease.epoch).where(lease.model_id == model_id, lease.owner == owner, lease.epoch == epoch)
-                .with_for_update(read=True))
         with self.engine.begin() as conn:
-            if conn.execute(held).first() is None:
+            if conn.execute(_LEASE_HELD, {"b_model_id": model_id, "b_owner": owner, "b_epoch": epoch}).first() is None:
                 return False
-            conn.execute(update(t.futures).where(t.futures.c.request_id == request_id)
-                         .values(trainer_seq=trainer_seq))
+            conn.execute(_SET_TRAINER_SEQ, {"b_request_id": request_id, "b_trainer_seq": trainer_seq})
             return True
 
     # --- notifications --------------------------------------------------------------------------------
@@ -111,25 +125,17 @@ class CoordinationQueries:
 
     # --- derived aggregates ---------------------------------------------------------------------------
     def run_aggregates(self, target_id: str) -> dict[str, int]:
-        f = t.futures.c
-        done = f.state != FutureState.PENDING
-        stmt = select(func.count(), func.sum(case((f.state == FutureState.COMPLETE, 1), else_=0)),
-                      func.sum(case((f.state == FutureState.FAILED, 1), else_=0)),
-                      func.max(f.seq_id), func.max(case((done, f.seq_id), else_=None))).where(f.target_id == target_id)
         with self.engine.connect() as conn:
-            total, complete, failed, last, last_done = conn.execute(stmt).one()
+            total, complete, failed, last, last_done = conn.execute(_RUN_AGGREGATES, {"b_target_id": target_id}).one()
         total, complete, failed = int(total or 0), int(complete or 0), int(failed or 0)
         return {"submitted": total, "completed": complete, "failed": failed, "pending": total - complete - failed,
                 "last_seq_id": int(last or 0), "last_completed_seq_id": int(last_done or 0)}
 
     def recent_futures(self, target_id: str, limit: int) -> list[tuple[str, str, int | None, str, float]]:
         """(request_id, op, seq_id, state, changed_at), the `limit` most recently changed, oldest first."""
-        f = t.futures.c
-        changed = func.coalesce(f.completed_at, f.created_at)
-        stmt = (select(f.request_id, f.op, f.seq_id, f.state, changed.label("changed"))
-                .where(f.target_id == target_id).order_by(changed.desc()).limit(limit))
         with self.engine.connect() as conn:
-            rows = [(r.request_id, r.op, r.seq_id, r.state, float(r.changed)) for r in conn.execute(stmt)]
+            rows = [(r.request_id, r.op, r.seq_id, r.state, float(r.changed))
+                    for r in conn.execute(_RECENT_FUTURES, {"b_target_id": target_id, "b_limit": limit})]
         return rows[::-1]
 
     def sampler_users(self, backing_model_id: str) -> int:
