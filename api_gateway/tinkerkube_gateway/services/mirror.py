@@ -1,8 +1,9 @@
 """Futures aggregates per training run, handed to the backend (the CR's `status.futures`).
 
-Derived from the store on each flush (one aggregate query and one for the short window of the most
-recent futures), never counted in memory: they are right after a gateway restart and whichever
-replica writes them. Changes are coalesced per run here (at most one derivation per `interval`, the
+Read from the store on each flush (the run's counters row, kept in the transactions that store and
+finish each future, and two index range scans for the short window of the most recent futures), never
+counted in memory: they are right after a gateway restart and whichever replica writes them, and a
+flush costs the same at the run's millionth future as at its first. Changes are coalesced per run here (at most one derivation per `interval`, the
 last change always flushed) and again by the backend (about one status write per second per run).
 """
 

@@ -5,8 +5,10 @@
   takeover bumps its `epoch`. `assign_trainer_seq` is the fence: the op log gets a trainer seq only
   while the writer still holds the lease at its epoch (the lease row is share-locked in the same
   transaction, so a takeover waits for it and then sees the assignment).
-- Futures aggregates and the sampler reference count, derived from the rows themselves, so they are
-  right after a restart and on every replica.
+- Futures aggregates: counted in `run_counters` in the very transactions that insert and finish each
+  future (`count_inserted_in`, `count_finished_in`), so they are right after a restart and on every
+  replica, and reading them costs one keyed row however long the run. The sampler reference count is
+  derived from the rows themselves.
 - `notify`: PostgreSQL NOTIFY on the gateway's channel (no-op on SQLite).
 """
 
@@ -14,7 +16,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, case, delete, distinct, func, insert, literal, or_, select, update
+from sqlalchemy import (
+    BigInteger,
+    Engine,
+    bindparam,
+    case,
+    cast,
+    delete,
+    distinct,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
 from tinkerkube_gateway.store import tables as t
@@ -31,15 +48,52 @@ _LEASE_HELD = (select(_lease.epoch)
                .with_for_update(read=True))
 _SET_TRAINER_SEQ = (update(t.futures).where(_f.request_id == bindparam("b_request_id"))
                     .values(trainer_seq=bindparam("b_trainer_seq")))
-_done = _f.state != FutureState.PENDING
-_RUN_AGGREGATES = select(func.count(), func.sum(case((_f.state == FutureState.COMPLETE, 1), else_=0)),
-                         func.sum(case((_f.state == FutureState.FAILED, 1), else_=0)),
-                         func.max(_f.seq_id), func.max(case((_done, _f.seq_id), else_=None))
-                         ).where(_f.target_id == bindparam("b_target_id"))
+_rc = t.run_counters.c
+_RUN_COUNTERS = select(t.run_counters).where(_rc.target_id == bindparam("b_target_id"))
 _changed = func.coalesce(_f.completed_at, _f.created_at)
-_RECENT_FUTURES = (select(_f.request_id, _f.op, _f.seq_id, _f.state, _changed.label("changed"))
-                   .where(_f.target_id == bindparam("b_target_id")).order_by(_changed.desc())
-                   .limit(bindparam("b_limit")))
+_RECENT_DONE = (select(_f.request_id, _f.op, _f.seq_id, _f.state, _f.completed_at.label("changed"))
+                .where(_f.target_id == bindparam("b_target_id"), _f.completed_at.is_not(None))
+                .order_by(_f.completed_at.desc()).limit(bindparam("b_limit")))
+_RECENT_PENDING = (select(_f.request_id, _f.op, _f.seq_id, _f.state, _f.created_at.label("changed"))
+                   .where(_f.target_id == bindparam("b_target_id"), _f.state == FutureState.PENDING)
+                   .order_by(_f.created_at.desc()).limit(bindparam("b_limit")))
+_done = _f.state != FutureState.PENDING
+_BACKFILL_COUNTERS = insert(t.run_counters).from_select(
+    ["target_id", "submitted", "completed", "failed", "last_seq_id", "last_completed_seq_id"],
+    select(_f.target_id, func.count(), func.sum(case((_f.state == FutureState.COMPLETE, 1), else_=0)),
+           func.sum(case((_f.state == FutureState.FAILED, 1), else_=0)), func.max(_f.seq_id),
+           func.max(case((_done, _f.seq_id), else_=None))).group_by(_f.target_id))
+
+
+def _greater(current: Any, value: Any) -> Any:
+    """max(current, value) ignoring NULLs, in SQL both dialects speak (SQLite max() / PostgreSQL greatest())."""
+    return case((current.is_(None), value), (value.is_(None), current), (current < value, value), else_=current)
+
+
+def _count_insert(dialect: Any) -> Any:
+    row = dialect.insert(t.run_counters).values(
+        target_id=bindparam("b_target_id"), submitted=1, completed=bindparam("b_completed"),
+        failed=bindparam("b_failed"), last_seq_id=bindparam("b_seq_id"), last_completed_seq_id=bindparam("b_done_seq"))
+    new = row.excluded
+    return row.on_conflict_do_update(index_elements=[_rc.target_id], set_={
+        "submitted": _rc.submitted + 1, "completed": _rc.completed + new.completed, "failed": _rc.failed + new.failed,
+        "last_seq_id": _greater(_rc.last_seq_id, new.last_seq_id),
+        "last_completed_seq_id": _greater(_rc.last_completed_seq_id, new.last_completed_seq_id)})
+
+
+_COUNT_INSERTED = {"sqlite": _count_insert(sqlite), "postgresql": _count_insert(postgresql)}
+_done_seq = cast(bindparam("b_seq_id"), BigInteger)  # typed: PostgreSQL cannot type a bare NULL parameter
+_COUNT_FINISHED = (update(t.run_counters).where(_rc.target_id == bindparam("b_target_id"))
+                   .values(completed=_rc.completed + bindparam("b_completed"),
+                           failed=_rc.failed + bindparam("b_failed"),
+                           last_completed_seq_id=_greater(_rc.last_completed_seq_id, _done_seq)))
+
+
+def create_counters_in(conn: Any) -> None:
+    """Creates `run_counters` and counts the futures already stored, in one transaction (a store made
+    before the table existed, or a new one)."""
+    t.run_counters.create(conn)
+    conn.execute(_BACKFILL_COUNTERS)
 
 
 class CoordinationQueries:
@@ -124,19 +178,38 @@ class CoordinationQueries:
             conn.execute(select(func.pg_notify(literal(CHANNEL), literal(payload))))
 
     # --- derived aggregates ---------------------------------------------------------------------------
+    def count_inserted_in(self, conn: Any, target_id: str, seq_id: int | None, state: FutureState) -> None:
+        """Within a future's insert: count it (a future may be stored already finished: a refused op)."""
+        done = state != FutureState.PENDING
+        conn.execute(_COUNT_INSERTED[self.engine.dialect.name], {
+            "b_target_id": target_id, "b_completed": int(state == FutureState.COMPLETE),
+            "b_failed": int(state == FutureState.FAILED), "b_seq_id": seq_id, "b_done_seq": seq_id if done else None})
+
+    def count_finished_in(self, conn: Any, target_id: str, seq_id: int | None, state: FutureState) -> None:
+        """Within a pending future's completion: count it."""
+        conn.execute(_COUNT_FINISHED, {"b_target_id": target_id, "b_completed": int(state == FutureState.COMPLETE),
+                                       "b_failed": int(state == FutureState.FAILED), "b_seq_id": seq_id})
+
     def run_aggregates(self, target_id: str) -> dict[str, int]:
         with self.engine.connect() as conn:
-            total, complete, failed, last, last_done = conn.execute(_RUN_AGGREGATES, {"b_target_id": target_id}).one()
-        total, complete, failed = int(total or 0), int(complete or 0), int(failed or 0)
+            row = conn.execute(_RUN_COUNTERS, {"b_target_id": target_id}).first()
+        if row is None:
+            return {"submitted": 0, "completed": 0, "failed": 0, "pending": 0, "last_seq_id": 0,
+                    "last_completed_seq_id": 0}
+        total, complete, failed = int(row.submitted), int(row.completed), int(row.failed)
         return {"submitted": total, "completed": complete, "failed": failed, "pending": total - complete - failed,
-                "last_seq_id": int(last or 0), "last_completed_seq_id": int(last_done or 0)}
+                "last_seq_id": int(row.last_seq_id or 0), "last_completed_seq_id": int(row.last_completed_seq_id or 0)}
 
     def recent_futures(self, target_id: str, limit: int) -> list[tuple[str, str, int | None, str, float]]:
-        """(request_id, op, seq_id, state, changed_at), the `limit` most recently changed, oldest first."""
+        """(request_id, op, seq_id, state, changed_at), the `limit` most recently changed, oldest first. A
+        future changed last when it finished, or, still pending, when it was created: the newest of each
+        kind, from two index range scans, merged."""
+        params = {"b_target_id": target_id, "b_limit": limit}
         with self.engine.connect() as conn:
             rows = [(r.request_id, r.op, r.seq_id, r.state, float(r.changed))
-                    for r in conn.execute(_RECENT_FUTURES, {"b_target_id": target_id, "b_limit": limit})]
-        return rows[::-1]
+                    for stmt in (_RECENT_DONE, _RECENT_PENDING) for r in conn.execute(stmt, params)]
+        rows.sort(key=lambda row: row[4], reverse=True)
+        return rows[:limit][::-1]
 
     def sampler_users(self, backing_model_id: str) -> int:
         """Active sessions holding a sampling client on a (shared) sampler process."""

@@ -13,12 +13,12 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, create_engine, delete, event, func, insert, select, update
+from sqlalchemy import Engine, bindparam, create_engine, delete, event, func, insert, inspect, select, update
 from sqlalchemy.exc import IntegrityError
 
 from tinkerkube_contract.resource import SessionMode
 from tinkerkube_gateway.store import tables as t
-from tinkerkube_gateway.store.coordination import CoordinationQueries
+from tinkerkube_gateway.store.coordination import CoordinationQueries, create_counters_in
 from tinkerkube_gateway.store.protocol import EventTarget, ProtocolQueries
 from tinkerkube_gateway.store.records import (
     LIVE,
@@ -43,7 +43,8 @@ _FINISH_FUTURE = (update(t.futures)
                   .where(t.futures.c.request_id == bindparam("b_request_id"), t.futures.c.state == FutureState.PENDING)
                   .values(state=bindparam("b_state"), result=bindparam("b_result"),
                           result_type=bindparam("b_result_type"), error=bindparam("b_error"),
-                          category=bindparam("b_category"), completed_at=bindparam("b_now")))
+                          category=bindparam("b_category"), completed_at=bindparam("b_now"))
+                  .returning(t.futures.c.target_id, t.futures.c.seq_id))
 _TOUCH_MODEL = (update(t.models).where(t.models.c.model_id == bindparam("b_model_id"))
                 .values(last_request_time=bindparam("b_now")))
 
@@ -69,8 +70,12 @@ def make_engine(url: str) -> Engine:
 class Repo(CoordinationQueries, ProtocolQueries):
     def __init__(self, url: str):
         self.engine = make_engine(url)
-        t.metadata.create_all(self.engine)
-        t.futures_session_index.create(self.engine, checkfirst=True)  # create_all skips tables that exist
+        t.metadata.create_all(self.engine, tables=[tb for tb in t.metadata.sorted_tables if tb is not t.run_counters])
+        for index in t.LATER_FUTURES_INDEXES:  # create_all skips the indexes of tables that exist
+            index.create(self.engine, checkfirst=True)
+        with self.engine.begin() as conn:
+            if not inspect(conn).has_table(t.run_counters.name):
+                create_counters_in(conn)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -178,6 +183,7 @@ class Repo(CoordinationQueries, ProtocolQueries):
         try:
             with self.engine.begin() as conn:
                 conn.execute(_INSERT_FUTURE, values)
+                self.count_inserted_in(conn, record.target_id, record.seq_id, record.state)
             return record, True
         except IntegrityError:
             existing = None
@@ -216,8 +222,10 @@ class Repo(CoordinationQueries, ProtocolQueries):
         params = {"b_request_id": request_id, "b_state": state, "b_result": result, "b_result_type": result_type,
                   "b_error": error, "b_category": category, "b_now": now}
         with self.engine.begin() as conn:
-            changed = conn.execute(_FINISH_FUTURE, params).rowcount > 0
+            row = conn.execute(_FINISH_FUTURE, params).first()
+            changed = row is not None
             if changed:
+                self.count_finished_in(conn, row.target_id, row.seq_id, state)
                 if event is not None:
                     self.record_event_in(conn, event, request_id, state, now)
                 self.notify_in(conn, notify)
@@ -301,7 +309,7 @@ class Repo(CoordinationQueries, ProtocolQueries):
 
 # The op path's calls: each touches a row or two by key. On SQLite they run on the event loop itself.
 INLINE_ON_SQLITE = frozenset({"insert_op_future", "assign_trainer_seq", "finish_future", "get_model", "get_future",
-                              "get_session", "heartbeat", "run_aggregates", "recent_futures"})
+                              "get_session", "heartbeat"})
 
 
 class AsyncRepo:

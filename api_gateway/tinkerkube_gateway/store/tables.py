@@ -89,9 +89,26 @@ futures = Table(
     UniqueConstraint("target_id", "seq_id", name="uq_futures_target_seq"),
     Index("ix_futures_state", "state"),
     Index("ix_futures_session", "session_id"),  # the session trace export
+    # A run's most recently changed futures (status.futures.recent) without sorting all of its futures.
+    Index("ix_futures_target_completed", "target_id", "completed_at"),
+    Index("ix_futures_target_pending", "target_id", "state", "created_at"),
 )
-# create_all makes indexes only with their table: Repo creates this one on stores made before it existed.
-futures_session_index = next(i for i in futures.indexes if i.name == "ix_futures_session")
+# create_all makes indexes only with their table: Repo creates these on stores made before they existed.
+LATER_FUTURES_INDEXES = [i for i in futures.indexes if i.name in (
+    "ix_futures_session", "ix_futures_target_completed", "ix_futures_target_pending")]
+
+# Each target's futures counted as they are inserted and finished, in the same transactions: what the
+# futures aggregates (status.futures) read in one keyed row, where counting a long run's futures on every
+# status flush grew with the run (~0.2 s of CPU per flush at 50,000 futures, measured).
+run_counters = Table(
+    "run_counters", metadata,
+    Column("target_id", String(250), primary_key=True),
+    Column("submitted", BigInteger, nullable=False),
+    Column("completed", BigInteger, nullable=False),
+    Column("failed", BigInteger, nullable=False),
+    Column("last_seq_id", BigInteger, nullable=True),
+    Column("last_completed_seq_id", BigInteger, nullable=True),
+)
 
 # Which gateway replica dispatches a run (model) now. `epoch` grows at every takeover and fences the
 # op log: a replica writes a trainer seq only while it still holds the lease at its epoch.
