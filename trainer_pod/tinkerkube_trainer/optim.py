@@ -22,7 +22,10 @@ class LoraOptimizer:
         self.params = list(params)
         self.num_params = sum(p.numel() for p in self.params)
         self.steps = 0
-        self.torch_opt = torch.optim.AdamW(self.params, lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
+        # foreach: one multi-tensor update instead of a Python loop over A and B of every layer (on CPU torch
+        # would pick the loop: half the step's time on small adapters, measured); the same arithmetic.
+        self.torch_opt = torch.optim.AdamW(self.params, lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0,
+                                           foreach=True)
 
     def _apply_hparams(self, hp: AdamParams) -> None:
         for group in self.torch_opt.param_groups:
@@ -30,6 +33,7 @@ class LoraOptimizer:
             group["betas"] = (hp.beta1, hp.beta2)
             group["eps"] = hp.eps
             group["weight_decay"] = hp.weight_decay  # decoupled: AdamW multiplies p by (1 - lr·wd)
+            group["foreach"] = True  # also after loading a state saved before this was set
 
     def step(self, hp: AdamParams) -> dict[str, float]:
         """Clip (if asked), step, zero the grads; one host sync for the metrics, once per step."""

@@ -3,8 +3,9 @@
 Read from the store on each flush (the run's counters row, kept in the transactions that store and
 finish each future, and two index range scans for the short window of the most recent futures), never
 counted in memory: they are right after a gateway restart and whichever replica writes them, and a
-flush costs the same at the run's millionth future as at its first. Changes are coalesced per run here (at most one derivation per `interval`, the
-last change always flushed) and again by the backend (about one status write per second per run).
+flush costs the same at the run's millionth future as at its first. Changes are coalesced per run here
+(at most one derivation per `interval`, the last change always flushed) and again by the backend (about
+one status write per second per run).
 """
 
 from __future__ import annotations
