@@ -69,7 +69,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
     gw.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def alice(gateway: GatewayProc) -> Iterator[tinker.ServiceClient]:
     with tinker.ServiceClient(base_url=gateway.url, api_key="tml-alice") as client:
         yield client
