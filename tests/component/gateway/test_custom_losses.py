@@ -96,7 +96,8 @@ def steps(run: tinker.TrainingClient, loss: LossHandle | str, seeds: list[int]) 
         else:
             fb = run.forward_backward_custom(rl_batch(seed), loss)
         out.append(fb.result().metrics)
-        run.optim_step(types.AdamParams(learning_rate=0.05)).result()
+        # eps=1: the update follows the gradient's size too, not only its sign (as with a tiny eps)
+        run.optim_step(types.AdamParams(learning_rate=0.05, eps=1.0)).result()
     return out
 
 
