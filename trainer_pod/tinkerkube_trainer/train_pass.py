@@ -72,6 +72,7 @@ class FbWork:
     _outputs: list[dict[str, np.ndarray]] = field(default_factory=list)
     _loss: float = 0.0
     _metrics: dict[str, float] = field(default_factory=dict)  # a custom loss's, summed over datums
+    _failed: str | None = None  # why this rank could not run the op's custom loss (the op alone fails)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +167,13 @@ def _micro_batch(model: Model, chunks: list[_Chunk], works: Sequence[FbWork], pa
             n, t = batch.input_ids.shape
             lp = _token_logprobs(logits[start:start + n, :t], batch.targets)
             if work.payload.custom is not None:
-                loss = _custom_loss(work, chunk, lp)
+                if work._failed is not None:
+                    continue
+                try:
+                    loss = _custom_loss(work, chunk, lp)
+                except OpError as exc:  # the meta run passed, so rare: this op fails, not the pass
+                    work._failed = exc.message
+                    continue
             else:
                 inputs = {_FLOAT_FIELDS[k]: v for k, v in batch.float_inputs.items()}
                 per_token = LOSSES[work.payload.loss](LossInputs(target_logprobs=lp, mask=batch.mask, **inputs),
@@ -201,7 +208,7 @@ def _custom_loss(work: FbWork, chunk: _Chunk, lp: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def _custom_metrics(w: FbWork, gathered: Sequence[Sequence[tuple[object, float, dict[str, float]]]],
+def _custom_metrics(w: FbWork, gathered: Sequence[Sequence[tuple[object, float, dict[str, float], object]]],
                     i: int) -> dict[str, float]:
     """The custom loss's metrics over every rank's datums: `:sum` summed, `:mean` over the datums."""
     sums: dict[str, float] = {}
@@ -240,8 +247,12 @@ def run(model: Model, collective: Collective, works: Sequence[FbWork]) -> None:
         if w.payload.train:
             n = len(w.weights.parameters())
             w.grads, offset = grads[offset:offset + n], offset + n
-    gathered = collective.all_gather_object([(w._outputs, w._loss, w._metrics) for w in works])
+    gathered = collective.all_gather_object([(w._outputs, w._loss, w._metrics, w._failed) for w in works])
     for i, w in enumerate(works):
+        failed = next((per_rank[i][3] for per_rank in gathered if per_rank[i][3] is not None), None)
+        if failed is not None:
+            w.grads, w.error = None, OpError(f"{failed}: nothing was accumulated", code="invalid_custom_loss")
+            continue
         loss = sum(per_rank[i][1] for per_rank in gathered)
         if not np.isfinite(loss) or (w.grads is not None and not _all_finite(w.grads)):
             w.grads = None
