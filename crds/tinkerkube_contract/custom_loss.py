@@ -29,6 +29,7 @@ MAX_SEQUENCE = 256  # items of one list/tuple/dict argument
 MAX_STRING = 256  # characters of a string argument, target or key
 MAX_INT = 2**40  # magnitude of an integer literal
 MAX_METRICS = 64
+MAX_VALUES = 1 << 16  # encoded values (literals, references, containers) in the whole graph
 NUMEL_FACTOR = 16  # an intermediate may hold this many times the datum's input elements...
 NUMEL_FLOOR = 1 << 16  # ...or this many, whichever is more
 
@@ -220,6 +221,7 @@ class _Parser:
     def __init__(self, name: str, inputs: tuple[tuple[str, int], ...]) -> None:
         self.name, self.inputs = name, inputs
         self.defined: set[str] = set()
+        self.values = 0
 
     def fail(self, what: str) -> CustomLossError:
         return CustomLossError(f"loss {self.name!r}: {what}")
@@ -292,6 +294,9 @@ class _Parser:
     def arg(self, value: Any, depth: int) -> Any:
         if depth > MAX_ARG_DEPTH:
             raise self.fail(f"an argument is nested deeper than {MAX_ARG_DEPTH} levels")
+        self.values += 1
+        if self.values > MAX_VALUES:
+            raise self.fail(f"the graph holds more than {MAX_VALUES} argument values")
         if value is None or isinstance(value, bool):
             return value
         if isinstance(value, int):

@@ -169,6 +169,8 @@ def test_bad_graphs_and_requests_are_the_users_error_and_the_session_keeps_worki
         again = http.post("/api/v1/create_custom_loss", json={"session_id": session, "custom_loss_seq_id": 100,
                                                               **good})
     assert again.status_code == 400 and "already used" in again.json()["detail"], again.text
+    first, retried = (_create_raw(gateway, "tml-alice", session, 200, good) for _ in range(2))
+    assert first == retried and first["loss_id"].startswith("loss-")  # a retried create: its first answer
 
     def bad_metric(logprobs):
         return logprobs.sum(), {"Loss": logprobs.sum()}

@@ -89,6 +89,13 @@ def _many(r: dict[str, Any]) -> None:
     r["graph"]["nodes"] = nodes[:3] + extra + nodes[3:]
 
 
+def _values(r: dict[str, Any]) -> None:
+    nodes = r["graph"]["nodes"]
+    extra = [{"op": "call_function", "name": f"n{i}", "target": "torch.tensor", "args": [[0.0] * 250]}
+             for i in range(300)]
+    r["graph"]["nodes"] = nodes[:3] + extra + nodes[3:]
+
+
 def _metric_key(r: dict[str, Any]) -> None:
     output = r["graph"]["nodes"][-1]["args"][0]["tuple"][1]["dict"]
     output["Loss"] = output.pop("custom/adv:sum")
@@ -109,13 +116,14 @@ def _metric_key(r: dict[str, Any]) -> None:
     (_set("exp", args=[2**50]), "beyond"),
     (_deep, "nested deeper than 8"),
     (_many, "at most 1024"),
+    (_values, "more than 65536 argument values"),
     (_metric_key, "metric 'Loss'"),
     (lambda r: r["inputs"].append({"name": "Bad-Name", "rank": 1}), "input name 'Bad-Name'"),
     (lambda r: r["inputs"].extend({"name": f"x{i}", "rank": 1} for i in range(20)), "at most 16"),
     (lambda r: r["inputs"].__setitem__(0, {"name": "logprobs", "rank": 0}), "rank 1 or 2"),
     (lambda r: r["graph"]["nodes"].pop(), "no output"),
 ], ids=["torch.load", "random", "os", "set_", "in-place", "device", "module", "captured", "out",
-        "forward-ref", "string", "int", "depth", "nodes", "metric-key", "input-name", "inputs", "logprobs-rank",
+        "forward-ref", "string", "int", "depth", "nodes", "values", "metric-key", "input-name", "inputs", "logprobs-rank",
         "no-output"])
 def test_a_graph_outside_the_allowlist_or_bounds_is_refused_by_name(change: Any, message: str) -> None:
     with pytest.raises(cl.CustomLossError, match=message.replace("(", r"\(")):
