@@ -123,8 +123,8 @@ def _metric_key(r: dict[str, Any]) -> None:
     (lambda r: r["inputs"].__setitem__(0, {"name": "logprobs", "rank": 0}), "rank 1 or 2"),
     (lambda r: r["graph"]["nodes"].pop(), "no output"),
 ], ids=["torch.load", "random", "os", "set_", "in-place", "device", "module", "captured", "out",
-        "forward-ref", "string", "int", "depth", "nodes", "values", "metric-key", "input-name", "inputs", "logprobs-rank",
-        "no-output"])
+        "forward-ref", "string", "int", "depth", "nodes", "values", "metric-key", "input-name", "inputs",
+        "logprobs-rank", "no-output"])
 def test_a_graph_outside_the_allowlist_or_bounds_is_refused_by_name(change: Any, message: str) -> None:
     with pytest.raises(cl.CustomLossError, match=message.replace("(", r"\(")):
         cl.parse(_mutated(change))
