@@ -11,6 +11,7 @@ session as it was. A loss_id only opens for runs of the session (and tenant) tha
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -61,11 +62,13 @@ class CustomLossService:
             self.metrics.custom_losses_total.labels(outcome="created").inc()
         return fut
 
-    async def attach(self, tenant: str, model_id: str, plain: bytes) -> bytes:
-        """A `loss_fn="custom"` forward_backward body with its session's stored loss put in; InvalidRequest
-        (the seq_id consumed) for a loss_id that is unknown or another session's."""
-        msg = pb.ForwardBackwardRequest()
-        msg.ParseFromString(plain)  # wire.check_forward_backward parsed it already
+    async def attach(self, tenant: str, model_id: str, plain: bytes, *, inline: bool = True) -> bytes:
+        """A `loss_fn="custom"` forward_backward body with its session's stored loss put in (any other body
+        unchanged); InvalidRequest (the seq_id consumed) for a loss_id that is unknown or another session's.
+        `inline=False`: a large body, parsed and written in a worker thread (never on the event loop)."""
+        msg = _parse(plain) if inline else await asyncio.to_thread(_parse, plain)
+        if msg.loss_fn != custom_loss.CUSTOM_LOSS_FN:
+            return plain
         loss_id = _loss_id(msg)
         model = await self.models.get_owned(tenant, model_id)
         record = await self.repo.get_custom_loss(loss_id)
@@ -76,7 +79,13 @@ class CustomLossService:
             raise InvalidRequest(f"forward_backward: custom loss {loss_id!r} belongs to session {record.session_id}, "
                                  f"not to {model.session_id} (the session of {model_id}); create it in this session")
         msg.loss_fn_config_v2[custom_loss.SPEC_CONFIG_KEY].text = record.spec.decode()
-        return msg.SerializeToString()
+        return msg.SerializeToString() if inline else await asyncio.to_thread(msg.SerializeToString)
+
+
+def _parse(plain: bytes) -> Any:
+    msg = pb.ForwardBackwardRequest()
+    msg.ParseFromString(plain)  # wire.check_forward_backward parsed it already: it cannot fail
+    return msg
 
 
 def _loss_id(msg: Any) -> str:
