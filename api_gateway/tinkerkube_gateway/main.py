@@ -198,9 +198,8 @@ async def compose(settings: GatewaySettings, backend: SessionBackend | None = No
                        downloads=DownloadsService(repo, registry, url_ttl_seconds=settings.download_url_ttl_seconds,
                                                   public_url=settings.public_url),
                        copies=CopyService(repo, registry, sessions), session_search=SessionSearch(repo),
-                       traces=TraceService(repo, recorder),
-                       custom_losses=CustomLossService(repo=repo, futures=futures, sessions=sessions, models=models,
-                                                       metrics=metrics))
+                       traces=TraceService(repo, recorder), custom_losses=CustomLossService(
+                           repo=repo, futures=futures, sessions=sessions, models=models, metrics=metrics))
     finally:
         if sampling.admission is not None:
             sampling.admission.close()
