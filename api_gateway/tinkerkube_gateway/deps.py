@@ -12,6 +12,7 @@ from tinkerkube_gateway.metrics import Metrics
 from tinkerkube_gateway.services.cancel import CancelService
 from tinkerkube_gateway.services.completions import CompletionsService
 from tinkerkube_gateway.services.copies import CopyService
+from tinkerkube_gateway.services.custom_losses import CustomLossService
 from tinkerkube_gateway.services.downloads import DownloadsService
 from tinkerkube_gateway.services.futures import FuturesService
 from tinkerkube_gateway.services.models import ModelsService
@@ -44,6 +45,7 @@ class Services:
     session_search: SessionSearch
     traces: TraceService
     dynamic_config: dict[str, object]
+    custom_losses: CustomLossService
 
     def granting_tenant(self, access_token: str | None) -> str | None:
         """The tenant whose checkpoints a weights access token opens: the token is one of its API keys."""

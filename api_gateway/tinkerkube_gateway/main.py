@@ -29,6 +29,7 @@ from tinkerkube_gateway.services.admission import AdmissionLimits, SampleAdmissi
 from tinkerkube_gateway.services.cancel import CancelService
 from tinkerkube_gateway.services.completions import CompletionsService
 from tinkerkube_gateway.services.copies import CopyService
+from tinkerkube_gateway.services.custom_losses import CustomLossService
 from tinkerkube_gateway.services.downloads import DownloadsService
 from tinkerkube_gateway.services.futures import FuturesService, QueueState, QueueStateSource, QueueStatus
 from tinkerkube_gateway.services.mirror import FuturesMirror
@@ -197,7 +198,8 @@ async def compose(settings: GatewaySettings, backend: SessionBackend | None = No
                        downloads=DownloadsService(repo, registry, url_ttl_seconds=settings.download_url_ttl_seconds,
                                                   public_url=settings.public_url),
                        copies=CopyService(repo, registry, sessions), session_search=SessionSearch(repo),
-                       traces=TraceService(repo, recorder))
+                       traces=TraceService(repo, recorder), custom_losses=CustomLossService(
+                           repo=repo, futures=futures, sessions=sessions, models=models, metrics=metrics))
     finally:
         if sampling.admission is not None:
             sampling.admission.close()

@@ -20,6 +20,9 @@ class Metrics:
         self.queue_depth = Gauge("tinkerkube_gateway_queue_depth", "pending futures", registry=r)
         self.active_sessions = Gauge("tinkerkube_gateway_active_sessions", "sessions not finished or reaped",
                                      registry=r)
+        self.custom_losses_total = Counter("tinkerkube_gateway_custom_losses_total",
+                                           "create_custom_loss requests by outcome (created, refused)",
+                                           ["outcome"], registry=r)
         self.futures_total = Counter("tinkerkube_gateway_futures_total", "finished futures by op and outcome",
                                      ["op", "outcome"], registry=r)
         # Sampling backpressure (services/admission.py), per tenant: the tenants are the configured API keys'.

@@ -89,6 +89,16 @@ class CreateModelRequest(_Req):
     optimizer_config: JsonMap | None = None
 
 
+class CreateCustomLossRequest(_Req):
+    """The SDK's CreateCustomLossRequest; the graph itself is checked by `tinkerkube_contract.custom_loss`."""
+
+    session_id: str = Field(max_length=200)
+    custom_loss_seq_id: int = Field(ge=0, le=MAX_INT32)
+    name: str = Field(max_length=200)
+    inputs: list[Any] = Field(max_length=64)
+    graph: dict[str, Any]
+
+
 class ModelIdRequest(_Req):
     model_id: str
 

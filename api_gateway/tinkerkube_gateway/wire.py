@@ -20,13 +20,18 @@ from google.protobuf.message import DecodeError
 from pydantic import BaseModel, ValidationError
 from tinker.proto import tinker_public_pb2 as pb
 
+from tinkerkube_contract.custom_loss import CUSTOM_LOSS_FN
 from tinkerkube_contract.images import MAX_IMAGES_PER_REQUEST, BadImage, check_image
 from tinkerkube_gateway.bounds import MAX_SEQ_ID, check_finite, check_json_depth
 from tinkerkube_gateway.errors import InvalidRequest, PayloadTooLarge
 
 M = TypeVar("M", bound=BaseModel)
 
-LOSS_FNS = frozenset({"cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo", "stable_reinforce"})
+LOSS_FNS = frozenset({"cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo", "stable_reinforce",
+                      CUSTOM_LOSS_FN})
+# The inputs whose first dimension is the datum's length for every loss; a custom loss's own inputs have
+# the ranks it declared (its trainer checks them).
+_TOKEN_INPUTS = frozenset({"target_tokens"})
 _ITEM_SIZE = {pb.DTYPE_FLOAT32: 4, pb.DTYPE_INT64: 8, pb.DTYPE_INT32: 4, pb.DTYPE_BFLOAT16: 2}
 
 
@@ -103,7 +108,8 @@ def validate_forward_backward(msg: pb.ForwardBackwardRequest) -> None:
         if images > MAX_IMAGES_PER_REQUEST:
             raise InvalidRequest(f"forward_backward: more than {MAX_IMAGES_PER_REQUEST} image chunks in one request")
         for name, tensor in datum.loss_fn_inputs.items():
-            _check_tensor(tensor, f"data[{i}].loss_fn_inputs[{name!r}]", n)
+            length = None if msg.loss_fn == CUSTOM_LOSS_FN and name not in _TOKEN_INPUTS else n
+            _check_tensor(tensor, f"data[{i}].loss_fn_inputs[{name!r}]", length)
 
 
 def _datum_length(datum: pb.Datum, i: int) -> int:
@@ -174,7 +180,12 @@ def check_prompt(prompt: Any) -> None:
             raise InvalidRequest(f"{where}: expected_tokens must be a positive integer")
 
 
-def _check_tensor(tensor: pb.Tensor, where: str, n: int) -> None:
+def may_be_custom_loss(plain: bytes) -> bool:
+    """False for a forward_backward body that cannot run a stored custom loss (a byte test: no parse)."""
+    return CUSTOM_LOSS_FN.encode() in plain
+
+
+def _check_tensor(tensor: pb.Tensor, where: str, n: int | None) -> None:
     size = _ITEM_SIZE.get(tensor.dtype)
     if size is None:
         raise InvalidRequest(f"{where}: unsupported dtype {tensor.dtype}")
@@ -192,7 +203,7 @@ def _check_tensor(tensor: pb.Tensor, where: str, n: int) -> None:
         if expected != count:
             raise InvalidRequest(f"{where}: shape {shape} does not match {count} elements")
         shape = shape or [count]
-    if shape[0] != n:
+    if n is not None and shape and shape[0] != n:
         raise InvalidRequest(f"{where}: first dimension {shape[0]} != model_input length {n}")
 
 

@@ -1,6 +1,7 @@
 """Fault injection through the real SDK and real trainer processes (tiny model): a killed pool, a killed
 gateway and a hung pool each leave every future resolved and every loss equal to an uninterrupted
-twin's (the same run, same seed and data, trained by another tenant on a pool of its own)."""
+twin's (the same run, same seed and data, trained by another tenant on a pool of its own), server-side
+custom losses included."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import tinker
 from tinker import types
+from tinker.lib.public_interfaces.custom_loss import LossHandle
 
 from tests.support.sdk import GatewayProc, start_gateway
 from tinkerkube_contract.models import TINY_QWEN3
@@ -36,17 +38,19 @@ def batch(step: int) -> list[types.Datum]:
     return out
 
 
-def submit(client: tinker.TrainingClient, step: int) -> tuple[Future, Future]:
-    return (client.forward_backward(batch(step), "cross_entropy"),
-            client.optim_step(types.AdamParams(learning_rate=0.05)))
+def submit(client: tinker.TrainingClient, step: int, loss: LossHandle | None = None) -> tuple[Future, Future]:
+    fb = client.forward_backward(batch(step), "cross_entropy") if loss is None else \
+        client.forward_backward_custom(batch(step), loss)
+    return fb, client.optim_step(types.AdamParams(learning_rate=0.05))
 
 
 def train(client: tinker.TrainingClient, steps: range, fault: Callable[[], None] | None = None,
-          at: int = -1) -> list[float]:
-    """SFT steps; `fault` strikes while step `at` is in flight. Every future must resolve with a result."""
+          at: int = -1, loss: LossHandle | None = None) -> list[float]:
+    """SFT steps (cross_entropy, or a server-side custom `loss`); `fault` strikes while step `at` is in
+    flight. Every future must resolve with a result."""
     losses = []
     for step in steps:
-        fb, opt = submit(client, step)
+        fb, opt = submit(client, step, loss)
         if step == at and fault is not None:
             fault()
         losses.append(fb.result().metrics["loss:sum"])
@@ -57,6 +61,19 @@ def train(client: tinker.TrainingClient, steps: range, fault: Callable[[], None]
 def new_run(gw: GatewayProc, key: str) -> tinker.TrainingClient:
     service = tinker.ServiceClient(base_url=gw.url, api_key=key)
     return service.create_lora_training_client(base_model=TINY_QWEN3, rank=4, seed=11).result()
+
+
+def weighted_nll(logprobs, weights):  # a custom loss (traced by torch.fx)
+    return -(logprobs * weights).sum(), {"custom/tokens:sum": weights.sum()}
+
+
+def new_custom_run(gw: GatewayProc, key: str) -> tuple[tinker.TrainingClient, LossHandle]:
+    """A run and a server-side custom loss created in its session."""
+    service = tinker.ServiceClient(base_url=gw.url, api_key=key)
+    run = service.create_lora_training_client(base_model=TINY_QWEN3, rank=4, seed=11).result()
+    handle = service.create_custom_loss(weighted_nll, {"logprobs": 1, "weights": 1}).result()
+    assert handle.loss_id is not None
+    return run, handle
 
 
 @pytest.fixture
@@ -89,6 +106,20 @@ def test_a_killed_pool_loses_no_future_and_changes_no_math(gateway: GatewayProc)
 
     assert train(victim, range(STEPS), kill_the_ranks, at=3) == pytest.approx(twin, rel=1e-5)
     assert pool_of(gateway, victim.model_id)[0] != pid  # served by a new pool
+
+
+def test_a_killed_pool_replays_a_custom_loss_and_changes_no_math(gateway: GatewayProc) -> None:
+    """The replayed ops carry their stored loss: the new pool runs the very graph the dead one ran."""
+    run, handle = new_custom_run(gateway, "tml-twin")
+    twin = train(run, range(STEPS), loss=handle)
+    victim, loss = new_custom_run(gateway, "tml-victim")
+    _, ranks = pool_of(gateway, victim.model_id)
+
+    def kill_the_ranks() -> None:
+        for rank in ranks:
+            os.kill(rank, signal.SIGKILL)
+
+    assert train(victim, range(STEPS), kill_the_ranks, at=3, loss=loss) == pytest.approx(twin, rel=1e-5)
 
 
 def test_a_hung_pool_is_replaced_and_changes_no_math(gateway: GatewayProc) -> None:
@@ -125,5 +156,28 @@ def test_a_killed_gateway_loses_no_future_and_changes_no_math(tmp_path: Path, ti
                                          port=port)
 
         assert train(victim, range(STEPS), restart, at=3) == pytest.approx(twin, rel=1e-5)
+    finally:
+        holder["gw"].stop()
+
+
+def test_a_custom_loss_survives_a_killed_gateway(tmp_path: Path, tiny_model_dir: Path,
+                                                 model_cache_dir: Path) -> None:
+    """The loss is in the gateway's store: after a restart the same handle still runs, with the same math."""
+    state = tmp_path / "state"
+    gw = start_gateway(state, model_cache_dir=model_cache_dir, real_trainer=True, extra_env=ENV)
+    port = int(gw.url.rsplit(":", 1)[1])
+    holder = {"gw": gw}
+    try:
+        run, handle = new_custom_run(gw, "tml-twin")
+        twin = train(run, range(STEPS), loss=handle)
+        victim, loss = new_custom_run(gw, "tml-victim")
+
+        def restart() -> None:
+            holder["gw"].stop(kill=True)
+            time.sleep(0.5)
+            holder["gw"] = start_gateway(state, model_cache_dir=model_cache_dir, real_trainer=True, extra_env=ENV,
+                                         port=port)
+
+        assert train(victim, range(STEPS), restart, at=3, loss=loss) == pytest.approx(twin, rel=1e-5)
     finally:
         holder["gw"].stop()

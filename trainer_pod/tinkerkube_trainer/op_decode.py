@@ -6,13 +6,16 @@ checkpoint's metadata), so a request that cannot run fails with a 4xx before any
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 from pydantic import BaseModel, ValidationError
 
+from tinkerkube_contract import custom_loss
 from tinkerkube_contract.paths import CheckpointKind, TinkerPath, parse_tinker_path, validate_name
 from tinkerkube_contract.pod_api import (
     CONTENT_JSON,
@@ -26,9 +29,9 @@ from tinkerkube_contract.pod_api import (
     SaveStateOp,
 )
 from tinkerkube_contract.resource import LoraSpec
-from tinkerkube_trainer import checkpoints, codec, export
+from tinkerkube_trainer import checkpoints, codec, custom_loss_run, export
 from tinkerkube_trainer.engine_api import OpError, OpOutput, PoolConfig
-from tinkerkube_trainer.losses import REQUIRED_INPUTS, canonical_loss_name
+from tinkerkube_trainer.losses import REQUIRED_INPUTS, LossConfig, canonical_loss_name
 from tinkerkube_trainer.losses import parse_config as parse_loss_config
 from tinkerkube_trainer.runs import Run
 from tinkerkube_trainer.train_pass import FbPayload
@@ -80,6 +83,8 @@ class OpDecoder:
     def decode(self, run: Run, kind: OpKind, body: bytes, seq_id: int | None) -> Any:
         if kind is OpKind.FORWARD_BACKWARD:
             request = codec.decode_forward_backward(body, self.images)
+            if request.loss_fn == custom_loss.CUSTOM_LOSS_FN:
+                return self.decode_custom(request)
             loss = canonical_loss_name(request.loss_fn)
             codec.validate_forward_backward(request, REQUIRED_INPUTS[loss], self.vocab_size,
                                             allow_topk=loss == "cross_entropy")
@@ -102,6 +107,26 @@ class OpDecoder:
         if kind is OpKind.SAVE_EXTERNAL_WEIGHTS:
             return export.decode(run.model_id, parse_json(SaveExternalWeightsOp, body)[0])
         raise OpError(f"unknown op kind {kind!r}", code="unknown_op")
+
+    def decode_custom(self, request: codec.ForwardBackwardPayload) -> FbPayload:
+        """A stored custom loss (the gateway put its graph in the config): the batch is collated with
+        target_tokens alone, the loss's own inputs travel beside it (`CustomPayload`)."""
+        text = request.config.get(custom_loss.SPEC_CONFIG_KEY)
+        if not isinstance(text, str):
+            raise OpError("loss_fn 'custom' runs a loss created with create_custom_loss; this request names none",
+                          code="unknown_custom_loss")
+        spec = custom_loss_run.parse_spec(text)
+        stripped = tuple(dataclasses.replace(d, inputs={k: v for k, v in d.inputs.items() if k == "target_tokens"})
+                         for d in request.datums)
+        collated = dataclasses.replace(request, datums=stripped)
+        codec.validate_forward_backward(collated, ("target_tokens",), self.vocab_size, allow_topk=True)
+        for i, d in enumerate(request.datums):
+            for name in spec.input_names:
+                arr = d.inputs.get(name)
+                if arr is not None and np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+                    raise OpError(f"datum {i}: loss_fn_inputs[{name!r}] contains NaN or infinity", code="bad_value")
+        custom = custom_loss_run.prepare(spec, request.datums)
+        return FbPayload(collated, custom_loss.CUSTOM_LOSS_FN, LossConfig(), custom)
 
     def decode_load(self, run: Run, op: LoadStateOp) -> LoadPayload:
         path = parse_tinker_path(op.path)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from tinkerkube_contract.pod_api import CONTENT_PROTOBUF
-from tinkerkube_trainer import codec, vision
+from tinkerkube_trainer import codec, custom_loss_run, vision
 from tinkerkube_trainer.batching import Batch, collate, micro_batches, shard_bounds
 from tinkerkube_trainer.engine_api import Collective, OpError, OpOutput
 from tinkerkube_trainer.losses import LOSSES, LossConfig, LossInputs, reduce_sum
@@ -47,6 +47,7 @@ class FbPayload:
     request: codec.ForwardBackwardPayload
     loss: str
     cfg: LossConfig
+    custom: custom_loss_run.CustomPayload | None = None  # loss "custom": the stored loss and its inputs
 
     @property
     def train(self) -> bool:
@@ -70,12 +71,15 @@ class FbWork:
     error: OpError | None = None
     _outputs: list[dict[str, np.ndarray]] = field(default_factory=list)
     _loss: float = 0.0
+    _metrics: dict[str, float] = field(default_factory=dict)  # a custom loss's, summed over datums
+    _failed: str | None = None  # why this rank could not run the op's custom loss (the op alone fails)
 
 
 @dataclass(frozen=True, slots=True)
 class _Chunk:
     work: int  # index into the pass's works
     batch: Batch
+    first: int  # the index of the batch's first row among its op's datums
 
 
 class Model:
@@ -134,7 +138,8 @@ def _chunks(works: Sequence[FbWork], rank: int, world: int, budget: int, pad_id:
         datums = w.payload.request.datums
         start, end = shard_bounds(len(datums), rank, world)
         for group in micro_batches(datums[start:end], budget):
-            pieces.append(_Chunk(i, collate(group, pad_id)))
+            pieces.append(_Chunk(i, collate(group, pad_id), start))
+            start += len(group)
     batches: list[list[_Chunk]] = []
     rows, width = 0, 0
     for piece in pieces:
@@ -161,21 +166,57 @@ def _micro_batch(model: Model, chunks: list[_Chunk], works: Sequence[FbWork], pa
             work, batch = works[chunk.work], chunk.batch.to(model.device)
             n, t = batch.input_ids.shape
             lp = _token_logprobs(logits[start:start + n, :t], batch.targets)
-            inputs = {_FLOAT_FIELDS[k]: v for k, v in batch.float_inputs.items()}
-            per_token = LOSSES[work.payload.loss](LossInputs(target_logprobs=lp, mask=batch.mask, **inputs),
-                                                  work.payload.cfg)
-            loss = reduce_sum(per_token)
+            if work.payload.custom is not None:
+                if work._failed is not None:
+                    continue
+                try:
+                    loss = _custom_loss(work, chunk, lp)
+                except OpError as exc:  # the meta run passed, so rare: this op fails, not the pass
+                    work._failed = exc.message
+                    continue
+            else:
+                inputs = {_FLOAT_FIELDS[k]: v for k, v in batch.float_inputs.items()}
+                per_token = LOSSES[work.payload.loss](LossInputs(target_logprobs=lp, mask=batch.mask, **inputs),
+                                                      work.payload.cfg)
+                loss = reduce_sum(per_token)
+                lp_np, loss_np = lp.detach().cpu().numpy(), per_token.detach().float().cpu().numpy()
+                work._outputs.extend({"logprobs": lp_np[i, :m], "elementwise_loss": loss_np[i, :m]}
+                                     for i, m in enumerate(batch.lengths))
             if work.payload.train:
                 total = loss if total is None else total + loss
-            lp_np, loss_np = lp.detach().cpu().numpy(), per_token.detach().float().cpu().numpy()
-            work._outputs.extend({"logprobs": lp_np[i, :m], "elementwise_loss": loss_np[i, :m]}
-                                 for i, m in enumerate(batch.lengths))
             work._loss += float(loss.detach())
         if total is None and training:
             total = logits.sum() * 0.0
         del logits
         if total is not None:
             total.backward()
+
+
+def _custom_loss(work: FbWork, chunk: _Chunk, lp: torch.Tensor) -> torch.Tensor:
+    """The chunk's rows through the op's stored custom loss, one datum at a time (as the SDK runs it)."""
+    custom = work.payload.custom
+    assert custom is not None
+    total: torch.Tensor | None = None
+    for i, m in enumerate(chunk.batch.lengths):
+        row = lp[i, :m]
+        loss, metrics = custom_loss_run.datum_loss(custom, chunk.first + i, row)
+        total = loss if total is None else total + loss
+        for key, value in metrics.items():
+            work._metrics[key] = work._metrics.get(key, 0.0) + value
+        work._outputs.append({"logprobs": row.detach().cpu().numpy()})
+    assert total is not None
+    return total
+
+
+def _custom_metrics(w: FbWork, gathered: Sequence[Sequence[tuple[object, float, dict[str, float], object]]],
+                    i: int) -> dict[str, float]:
+    """The custom loss's metrics over every rank's datums: `:sum` summed, `:mean` over the datums."""
+    sums: dict[str, float] = {}
+    for per_rank in gathered:
+        for key, value in per_rank[i][2].items():
+            sums[key] = sums.get(key, 0.0) + value
+    n = len(w.payload.request.datums)
+    return {key: value / n if key.endswith(":mean") else value for key, value in sums.items()}
 
 
 def run(model: Model, collective: Collective, works: Sequence[FbWork]) -> None:
@@ -206,8 +247,12 @@ def run(model: Model, collective: Collective, works: Sequence[FbWork]) -> None:
         if w.payload.train:
             n = len(w.weights.parameters())
             w.grads, offset = grads[offset:offset + n], offset + n
-    gathered = collective.all_gather_object([(w._outputs, w._loss) for w in works])
+    gathered = collective.all_gather_object([(w._outputs, w._loss, w._metrics, w._failed) for w in works])
     for i, w in enumerate(works):
+        failed = next((per_rank[i][3] for per_rank in gathered if per_rank[i][3] is not None), None)
+        if failed is not None:
+            w.grads, w.error = None, OpError(f"{failed}: nothing was accumulated", code="invalid_custom_loss")
+            continue
         loss = sum(per_rank[i][1] for per_rank in gathered)
         if not np.isfinite(loss) or (w.grads is not None and not _all_finite(w.grads)):
             w.grads = None
@@ -217,7 +262,8 @@ def run(model: Model, collective: Collective, works: Sequence[FbWork]) -> None:
             continue
         if rank == 0:
             merged = [o for per_rank in gathered for o in per_rank[i][0]]
-            metrics = {"loss:sum": loss, "num_tokens:sum": float(w.payload.num_tokens)}
+            metrics = {"loss:sum": loss, "num_tokens:sum": float(w.payload.num_tokens),
+                       **_custom_metrics(w, gathered, i)}
             w.output = OpOutput(CONTENT_PROTOBUF, codec.encode_forward_backward_output(merged, metrics))
         else:
             w.output = OpOutput(CONTENT_PROTOBUF, b"")

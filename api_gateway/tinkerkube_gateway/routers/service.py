@@ -7,14 +7,19 @@ from typing import Any
 from fastapi import APIRouter
 
 from tinkerkube_gateway.deps import Body, Svc, Tenant
-from tinkerkube_gateway.routers.common import parse
-from tinkerkube_gateway.schemas import CreateSessionRequest, FinishSessionRequest, SessionIdRequest
+from tinkerkube_gateway.routers.common import parse, submitted
+from tinkerkube_gateway.schemas import (
+    CreateCustomLossRequest,
+    CreateSessionRequest,
+    FinishSessionRequest,
+    SessionIdRequest,
+)
 
 router = APIRouter(prefix="/api/v1", tags=["service"])
 
 # Flags of features this gateway does not serve stay off; `sample_use_retrieve_futures` comes from settings.
 CLIENT_CONFIG = {"pjwt_auth_enabled": False, "parallel_fwdbwd_chunks": True,
-                 "sample_use_retrieve_futures": False, "custom_loss_server_side": False,
+                 "sample_use_retrieve_futures": False, "custom_loss_server_side": True,
                  "sample_join_sampling_session": False}
 
 
@@ -32,6 +37,11 @@ async def dynamic_config(svc: Svc, _: Tenant) -> dict[str, Any]:
 async def create_session(svc: Svc, tenant: Tenant, body: Body) -> dict[str, Any]:
     session_id = await svc.sessions.create(tenant, parse(body, CreateSessionRequest))
     return {"session_id": session_id, "type": "create_session"}
+
+
+@router.post("/create_custom_loss", summary="Validate and store a traced custom loss (future → loss_id)")
+async def create_custom_loss(svc: Svc, tenant: Tenant, body: Body) -> dict[str, Any]:
+    return submitted(await svc.custom_losses.create(tenant, parse(body, CreateCustomLossRequest)))
 
 
 @router.post("/session_heartbeat", summary="Keep a session alive (410 once it has ended)")

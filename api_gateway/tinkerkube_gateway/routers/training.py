@@ -42,6 +42,8 @@ async def forward_backward(svc: Svc, tenant: Tenant, body: Body, request: Reques
         plain, model_id, seq_id = wire.check_forward_backward(*args)
     else:
         plain, model_id, seq_id = await asyncio.to_thread(wire.check_forward_backward, *args)
+    if wire.may_be_custom_loss(plain):
+        plain = await svc.custom_losses.attach(tenant, model_id, plain, inline=len(plain) <= INLINE_CHECK_BYTES)
     return submitted(await svc.ops.forward_backward(tenant, model_id, seq_id, plain))
 
 

@@ -27,6 +27,7 @@ class FutureOp(StrEnum):
     CREATE_MODEL = "create_model"  # completes when the run's trainer is ready (seq_id 0)
     LOAD_WEIGHTS_CREATE = "load_weights_create"  # create_model from a checkpoint
     START_SAMPLER = "start_sampler"  # a sampler process group is ready
+    CREATE_CUSTOM_LOSS = "create_custom_loss"  # a validated custom loss stored (the gateway alone)
     UNKNOWN = "unknown"  # a refused request to a route this gateway does not have
     GAP = "gap"  # a seq_id that never arrived, sealed after the gap timeout
 
@@ -147,6 +148,20 @@ class SamplerRecord:
 
     @classmethod
     def from_row(cls, row: Any) -> SamplerRecord:
+        return _from_row(cls, row, {})
+
+
+@dataclass(frozen=True, slots=True)
+class CustomLossRecord:
+    loss_id: str
+    tenant: str
+    session_id: str
+    name: str
+    spec: bytes  # the request's {name, inputs, graph}, as validated
+    created_at: float
+
+    @classmethod
+    def from_row(cls, row: Any) -> CustomLossRecord:
         return _from_row(cls, row, {})
 
 

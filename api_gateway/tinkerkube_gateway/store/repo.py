@@ -8,6 +8,7 @@ fails and the original future is returned (`insert_future` → `(record, created
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from tinkerkube_gateway.store.protocol import EventTarget, ProtocolQueries
 from tinkerkube_gateway.store.records import (
     LIVE,
     CheckpointRecord,
+    CustomLossRecord,
     FutureOp,
     FutureRecord,
     FutureState,
@@ -176,6 +178,15 @@ class Repo(CoordinationQueries, ProtocolQueries):
     def list_samplers(self, session_id: str) -> list[SamplerRecord]:
         stmt = select(t.samplers).where(t.samplers.c.session_id == session_id).order_by(t.samplers.c.created_at)
         return self._all(stmt, SamplerRecord)
+
+    # --- custom losses ---------------------------------------------------------------------------
+    def insert_custom_loss(self, record: CustomLossRecord) -> None:
+        """Idempotent: a replayed create (same loss_id) leaves the first row."""
+        with contextlib.suppress(IntegrityError):
+            self._write(insert(t.custom_losses).values(**{f: getattr(record, f) for f in record.__slots__}))
+
+    def get_custom_loss(self, loss_id: str) -> CustomLossRecord | None:
+        return self._one(select(t.custom_losses).where(t.custom_losses.c.loss_id == loss_id), CustomLossRecord)
 
     # --- futures and the op log -------------------------------------------------------------------
     def insert_future(self, record: FutureRecord) -> tuple[FutureRecord, bool]:

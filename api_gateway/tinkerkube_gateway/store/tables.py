@@ -163,6 +163,18 @@ future_event_counters = Table(
     Column("last", BigInteger, nullable=False),
 )
 
+# Custom losses uploaded with create_custom_loss (the validated wire graph as JSON): a session's
+# forward_backward names one by loss_id, and the gateway puts its graph in the op body it logs.
+custom_losses = Table(
+    "custom_losses", metadata,
+    Column("loss_id", String(64), primary_key=True),
+    Column("tenant", String(200), nullable=False),
+    Column("session_id", String(200), nullable=False, index=True),
+    Column("name", String(200), nullable=False),
+    Column("spec", LargeBinary, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
 # Gateway-wide secrets every replica must share (the key signing download URLs), created on first use.
 gateway_secrets = Table(
     "gateway_secrets", metadata,

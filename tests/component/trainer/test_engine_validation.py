@@ -45,7 +45,7 @@ def _image_request() -> bytes:
 BAD_FORWARD_BACKWARD = {
     "target_length_mismatch": (fb_body([_datum([5, 6, 7], target_tokens=[6, 7])]), "bad_shape"),
     "unknown_loss": (fb_body(ce_datums(2), "mystery"), "unknown_loss"),
-    "custom_loss": (fb_body(ce_datums(2), "custom"), "unknown_loss"),
+    "custom_loss": (fb_body(ce_datums(2), "custom"), "unknown_custom_loss"),
     "token_out_of_vocab": (fb_body([_datum([5, 99999], target_tokens=[6, 7])]), "token_out_of_range"),
     "target_out_of_vocab": (fb_body([_datum([5, 6], target_tokens=[6, 99999])]), "token_out_of_range"),
     "negative_token": (fb_body([_datum([5, -1], target_tokens=[6, 7])]), "token_out_of_range"),

@@ -23,10 +23,11 @@ from tests.component.trainer.engine_fixtures import (
     rl_datums,
     sample_request,
 )
+from tinkerkube_contract import custom_loss
 from tinkerkube_contract.models import TINY_QWEN3
 from tinkerkube_contract.pod_api import CONTENT_JSON, CONTENT_PROTOBUF, OpKind, RunSpec, SampleOp
 from tinkerkube_contract.resource import LoraSpec
-from tinkerkube_trainer import train_pass
+from tinkerkube_trainer import custom_loss_run, train_pass
 from tinkerkube_trainer.engine import PoolEngine, build_engine
 from tinkerkube_trainer.engine_api import LocalCollective, OpError, OpOutput, PoolConfig, PreparedOp
 from tinkerkube_trainer.multilora import peft_state_dict
@@ -248,3 +249,41 @@ def decode_stream_alone(engine: PoolEngine, params: Any, weights: Any) -> Any:
 
     return sample_batch(engine.module, [SampleJob(params, weights)], eos_ids=engine.eos_ids, device=engine.device,
                         routing=engine.sites.routing, decode=lambda ids: engine.tokenizer.decode(ids))[0]
+
+
+def custom_fb_body(data: list[types.Datum]) -> bytes:
+    """A forward_backward running a custom loss, as the gateway forwards it (the stored graph put in)."""
+    from tinker.lib.public_interfaces.custom_loss import encode_graph, trace_loss
+
+    def weighted_nll(logprobs, weights):  # traced by torch.fx
+        return -(logprobs * weights).sum(), {"custom/tokens:sum": weights.sum()}
+
+    handle = trace_loss(weighted_nll, {"logprobs": 1, "weights": 1}, "session")
+    spec = {"name": handle.name, "inputs": [i.model_dump() for i in handle.inputs],
+            "graph": encode_graph(handle).model_dump(mode="json")}
+    return fb_body(data, "custom", config={"loss_id": "loss-1", custom_loss.SPEC_CONFIG_KEY: json.dumps(spec)})
+
+
+def test_a_custom_loss_failing_mid_pass_fails_alone(tmp_path: Path, model_cache_dir: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the meta-tensor check a custom loss should not fail; if it does, only its op fails."""
+    shared = pool(tmp_path / "shared", model_cache_dir, "pool:train:0", "pool:train:1")
+    twin = pool(tmp_path / "twin", model_cache_dir, "pool:train:0")
+    victim, culprit = "pool:train:0", "pool:train:1"
+    custom = shared.prepare(culprit, OpKind.FORWARD_BACKWARD, custom_fb_body(ce_datums(3, seed=4)), CONTENT_PROTOBUF)
+    before = peft_state_dict(shared.runs[culprit].weights)
+
+    def fails(*_: Any) -> Any:
+        raise OpError("loss 'weighted_nll' failed on datum 0: boom", code="invalid_custom_loss")
+
+    monkeypatch.setattr(custom_loss_run, "datum_loss", fails)
+    outs = shared.run_pass([fb(shared, victim, 0), custom])
+    assert isinstance(outs[1], OpError) and "boom" in outs[1].message and outs[1].category == "user"
+    assert shared.runs[culprit].acc is None  # nothing of it was accumulated
+    assert_same_fb(ok(outs[0]), ok(twin.run_pass([fb(twin, victim, 0)])[0]))
+    monkeypatch.undo()
+    out = deserialize_forward_backward_output(ok(shared.run_pass([custom])[0]).body)  # the same op runs now
+    tokens = sum(sum(d.loss_fn_inputs["weights"].data) for d in ce_datums(3, seed=4))
+    assert out.metrics["custom/tokens:sum"] == pytest.approx(tokens, rel=1e-6)
+    ok(shared.run_pass([step(shared, culprit)])[0])
+    assert any(not torch.equal(before[k], v) for k, v in peft_state_dict(shared.runs[culprit].weights).items())
