@@ -12,10 +12,21 @@ from pathlib import Path
 
 import pytest
 import tinker
+from tinker import types
 
 from tests.support.sdk import DEV_KEY, GatewayProc, start_gateway
 
 TINY = "tinkerkube/tiny-qwen3"
+
+
+def sft_batch(seed: int) -> list[types.Datum]:
+    """Three short SFT datums of different lengths, a different batch per seed."""
+    out = []
+    for i in range(3):
+        tokens = [(seed * 31 + i * 7 + j * 3) % 300 + 5 for j in range(8 + i)]
+        out.append(types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                               loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)}))
+    return out
 
 
 @pytest.fixture

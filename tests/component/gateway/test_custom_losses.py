@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from tinker import types
 from tinker.lib.public_interfaces.custom_loss import LossHandle, encode_graph
 
-from tests.component.gateway.conftest import TINY
+from tests.component.gateway.conftest import TINY, sft_batch
 from tests.support.sdk import GatewayProc, start_gateway
 
 pytestmark = pytest.mark.slow
@@ -48,15 +48,6 @@ def rl_batch(seed: int) -> list[types.Datum]:
         out.append(types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={
             "target_tokens": tokens[1:], "advantages": [((seed + i + j) % 5 - 2) / 2 for j in range(n)],
             "scale": types.TensorData(data=[1.0 + i / 4], dtype="float32", shape=[])}))
-    return out
-
-
-def sft_batch(seed: int) -> list[types.Datum]:
-    out = []
-    for i in range(3):
-        tokens = [(seed * 31 + i * 7 + j * 3) % 300 + 5 for j in range(8 + i)]
-        out.append(types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
-                               loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)}))
     return out
 
 

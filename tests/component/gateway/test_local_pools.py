@@ -12,7 +12,7 @@ import pytest
 import tinker
 from tinker import types
 
-from tests.component.gateway.conftest import TINY
+from tests.component.gateway.conftest import TINY, sft_batch
 from tests.support.sdk import GatewayProc, start_gateway
 
 pytestmark = pytest.mark.slow
@@ -28,19 +28,10 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
     gw.stop()
 
 
-def batch(seed: int) -> list[types.Datum]:
-    out = []
-    for i in range(3):
-        tokens = [(seed * 31 + i * 7 + j * 3) % 300 + 5 for j in range(8 + i)]
-        out.append(types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
-                               loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)}))
-    return out
-
-
 def train_steps(client: tinker.TrainingClient, seeds: list[int]) -> list[float]:
     losses = []
     for seed in seeds:
-        fb = client.forward_backward(batch(seed), "cross_entropy")
+        fb = client.forward_backward(sft_batch(seed), "cross_entropy")
         step = client.optim_step(types.AdamParams(learning_rate=0.05))
         losses.append(fb.result().metrics["loss:sum"])
         step.result()
