@@ -13,7 +13,7 @@ from tinkerkube_gateway.compat import anthropic_api, openai_api
 from tinkerkube_gateway.deps import Services
 from tinkerkube_gateway.errors import install_error_handlers
 from tinkerkube_gateway.refusals import consume_seq
-from tinkerkube_gateway.routers import downloads, futures, rest, sampling, service, sessions, training
+from tinkerkube_gateway.routers import account, downloads, futures, rest, sampling, service, sessions, training
 
 ServicesFactory = Callable[[], AbstractAsyncContextManager[Services]]
 
@@ -55,7 +55,8 @@ def create_app(make_services: ServicesFactory) -> FastAPI:
     app = FastAPI(title="tinkerkube gateway", version="0.1.0", lifespan=lifespan,
                   description="The Tinker training API for the unmodified tinker SDK and tinker-cookbook.")
     install_error_handlers(app, on_refused=consume_seq)
-    for module in (service, training, sampling, futures, rest, sessions, downloads, openai_api, anthropic_api):
+    for module in (service, account, training, sampling, futures, rest, sessions, downloads, openai_api,
+                   anthropic_api):
         app.include_router(module.router)
 
     app.add_middleware(RequestMetrics)

@@ -20,6 +20,10 @@ from tinkerkube_gateway.errors import InvalidRequest
 
 MAX_INT32 = 2**31 - 1
 MAX_SEQ_ID = MAX_INT32
+MAX_INT64 = 2**63 - 1
+# An unpickled SamplingClient numbers its samples from clone_id * 1e9 (clone ids up to 1e9): sample seq_ids
+# are 64-bit (the futures' seq_id column is BIGINT).
+MAX_SAMPLE_SEQ_ID = MAX_INT64
 MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
 MAX_JSON_DEPTH = 64
 # Defaults of the settings of the same name: how long ops wait behind a missing seq_id, how far ahead of
@@ -30,6 +34,7 @@ MAX_SAMPLE_TOKENS = 262_144
 
 SeqId = Annotated[int, Field(ge=1, le=MAX_SEQ_ID)]
 Count = Annotated[int, Field(ge=0, le=MAX_INT32)]  # counters and offsets: model_seq_id, sampling seq ids
+SampleSeqId = Annotated[int, Field(ge=0, le=MAX_SAMPLE_SEQ_ID)]
 TtlSeconds = Annotated[int, Field(ge=0, le=MAX_TTL_SECONDS, description="0 or absent: never expires")]
 
 _STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)

@@ -7,14 +7,16 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from tinkerkube_gateway.errors import Forbidden, PayloadTooLarge, Unauthenticated
+from tinkerkube_gateway.errors import Forbidden, PayloadTooLarge
 from tinkerkube_gateway.metrics import Metrics
+from tinkerkube_gateway.services.audit import AuditLog
 from tinkerkube_gateway.services.cancel import CancelService
 from tinkerkube_gateway.services.completions import CompletionsService
 from tinkerkube_gateway.services.copies import CopyService
 from tinkerkube_gateway.services.custom_losses import CustomLossService
 from tinkerkube_gateway.services.downloads import DownloadsService
 from tinkerkube_gateway.services.futures import FuturesService
+from tinkerkube_gateway.services.keys import Caller, KeyRing
 from tinkerkube_gateway.services.models import ModelsService
 from tinkerkube_gateway.services.ops import OpsService
 from tinkerkube_gateway.services.registry import RegistryService
@@ -22,6 +24,7 @@ from tinkerkube_gateway.services.sampling import SamplingService
 from tinkerkube_gateway.services.session_search import SessionSearch
 from tinkerkube_gateway.services.sessions import SessionsService
 from tinkerkube_gateway.services.traces import TraceService
+from tinkerkube_gateway.services.usage import UsageService
 from tinkerkube_gateway.wire import ADDRESS_PREFIX_BYTES
 
 
@@ -34,7 +37,7 @@ class Services:
     sampling: SamplingService
     registry: RegistryService
     metrics: Metrics
-    tenant_keys: dict[str, str]
+    keys: KeyRing
     max_body_bytes: int
     capabilities: list[str]
     client_config: dict[str, object]
@@ -46,12 +49,14 @@ class Services:
     traces: TraceService
     dynamic_config: dict[str, object]
     custom_losses: CustomLossService
+    audit: AuditLog
+    usage: UsageService
 
     def granting_tenant(self, access_token: str | None) -> str | None:
         """The tenant whose checkpoints a weights access token opens: the token is one of its API keys."""
         if access_token is None:
             return None
-        tenant = self.tenant_keys.get(access_token)
+        tenant = self.keys.api_key_tenant(access_token)
         if tenant is None:
             raise Forbidden("the weights access token is not an API key of this gateway")
         return tenant
@@ -67,18 +72,21 @@ async def services(request: Request) -> Services:
     return _services(request)
 
 
-def tenant_of_key(request: Request, key: str | None, missing: str) -> str:
-    if not key:
-        raise Unauthenticated(missing)
-    found = _services(request).tenant_keys.get(key)
-    if found is None:
-        raise Unauthenticated("unknown API key")
-    return found
+async def caller_of_key(request: Request, key: str | None, missing: str) -> Caller:
+    """Who holds `key` (an API key, or a JWT minted for one); 401 otherwise. Kept on `request.state.caller`
+    for the audit log."""
+    caller = await _services(request).keys.identify(key, missing)
+    request.state.caller = caller
+    return caller
+
+
+async def caller(request: Request) -> Caller:
+    return await caller_of_key(request, request.headers.get("x-api-key"),
+                               "missing X-API-Key header (set TINKER_API_KEY=tml-...)")
 
 
 async def tenant(request: Request) -> str:
-    return tenant_of_key(request, request.headers.get("x-api-key"),
-                         "missing X-API-Key header (set TINKER_API_KEY=tml-...)")
+    return (await caller(request)).tenant
 
 
 async def raw_body(request: Request) -> bytes:
@@ -108,4 +116,5 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 Svc = Annotated[Services, Depends(services)]
 Tenant = Annotated[str, Depends(tenant)]
+CallerDep = Annotated[Caller, Depends(caller)]
 Body = Annotated[bytes, Depends(raw_body)]

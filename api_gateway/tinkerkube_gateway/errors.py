@@ -135,18 +135,19 @@ RefusalHook = Callable[[Request, str], Awaitable[None]]  # (the refused request,
 
 
 def install_error_handlers(app: FastAPI, on_refused: RefusalHook | None = None) -> None:
-    async def refuse(request: Request, status: int, detail: str, consumes_seq: bool = True) -> JSONResponse:
+    async def refuse(request: Request, status: int, detail: str, consumes_seq: bool = True,
+                     headers: dict[str, str] | None = None) -> JSONResponse:
         if on_refused is not None and consumes_seq and 400 <= status < 500:
             try:
                 await on_refused(request, detail)
             except Exception:  # the answer is the refusal; failing to record it must not make it a 500
                 log.exception("could not record the refused request %s %s", request.method, request.url.path)
-        return _respond(status, detail, ErrorCategory.USER, False)
+        return _respond(status, detail, ErrorCategory.USER, False, headers)
 
     @app.exception_handler(GatewayError)
     async def _gateway(request: Request, exc: GatewayError) -> JSONResponse:
         if exc.category is ErrorCategory.USER:
-            return await refuse(request, exc.status, exc.detail, exc.consumes_seq)
+            return await refuse(request, exc.status, exc.detail, exc.consumes_seq, exc.headers)
         return _respond(exc.status, exc.detail, exc.category, exc.retryable, exc.headers)
 
     @app.exception_handler(InvalidTinkerPath)

@@ -26,12 +26,14 @@ from tinkerkube_gateway.deps import Services
 from tinkerkube_gateway.dispatcher import Dispatcher
 from tinkerkube_gateway.metrics import Metrics
 from tinkerkube_gateway.services.admission import AdmissionLimits, SampleAdmission
+from tinkerkube_gateway.services.audit import AuditLog
 from tinkerkube_gateway.services.cancel import CancelService
 from tinkerkube_gateway.services.completions import CompletionsService
 from tinkerkube_gateway.services.copies import CopyService
 from tinkerkube_gateway.services.custom_losses import CustomLossService
 from tinkerkube_gateway.services.downloads import DownloadsService
 from tinkerkube_gateway.services.futures import FuturesService, QueueState, QueueStateSource, QueueStatus
+from tinkerkube_gateway.services.keys import KeyRing
 from tinkerkube_gateway.services.mirror import FuturesMirror
 from tinkerkube_gateway.services.models import ModelsService
 from tinkerkube_gateway.services.ops import OpsService
@@ -42,6 +44,7 @@ from tinkerkube_gateway.services.sampling import SamplingService
 from tinkerkube_gateway.services.session_search import SessionSearch
 from tinkerkube_gateway.services.sessions import SessionsService
 from tinkerkube_gateway.services.traces import TraceRecorder, TraceService
+from tinkerkube_gateway.services.usage import UsageService
 from tinkerkube_gateway.settings import BackendKind, GatewaySettings, inherited_environment
 from tinkerkube_gateway.store.records import FutureRecord
 from tinkerkube_gateway.store.repo import AsyncRepo, Repo
@@ -114,7 +117,8 @@ def client_config(settings: GatewaySettings) -> dict[str, object]:
     """What the client config adds to `routers.service.CLIENT_CONFIG`."""
     return {"fwdbwd_max_chunk_len": settings.fwdbwd_max_chunk_len,
             "proto_compress_fwdbwd": settings.proto_compress_fwdbwd,
-            "sample_use_retrieve_futures": settings.sample_use_retrieve_futures}
+            "sample_use_retrieve_futures": settings.sample_use_retrieve_futures,
+            "pjwt_auth_enabled": settings.auth_jwt_enabled}
 
 
 def capabilities(settings: GatewaySettings) -> list[str]:
@@ -181,7 +185,9 @@ async def compose(settings: GatewaySettings, backend: SessionBackend | None = No
     completions = CompletionsService(futures, sampling)
     sessions.stop_runs = models.stop_session_runs
     sessions.on_heartbeat = models.keep_session_alive
-    sessions.periodic += [registry.sweep_expired, completions.sweep]
+    keys = KeyRing(settings.tenant_keys(), repo, metrics, token_ttl_seconds=settings.auth_token_ttl_seconds)
+    await keys.refresh()
+    sessions.periodic += [registry.sweep_expired, completions.sweep, keys.refresh]
     wire_replicas(replicas, futures, dispatcher, models, sampling)
     metrics.queue_depth.set(await repo.count_pending())
     await sessions.refresh_gauge()
@@ -190,7 +196,7 @@ async def compose(settings: GatewaySettings, backend: SessionBackend | None = No
     sessions.start()
     try:
         yield Services(sessions=sessions, futures=futures, models=models, ops=ops, sampling=sampling,
-                       registry=registry, metrics=metrics, tenant_keys=settings.tenant_keys(),
+                       registry=registry, metrics=metrics, keys=keys,
                        max_body_bytes=settings.max_body_bytes, capabilities=capabilities(settings),
                        client_config=client_config(settings),
                        dynamic_config={"sample_cancel_enabled": settings.sample_cancel_enabled},
@@ -199,7 +205,8 @@ async def compose(settings: GatewaySettings, backend: SessionBackend | None = No
                                                   public_url=settings.public_url),
                        copies=CopyService(repo, registry, sessions), session_search=SessionSearch(repo),
                        traces=TraceService(repo, recorder), custom_losses=CustomLossService(
-                           repo=repo, futures=futures, sessions=sessions, models=models, metrics=metrics))
+                           repo=repo, futures=futures, sessions=sessions, models=models, metrics=metrics),
+                       audit=AuditLog(repo), usage=UsageService(repo))
     finally:
         if sampling.admission is not None:
             sampling.admission.close()

@@ -40,5 +40,14 @@ class Metrics:
                                              "time a sample waited in the gateway before it started",
                                              buckets=_BUCKETS, registry=r)
 
+        # Credentials (services/keys.py).
+        self.auth_tokens_issued_total = Counter("tinkerkube_gateway_auth_tokens_issued_total",
+                                                "JWTs minted by POST /api/v1/auth/token", ["tenant"], registry=r)
+        self.auth_rejected_total = Counter("tinkerkube_gateway_auth_rejected_total", "credentials refused (401), "
+                                           "by why: missing, unknown, revoked, invalid_token", ["reason"], registry=r)
+        self.api_keys_revoked_total = Counter("tinkerkube_gateway_api_keys_revoked_total",
+                                              "API keys revoked by their holder (DELETE /api/v1/auth/apikey/me), "
+                                              "on this replica", ["tenant"], registry=r)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

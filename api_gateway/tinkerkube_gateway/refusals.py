@@ -44,7 +44,7 @@ async def consume_seq(request: Request, problem: str) -> None:
     services: Services | None = getattr(request.app.state, "services", None)
     if op is None or services is None:
         return
-    tenant = services.tenant_keys.get(request.headers.get("x-api-key") or "")
+    tenant = await services.keys.tenant_or_none(request.headers.get("x-api-key"))
     if tenant is None:
         return
     body = getattr(request.state, "body", None)

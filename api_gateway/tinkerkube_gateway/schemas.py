@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 from tinkerkube_contract.pod_api import MAX_AGE_RECIPIENTS, AdamParams  # one definition, shared with the trainer
-from tinkerkube_gateway.bounds import MAX_INT32, Count, JsonMap, SeqId, TtlSeconds
+from tinkerkube_gateway.bounds import MAX_INT32, Count, JsonMap, SampleSeqId, SeqId, TtlSeconds
 
 TokenId = Annotated[int, Field(ge=0, le=MAX_INT32)]
 
@@ -66,6 +66,10 @@ class SessionSearchRequest(_Req):
     statuses: list[SessionStatusQuery] | None = Field(None, min_length=1, max_length=10)
     limit: int = Field(50, ge=1, le=200)
     cursor: SessionSearchCursor | None = None
+
+
+class JoinSamplingSessionRequest(_Req):
+    sampling_session_id: str = Field(min_length=1, max_length=250)
 
 
 class SessionIdRequest(_Req):
@@ -202,7 +206,7 @@ class SampleRequest(_Req):
     """What routing and bounds need; the whole JSON goes to the trainer as `SampleOp.request`."""
 
     sampling_session_id: str | None = None
-    seq_id: Count | None = None
+    seq_id: SampleSeqId | None = None
     num_samples: int = Field(1, ge=1, le=1024)
     prompt: JsonMap
     sampling_params: SamplingParams = Field(default_factory=SamplingParams)

@@ -129,6 +129,12 @@ class GatewaySettings(BaseSettings):
     tenant_sampled_tokens_per_minute: int = Field(
         0, ge=0, description="tokens one tenant may sample per minute (num_samples x max_tokens reserved at start, "
         "the unused part returned); 0: no limit")
+    auth_jwt_enabled: bool = Field(
+        True, description="tell the SDK to exchange its API key for short-lived JWTs (POST /api/v1/auth/token, "
+        "client config pjwt_auth_enabled) and send those; API keys keep working either way")
+    auth_token_ttl_seconds: int = Field(
+        3600, ge=180, le=24 * 3600, description="lifetime of the JWTs auth/token mints (the SDK renews them at "
+        "about half of it)")
     lease_seconds: float = Field(
         15.0, ge=1, le=300, description="PostgreSQL (several replicas): a run's dispatching replica renews its "
         "lease every third of this; another replica takes the run over once it has expired")

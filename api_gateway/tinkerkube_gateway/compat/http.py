@@ -19,7 +19,7 @@ from fastapi.routing import APIRoute
 from tinkerkube_contract.paths import InvalidTinkerPath
 from tinkerkube_gateway.compat.backend import CompatBackend
 from tinkerkube_gateway.compat.samplers import CompatSamplers
-from tinkerkube_gateway.deps import Services, tenant_of_key
+from tinkerkube_gateway.deps import Services, caller_of_key
 from tinkerkube_gateway.errors import GatewayError
 
 ErrorShape = Callable[[int, str], dict[str, Any]]  # (status, message) → body
@@ -34,8 +34,8 @@ def api_key(request: Request) -> str | None:
 
 
 async def compat_tenant(request: Request) -> str:
-    return tenant_of_key(request, api_key(request),
-                         "missing API key: send 'Authorization: Bearer tml-...' or 'x-api-key: tml-...'")
+    missing = "missing API key: send 'Authorization: Bearer tml-...' or 'x-api-key: tml-...'"
+    return (await caller_of_key(request, api_key(request), missing)).tenant
 
 
 async def compat_backend(request: Request) -> CompatBackend:

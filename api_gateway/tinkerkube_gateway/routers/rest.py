@@ -30,26 +30,37 @@ async def run_checkpoints(svc: Svc, tenant: Tenant, run_id: str, limit: int = Li
 
 
 @router.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/publish", summary="Unpublish")
-async def unpublish(svc: Svc, tenant: Tenant, run_id: str, checkpoint_id: str) -> dict[str, Any]:
+async def unpublish(svc: Svc, tenant: Tenant, run_id: str, checkpoint_id: str, request: Request) -> dict[str, Any]:
     await svc.registry.set_public(tenant, run_id, checkpoint_id, False)
+    await svc.audit.record(request, tenant, "checkpoint_unpublish", model_id=run_id, checkpoint_id=checkpoint_id,
+                           tinker_path=f"tinker://{run_id}/{checkpoint_id}")
     return {}
 
 
 @router.post("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/publish", summary="Publish (public read)")
-async def publish(svc: Svc, tenant: Tenant, run_id: str, checkpoint_id: str) -> dict[str, Any]:
+async def publish(svc: Svc, tenant: Tenant, run_id: str, checkpoint_id: str, request: Request) -> dict[str, Any]:
     await svc.registry.set_public(tenant, run_id, checkpoint_id, True)
+    await svc.audit.record(request, tenant, "checkpoint_publish", model_id=run_id, checkpoint_id=checkpoint_id,
+                           tinker_path=f"tinker://{run_id}/{checkpoint_id}")
     return {}
 
 
 @router.put("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/ttl", summary="Set or clear a TTL")
-async def set_ttl(svc: Svc, tenant: Tenant, run_id: str, checkpoint_id: str, body: Body) -> dict[str, Any]:
-    await svc.registry.set_ttl(tenant, run_id, checkpoint_id, parse(body, TtlRequest).ttl_seconds)
+async def set_ttl(svc: Svc, tenant: Tenant, run_id: str, checkpoint_id: str, body: Body,
+                  request: Request) -> dict[str, Any]:
+    ttl = parse(body, TtlRequest).ttl_seconds
+    await svc.registry.set_ttl(tenant, run_id, checkpoint_id, ttl)
+    await svc.audit.record(request, tenant, "checkpoint_ttl_set", model_id=run_id, checkpoint_id=checkpoint_id,
+                           tinker_path=f"tinker://{run_id}/{checkpoint_id}", ttl_seconds=ttl)
     return {}
 
 
 @router.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}", summary="Delete a checkpoint")
-async def delete_checkpoint(svc: Svc, tenant: Tenant, run_id: str, checkpoint_id: str) -> dict[str, Any]:
+async def delete_checkpoint(svc: Svc, tenant: Tenant, run_id: str, checkpoint_id: str,
+                            request: Request) -> dict[str, Any]:
     await svc.registry.delete(tenant, run_id, checkpoint_id)
+    await svc.audit.record(request, tenant, "checkpoint_delete", model_id=run_id, checkpoint_id=checkpoint_id,
+                           tinker_path=f"tinker://{run_id}/{checkpoint_id}")
     return {}
 
 
@@ -67,6 +78,7 @@ async def copy_weights(svc: Svc, tenant: Tenant, body: Body, request: Request) -
     token = request.headers.get("x-tinker-weights-access-token") or req.weights_access_token
     path = await svc.copies.copy(tenant, req, granted_by=svc.granting_tenant(token),
                                  idempotency_key=request.headers.get("x-idempotency-key"))
+    await svc.audit.record(request, tenant, "checkpoint_copy", source_path=req.source_path, tinker_path=path)
     return {"tinker_path": path}
 
 

@@ -4,20 +4,29 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from tinkerkube_gateway import wire
 from tinkerkube_gateway.deps import Body, Svc, Tenant
 from tinkerkube_gateway.routers.common import parse, submitted
-from tinkerkube_gateway.schemas import CreateSamplingSessionRequest, SampleRequest
+from tinkerkube_gateway.schemas import CreateSamplingSessionRequest, JoinSamplingSessionRequest, SampleRequest
 
 router = APIRouter(prefix="/api/v1", tags=["sampling"])
 
 
 @router.post("/create_sampling_session", summary="A sampler for a base model or a tinker:// sampler path")
-async def create_sampling_session(svc: Svc, tenant: Tenant, body: Body) -> dict[str, Any]:
-    sampler_id = await svc.sampling.create_session(tenant, parse(body, CreateSamplingSessionRequest))
+async def create_sampling_session(svc: Svc, tenant: Tenant, body: Body, request: Request) -> dict[str, Any]:
+    req = parse(body, CreateSamplingSessionRequest)
+    sampler_id = await svc.sampling.create_session(tenant, req)
+    await svc.audit.record(request, tenant, "sampler_create", sampler_id=sampler_id, model_path=req.model_path,
+                           base_model=req.base_model)
     return {"sampling_session_id": sampler_id, "type": "create_sampling_session"}
+
+
+@router.post("/join_sampling_session", summary="A clone id for another client (an unpickled SamplingClient)")
+async def join_sampling_session(svc: Svc, tenant: Tenant, body: Body) -> dict[str, Any]:
+    clone = await svc.sampling.join(tenant, parse(body, JoinSamplingSessionRequest).sampling_session_id)
+    return {"client_counter": clone, "type": "join_sampling_session"}
 
 
 @router.get("/samplers/{sampler_id}", summary="What a sampler serves")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from tinkerkube_gateway.deps import Body, Svc, Tenant
 from tinkerkube_gateway.routers.common import parse, submitted
@@ -17,10 +17,11 @@ from tinkerkube_gateway.schemas import (
 
 router = APIRouter(prefix="/api/v1", tags=["service"])
 
-# Flags of features this gateway does not serve stay off; `sample_use_retrieve_futures` comes from settings.
+# Flags of features this gateway does not serve stay off; `sample_use_retrieve_futures` and
+# `pjwt_auth_enabled` come from settings.
 CLIENT_CONFIG = {"pjwt_auth_enabled": False, "parallel_fwdbwd_chunks": True,
                  "sample_use_retrieve_futures": False, "custom_loss_server_side": True,
-                 "sample_join_sampling_session": False}
+                 "sample_join_sampling_session": True}
 
 
 @router.post("/client/config", summary="Client configuration (first call of every SDK client)")
@@ -34,8 +35,10 @@ async def dynamic_config(svc: Svc, _: Tenant) -> dict[str, Any]:
 
 
 @router.post("/create_session", summary="Start a Tinker session")
-async def create_session(svc: Svc, tenant: Tenant, body: Body) -> dict[str, Any]:
-    session_id = await svc.sessions.create(tenant, parse(body, CreateSessionRequest))
+async def create_session(svc: Svc, tenant: Tenant, body: Body, request: Request) -> dict[str, Any]:
+    req = parse(body, CreateSessionRequest)
+    session_id = await svc.sessions.create(tenant, req)
+    await svc.audit.record(request, tenant, "session_create", session_id=session_id, project_id=req.project_id)
     return {"session_id": session_id, "type": "create_session"}
 
 
@@ -51,9 +54,11 @@ async def heartbeat(svc: Svc, tenant: Tenant, body: Body) -> dict[str, Any]:
 
 
 @router.post("/sessions/{session_id}/finish", summary="End a session and every run it started")
-async def finish(svc: Svc, tenant: Tenant, session_id: str, body: Body) -> dict[str, Any]:
+async def finish(svc: Svc, tenant: Tenant, session_id: str, body: Body, request: Request) -> dict[str, Any]:
     req = parse(body, FinishSessionRequest)
-    await svc.sessions.finish(tenant, session_id, str((req.reason or {}).get("type", "unspecified")))
+    reason = str((req.reason or {}).get("type", "unspecified"))
+    await svc.sessions.finish(tenant, session_id, reason)
+    await svc.audit.record(request, tenant, "session_finish", session_id=session_id, reason=reason)
     return {}
 
 

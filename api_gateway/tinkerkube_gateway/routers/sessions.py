@@ -29,8 +29,10 @@ async def get_session(svc: Svc, tenant: Tenant, session_id: str) -> dict[str, An
 
 
 @router.put("/sessions/{session_id}/project", summary="Move a session (its runs and samplers) into a project")
-async def assign_project(svc: Svc, tenant: Tenant, session_id: str, body: Body) -> dict[str, Any]:
-    await svc.sessions.assign_project(tenant, session_id, parse(body, AssignProjectRequest).project_id)
+async def assign_project(svc: Svc, tenant: Tenant, session_id: str, body: Body, request: Request) -> dict[str, Any]:
+    project_id = parse(body, AssignProjectRequest).project_id
+    await svc.sessions.assign_project(tenant, session_id, project_id)
+    await svc.audit.record(request, tenant, "project_set", session_id=session_id, project_id=project_id)
     return {}
 
 

@@ -25,8 +25,12 @@ INLINE_CHECK_BYTES = 64 * 1024
 
 
 @router.post("/create_model", summary="Create a LoRA training run (future → model_id)")
-async def create_model(svc: Svc, tenant: Tenant, body: Body) -> dict[str, Any]:
-    return submitted(await svc.models.create_model(tenant, parse(body, CreateModelRequest)))
+async def create_model(svc: Svc, tenant: Tenant, body: Body, request: Request) -> dict[str, Any]:
+    req = parse(body, CreateModelRequest)
+    fut = await svc.models.create_model(tenant, req)
+    await svc.audit.record(request, tenant, "model_create", model_id=fut.target_id, session_id=fut.session_id,
+                           base_model=req.base_model)
+    return submitted(fut)
 
 
 @router.post("/get_info", summary="Model information (base model, tokenizer)")

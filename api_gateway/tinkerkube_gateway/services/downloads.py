@@ -43,14 +43,19 @@ class SignedUrls:
 
 
 class UrlSigner:
-    """Pure: sign and verify (what, expiry) pairs with one key."""
+    """Pure: sign and verify (what, expiry) pairs with one key; `mac` also signs the gateway's JWTs
+    (services/keys.py)."""
 
     def __init__(self, key: bytes):
         self._key = key
 
+    def mac(self, message: bytes) -> str:
+        """HMAC-SHA256 of `message`, unpadded base64url (as in URLs, and as JWS HS256 signatures are)."""
+        digest = hmac.new(self._key, message, hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
     def signature(self, resource: str, expires: int) -> str:
-        mac = hmac.new(self._key, f"{resource}\n{expires}".encode(), hashlib.sha256).digest()
-        return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+        return self.mac(f"{resource}\n{expires}".encode())
 
     def verify(self, resource: str, expires: int, signature: str, now: float) -> None:
         if not hmac.compare_digest(self.signature(resource, expires), signature):

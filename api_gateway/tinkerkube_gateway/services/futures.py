@@ -27,6 +27,7 @@ from tinkerkube_contract.resource import SessionMode
 from tinkerkube_gateway.errors import SeqIdReused, UnknownFuture
 from tinkerkube_gateway.metrics import Metrics
 from tinkerkube_gateway.services.mirror import FuturesMirror
+from tinkerkube_gateway.services.usage import usage_of
 from tinkerkube_gateway.store.protocol import EventTarget, clone_of
 from tinkerkube_gateway.store.records import FutureOp, FutureRecord, FutureState, ModelRecord
 from tinkerkube_gateway.store.repo import AsyncRepo
@@ -198,8 +199,11 @@ class FuturesService:
         if record.op == FutureOp.SAMPLE:  # logged for retrieve_futures, in the same commit
             result = values.get("result")
             event = EventTarget(record.target_id, clone_of(record.seq_id), None if result is None else len(result))
+        usage = (usage_of(record, values.get("result"), values.get("result_type"))
+                 if state == FutureState.COMPLETE else None)
         changed = await self.repo.finish_future(record.request_id, state=state, now=now,
-                                                notify=self.broadcast(record.request_id), event=event, **values)
+                                                notify=self.broadcast(record.request_id), event=event, usage=usage,
+                                                **values)
         if not changed:  # finished before (a replay, a race, another replica): waiters read what won
             self.notifier.notify(record.request_id)
             return False

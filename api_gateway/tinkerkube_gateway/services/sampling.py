@@ -12,12 +12,8 @@ import json
 import logging
 from typing import Any
 
-from google.protobuf.message import DecodeError
-from tinker.proto import tinker_public_pb2 as pb
-
 from tinkerkube_contract import paths, pod_api
 from tinkerkube_contract.resource import LoraSpec, SessionMode
-from tinkerkube_gateway.clients.pod_client import OpResult
 from tinkerkube_gateway.dispatcher import Dispatcher
 from tinkerkube_gateway.errors import InvalidRequest, UnknownModel
 from tinkerkube_gateway.schemas import CreateSamplingSessionRequest, SampleRequest
@@ -26,6 +22,8 @@ from tinkerkube_gateway.services.futures import FuturesService
 from tinkerkube_gateway.services.models import ModelsService
 from tinkerkube_gateway.services.registry import RegistryService
 from tinkerkube_gateway.services.sessions import SessionsService
+from tinkerkube_gateway.services.usage import sampled_tokens
+from tinkerkube_gateway.store.protocol import CLONE_STRIDE
 from tinkerkube_gateway.store.records import LIVE, FutureOp, FutureRecord, FutureState, ModelRecord, SamplerRecord
 from tinkerkube_gateway.wire import json_bytes
 
@@ -112,6 +110,16 @@ class SamplingService:
             raise UnknownModel(f"unknown sampler {sampler_id!r}")
         return record
 
+    async def join(self, tenant: str, sampler_id: str) -> int:
+        """A clone id for an unpickled SamplingClient of the tenant's sampling session: 1, 2, ... from a
+        counter in the store, so no two clients (on any replica, after any restart) number samples alike."""
+        await self.get_owned(tenant, sampler_id)
+        clone = await self.models.repo.next_clone(sampler_id)
+        if clone >= CLONE_STRIDE:
+            raise InvalidRequest(f"sampling session {sampler_id!r} has had {CLONE_STRIDE - 1} clients join it, the "
+                                 "most its seq_id numbering allows; create a new sampling session")
+        return int(clone)
+
     async def describe(self, tenant: str, sampler_id: str) -> dict[str, Any]:
         record = await self.get_owned(tenant, sampler_id)
         return {"sampler_id": record.sampler_id, "base_model": record.base_model, "model_path": record.model_path}
@@ -156,7 +164,8 @@ class SamplingService:
             if waited and self.models.replicas.multi and not await self._still_pending(fut.request_id):
                 await self.models.replicas.untrack_sample(fut.request_id)  # cancelled on another replica
                 return None
-            return sampled_tokens(await self.dispatcher.run_sample(fut, backing_model_id, op))
+            result = await self.dispatcher.run_sample(fut, backing_model_id, op)
+            return None if result is None else sampled_tokens(result.body, result.content_type)
 
         self.admission.admit(Ticket(fut.request_id, fut.tenant, self.dispatcher.pool_of(backing_model_id), cost, run))
 
@@ -182,12 +191,3 @@ def _cost(req: SampleRequest) -> int:
     return req.num_samples * (pod_api.DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens)
 
 
-def sampled_tokens(result: OpResult | None) -> int | None:
-    """Tokens a finished sample generated (every sequence's), None when it did not finish."""
-    if result is None or not result.content_type.startswith(pod_api.CONTENT_PROTOBUF):
-        return None
-    try:
-        response = pb.SampleResponse.FromString(result.body)
-    except DecodeError:
-        return None
-    return sum(len(sequence.tokens) // 4 for sequence in response.sequences)

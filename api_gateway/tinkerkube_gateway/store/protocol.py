@@ -13,7 +13,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, Engine, Table, and_, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
@@ -62,15 +62,19 @@ class ProtocolQueries:
     # --- the sample-completion log (retrieve_futures) ----------------------------------------------------
     def record_event_in(self, conn: Connection, event: EventTarget, request_id: str, state: FutureState,
                         now: float) -> None:
-        counter = t.future_event_counters
-        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
-        upsert = dialect.insert(counter).values(target_id=event.target_id, last=1)
-        serial = conn.execute(upsert.on_conflict_do_update(index_elements=[counter.c.target_id],
-                                                           set_={"last": counter.c.last + 1})
-                              .returning(counter.c.last)).scalar_one()
+        serial = self.bump_counter_in(conn, t.future_event_counters, event.target_id)
         conn.execute(insert(t.future_events).values(target_id=event.target_id, serial=serial, clone=event.clone,
                                                     request_id=request_id, state=state, size=event.size,
                                                     created_at=now))
+
+    def bump_counter_in(self, conn: Connection, counter: Table, target_id: str) -> int:
+        """The next value (1, 2, ...) of `target_id`'s row in a (target_id, last) counter table: an upsert
+        that keeps the row locked until commit, so concurrent callers (any replica) get distinct values."""
+        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        upsert = dialect.insert(counter).values(target_id=target_id, last=1)
+        return int(conn.execute(upsert.on_conflict_do_update(index_elements=[counter.c.target_id],
+                                                             set_={"last": counter.c.last + 1})
+                                .returning(counter.c.last)).scalar_one())
 
     def future_events(self, target_id: str, clone: int, after: int, limit: int = 1000) -> list[FutureEvent]:
         e = t.future_events.c

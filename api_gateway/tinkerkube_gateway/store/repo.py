@@ -14,12 +14,13 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, create_engine, delete, event, func, insert, inspect, select, update
+from sqlalchemy import Engine, bindparam, create_engine, delete, event, func, insert, inspect, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from tinkerkube_contract.resource import SessionMode
 from tinkerkube_gateway.store import tables as t
 from tinkerkube_gateway.store.coordination import CoordinationQueries, create_counters_in
+from tinkerkube_gateway.store.ledger import LedgerQueries, Usage
 from tinkerkube_gateway.store.protocol import EventTarget, ProtocolQueries
 from tinkerkube_gateway.store.records import (
     LIVE,
@@ -69,7 +70,19 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
-class Repo(CoordinationQueries, ProtocolQueries):
+def widen_seq_ids(engine: Engine) -> None:
+    """PostgreSQL stores made when `futures.seq_id` was INTEGER: make it BIGINT (sample seq_ids of unpickled
+    SamplingClients pass 2^31). SQLite's INTEGER is 64-bit already."""
+    if engine.dialect.name != "postgresql":
+        return
+    with engine.begin() as conn:
+        kind = conn.execute(text("SELECT data_type FROM information_schema.columns WHERE table_name = 'futures' "
+                                 "AND column_name = 'seq_id' AND table_schema = current_schema()")).scalar()
+        if kind == "integer":
+            conn.execute(text("ALTER TABLE futures ALTER COLUMN seq_id TYPE BIGINT"))
+
+
+class Repo(CoordinationQueries, ProtocolQueries, LedgerQueries):
     def __init__(self, url: str):
         self.engine = make_engine(url)
         t.metadata.create_all(self.engine, tables=[tb for tb in t.metadata.sorted_tables if tb is not t.run_counters])
@@ -78,6 +91,7 @@ class Repo(CoordinationQueries, ProtocolQueries):
         with self.engine.begin() as conn:
             if not inspect(conn).has_table(t.run_counters.name):
                 create_counters_in(conn)
+        widen_seq_ids(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -226,10 +240,11 @@ class Repo(CoordinationQueries, ProtocolQueries):
 
     def finish_future(self, request_id: str, *, state: FutureState, now: float, result: bytes | None = None,
                       result_type: str | None = None, error: str | None = None, category: str | None = None,
-                      notify: str | None = None, event: EventTarget | None = None) -> bool:
+                      notify: str | None = None, event: EventTarget | None = None,
+                      usage: Usage | None = None) -> bool:
         """Only a pending future changes: a second completion (a replay, a race) is ignored. `notify`:
         a NOTIFY payload sent with the change's commit (PostgreSQL); `event`: log the completion for
-        retrieve_futures in the same commit."""
+        retrieve_futures in the same commit; `usage`: what the op used, recorded in the same commit (once)."""
         params = {"b_request_id": request_id, "b_state": state, "b_result": result, "b_result_type": result_type,
                   "b_error": error, "b_category": category, "b_now": now}
         with self.engine.begin() as conn:
@@ -239,6 +254,8 @@ class Repo(CoordinationQueries, ProtocolQueries):
                 self.count_finished_in(conn, row.target_id, row.seq_id, state)
                 if event is not None:
                     self.record_event_in(conn, event, request_id, state, now)
+                if usage is not None:
+                    self.record_usage_in(conn, usage, now)
                 self.notify_in(conn, notify)
         return changed
 

@@ -73,7 +73,7 @@ futures = Table(
     Column("tenant", String(200), nullable=False),
     Column("session_id", String(200), nullable=True),
     Column("target_id", String(250), nullable=False),  # model_id, or sampler_id for samples
-    Column("seq_id", Integer, nullable=True),
+    Column("seq_id", BigInteger, nullable=True),  # samples of unpickled SamplingClients: clone_id * 1e9 + n
     Column("trainer_seq", Integer, nullable=True),  # the seq the trainer knows it by (rejected ops take none)
     Column("op", String(40), nullable=False),
     Column("state", String(10), nullable=False),  # pending | complete | failed
@@ -180,4 +180,47 @@ gateway_secrets = Table(
     "gateway_secrets", metadata,
     Column("name", String(64), primary_key=True),
     Column("value", LargeBinary, nullable=False),
+)
+
+# The clone ids `join_sampling_session` hands out, per sampling session (the original client is 0): the
+# same upsert counter as `future_event_counters`, so replicas sharing the store never hand out one twice.
+sampling_clone_counters = Table(
+    "sampling_clone_counters", metadata,
+    Column("target_id", String(250), primary_key=True),  # the sampling session (sampler_id)
+    Column("last", BigInteger, nullable=False),
+)
+
+# API keys revoked through DELETE /api/v1/auth/apikey/me, by fingerprint (never the key itself): every
+# replica refuses them (services/keys.py), whatever the configured keys say.
+revoked_keys = Table(
+    "revoked_keys", metadata,
+    Column("fingerprint", String(64), primary_key=True),
+    Column("tenant", String(200), nullable=False),
+    Column("revoked_at", Float, nullable=False),
+)
+
+# The tenant's own state-changing calls, for GET /api/v1/audit (services/audit.py).
+audit_events = Table(
+    "audit_events", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("tenant", String(200), nullable=False),
+    Column("at", Float, nullable=False),
+    Column("event", String(60), nullable=False),  # <resource>_<action>, e.g. checkpoint_delete
+    Column("category", String(20), nullable=False),  # checkpoints | projects | organizations
+    Column("details", JSON, nullable=False),
+    Index("ix_audit_tenant_at", "tenant", "at"),
+)
+
+# What each finished op used, for GET /api/v1/billing/usage/events (services/usage.py): written in the
+# transaction that finishes its future, so an op is counted exactly once whichever replica finishes it.
+usage_events = Table(
+    "usage_events", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("tenant", String(200), nullable=False),
+    Column("session_id", String(200), nullable=True),
+    Column("target_id", String(250), nullable=False),  # the run (model_id) or sampling session (sampler_id)
+    Column("kind", String(20), nullable=False),  # training | sampling_prefill | sampling_sample | checkpoint
+    Column("quantity", BigInteger, nullable=False),  # tokens, or checkpoints
+    Column("hour", Integer, nullable=False),  # the UTC hour bucket: int(at // 3600)
+    Index("ix_usage_tenant_hour", "tenant", "hour"),
 )
