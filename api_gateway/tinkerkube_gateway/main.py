@@ -101,6 +101,13 @@ def capacity_source(backend: SessionBackend) -> QueueStateSource:
     return source
 
 
+async def make_keys(settings: GatewaySettings, repo: AsyncRepo, metrics: Metrics) -> KeyRing:
+    """The configured keys, less those revoked in the store (reloaded by the reaper loop)."""
+    keys = KeyRing(settings.tenant_keys(), repo, metrics, token_ttl_seconds=settings.auth_token_ttl_seconds)
+    await keys.refresh()
+    return keys
+
+
 def make_admission(settings: GatewaySettings, metrics: Metrics, futures: FuturesService,
                    dispatcher: Dispatcher) -> SampleAdmission:
     """Sampling backpressure; its waiting samples answer try_again with a paused queue_state."""
@@ -185,8 +192,7 @@ async def compose(settings: GatewaySettings, backend: SessionBackend | None = No
     completions = CompletionsService(futures, sampling)
     sessions.stop_runs = models.stop_session_runs
     sessions.on_heartbeat = models.keep_session_alive
-    keys = KeyRing(settings.tenant_keys(), repo, metrics, token_ttl_seconds=settings.auth_token_ttl_seconds)
-    await keys.refresh()
+    keys = await make_keys(settings, repo, metrics)
     sessions.periodic += [registry.sweep_expired, completions.sweep, keys.refresh]
     wire_replicas(replicas, futures, dispatcher, models, sampling)
     metrics.queue_depth.set(await repo.count_pending())
