@@ -13,7 +13,7 @@ import io
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import zstandard
 from google.protobuf.message import DecodeError
@@ -85,15 +85,23 @@ def parse_forward_backward(raw: bytes) -> pb.ForwardBackwardRequest:
     return msg
 
 
-def check_forward_backward(raw: bytes, content_encoding: str | None, max_bytes: int) -> tuple[bytes, str, int]:
-    """(plain body, model_id, seq_id) of a valid request; InvalidRequest (or PayloadTooLarge) otherwise."""
+class CheckedForwardBackward(NamedTuple):
+    plain: bytes
+    model_id: str
+    seq_id: int
+    tokens: int  # of every datum's model input: what the op is billed as (services/usage.py)
+
+
+def check_forward_backward(raw: bytes, content_encoding: str | None, max_bytes: int) -> CheckedForwardBackward:
+    """(plain body, model_id, seq_id, tokens) of a valid request; InvalidRequest (or PayloadTooLarge) otherwise."""
     plain = decompress(raw, content_encoding, max_bytes=max_bytes)
     msg = parse_forward_backward(plain)
-    validate_forward_backward(msg)
-    return plain, msg.model_id, msg.seq_id
+    tokens = validate_forward_backward(msg)
+    return CheckedForwardBackward(plain, msg.model_id, msg.seq_id, tokens)
 
 
-def validate_forward_backward(msg: pb.ForwardBackwardRequest) -> None:
+def validate_forward_backward(msg: pb.ForwardBackwardRequest) -> int:
+    """The request's model-input tokens, once it is known valid."""
     if msg.loss_fn not in LOSS_FNS:
         raise InvalidRequest(f"forward_backward: unknown loss_fn {msg.loss_fn!r}; supported: {sorted(LOSS_FNS)}")
     if not msg.data:
@@ -101,15 +109,17 @@ def validate_forward_backward(msg: pb.ForwardBackwardRequest) -> None:
     check_finite(dict(msg.loss_fn_config), "forward_backward: loss_fn_config")
     numbers = {k: v.number for k, v in msg.loss_fn_config_v2.items() if v.WhichOneof("value") == "number"}
     check_finite(numbers, "forward_backward: loss_fn_config")
-    images = 0
+    images = total = 0
     for i, datum in enumerate(msg.data):
         n = _datum_length(datum, i)
+        total += n
         images += sum(1 for chunk in datum.model_input if chunk.WhichOneof("chunk") == "image")
         if images > MAX_IMAGES_PER_REQUEST:
             raise InvalidRequest(f"forward_backward: more than {MAX_IMAGES_PER_REQUEST} image chunks in one request")
         for name, tensor in datum.loss_fn_inputs.items():
             length = None if msg.loss_fn == CUSTOM_LOSS_FN and name not in _TOKEN_INPUTS else n
             _check_tensor(tensor, f"data[{i}].loss_fn_inputs[{name!r}]", length)
+    return total
 
 
 def _datum_length(datum: pb.Datum, i: int) -> int:

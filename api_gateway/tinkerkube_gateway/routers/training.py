@@ -43,12 +43,14 @@ async def forward_backward(svc: Svc, tenant: Tenant, body: Body, request: Reques
     args = (body, request.headers.get("content-encoding"), svc.max_body_bytes)
     # Decoding a large batch must not stall the event loop; a small one costs less than the thread hop.
     if len(body) <= INLINE_CHECK_BYTES:
-        plain, model_id, seq_id = wire.check_forward_backward(*args)
+        checked = wire.check_forward_backward(*args)
     else:
-        plain, model_id, seq_id = await asyncio.to_thread(wire.check_forward_backward, *args)
-    if wire.may_be_custom_loss(plain):
-        plain = await svc.custom_losses.attach(tenant, model_id, plain, inline=len(plain) <= INLINE_CHECK_BYTES)
-    return submitted(await svc.ops.forward_backward(tenant, model_id, seq_id, plain))
+        checked = await asyncio.to_thread(wire.check_forward_backward, *args)
+    if wire.may_be_custom_loss(checked.plain):
+        inline = len(checked.plain) <= INLINE_CHECK_BYTES
+        checked = checked._replace(plain=await svc.custom_losses.attach(tenant, checked.model_id, checked.plain,
+                                                                         inline=inline))
+    return submitted(await svc.ops.forward_backward(tenant, checked))
 
 
 @router.post("/optim_step", summary="AdamW step on the accumulated gradients (future)")

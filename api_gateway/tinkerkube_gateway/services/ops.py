@@ -25,6 +25,7 @@ from tinkerkube_gateway.services.futures import FuturesService
 from tinkerkube_gateway.services.models import ModelsService
 from tinkerkube_gateway.services.registry import RegistryService
 from tinkerkube_gateway.store.records import FutureOp, FutureRecord, ModelStatus
+from tinkerkube_gateway.wire import CheckedForwardBackward
 
 JSON = pod_api.CONTENT_JSON
 
@@ -74,8 +75,9 @@ class OpsService:
         else:
             await self.models.replicas.submitted(model_id)  # the dispatching replica skips its seq_id
 
-    async def forward_backward(self, tenant: str, model_id: str, seq_id: int, raw: bytes) -> FutureRecord:
-        return await self.submit(tenant, model_id, seq_id, FutureOp.FORWARD_BACKWARD, raw, pod_api.CONTENT_PROTOBUF)
+    async def forward_backward(self, tenant: str, checked: CheckedForwardBackward) -> FutureRecord:
+        return await self.submit(tenant, checked.model_id, checked.seq_id, FutureOp.FORWARD_BACKWARD, checked.plain,
+                                 pod_api.CONTENT_PROTOBUF, meta={"tokens": checked.tokens})
 
     async def optim_step(self, tenant: str, req: OptimStepRequest) -> FutureRecord:
         if req.adam_params is None and req.optimizer_params is not None:

@@ -82,7 +82,8 @@ def usage_of(record: FutureRecord, result: bytes | None, result_type: str | None
     """What a future that completed well used; None for ops that use nothing billed."""
     items: tuple[tuple[str, int], ...]
     if record.op == FutureOp.FORWARD_BACKWARD:
-        items = (("training", training_tokens(record.body)),)
+        counted = (record.meta or {}).get("tokens")  # counted at submit (wire.check_forward_backward)
+        items = (("training", counted if isinstance(counted, int) else training_tokens(record.body)),)
     elif record.op == FutureOp.SAMPLE:
         items = (("sampling_prefill", prompt_tokens(record.body)),
                  ("sampling_sample", sampled_tokens(result, result_type) or 0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 import time
@@ -37,6 +38,8 @@ def test_a_forward_backward_uses_its_datums_tokens() -> None:
         datum.model_input.add().encoded_text.tokens = _ints(list(range(n)))
     usage = usage_of(_future(FutureOp.FORWARD_BACKWARD, msg.SerializeToString()), None, None)
     assert usage is not None and usage.items == (("training", 8),) and usage.target_id == "m"
+    counted = dataclasses.replace(_future(FutureOp.FORWARD_BACKWARD, b"unparsed"), meta={"tokens": 11})
+    assert usage_of(counted, None, None).items == (("training", 11),)  # type: ignore[union-attr]
 
 
 def test_a_sample_uses_its_prompt_and_what_it_generated() -> None:

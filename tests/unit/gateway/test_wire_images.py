@@ -40,7 +40,7 @@ def body(images: list[tuple[bytes, str, int | None]], targets: int) -> bytes:
 
 def test_an_image_counts_as_its_expected_tokens() -> None:
     ok = body([(png(), "png", 5)], targets=8)
-    assert wire.check_forward_backward(ok, None, 10**7)[1:] == ("m", 4)
+    assert wire.check_forward_backward(ok, None, 10**7)[1:3] == ("m", 4)
     with pytest.raises(InvalidRequest, match="first dimension 7 != model_input length 8"):
         wire.check_forward_backward(body([(png(), "png", 5)], targets=7), None, 10**7)
 
