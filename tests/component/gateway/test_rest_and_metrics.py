@@ -45,7 +45,10 @@ def test_metrics_count_requests_and_futures(shared_gateway: GatewayProc) -> None
     with shared_gateway.http() as http:
         model_id = new_model(http, new_session(http), TINY)
         retrieve(http, post_fwdbwd(http, fwdbwd_body(model_id, 1)).json()["request_id"])
-        text = http.get("/metrics").text
+        # The result is handed to its waiters before the store write that counts it (futures._finish).
+        text = eventually_sync(lambda: http.get("/metrics").text,
+                               lambda t: 'futures_total{op="forward_backward",outcome="complete"}' in t,
+                               timeout=30, what="the finished forward_backward counted")
     for name in ("tinkerkube_gateway_requests_total", "tinkerkube_gateway_request_seconds",
                  "tinkerkube_gateway_future_seconds", "tinkerkube_gateway_queue_depth",
                  "tinkerkube_gateway_active_sessions", "tinkerkube_gateway_futures_total"):
