@@ -176,6 +176,21 @@ def test_usage_events_count_what_alice_trained_sampled_and_saved(account_gateway
     assert admin.get_current_checkpoint_storage_usage(project_id="elsewhere").result().data == []
 
 
+def test_the_tinker_billing_cli_reports_the_same_usage(account_gateway: GatewayProc,
+                                                       alice_work: dict[str, object]) -> None:
+    start, end = _window()
+    env = {**os.environ, "TINKER_API_KEY": "tml-alice", "TINKER_BASE_URL": account_gateway.url}
+    cli = [sys.executable, "-m", "tinker.cli", "--format", "json", "billing"]
+    usage = subprocess.run([*cli, "usage", start.isoformat(), end.isoformat()], env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert usage.returncode == 0, usage.stderr
+    rows = json.loads(usage.stdout)["data"]
+    assert sum(r["event_info"]["token_count"] for r in rows if r["event_info"]["type"] == "training") == 4 + 6
+    storage = subprocess.run([*cli, "checkpoint-storage"], env=env, capture_output=True, text=True, timeout=120)
+    assert storage.returncode == 0, storage.stderr
+    assert [r["project_id"] for r in json.loads(storage.stdout)["data"]] == ["default"]
+
+
 def test_bad_usage_windows_and_parameters_are_400s(account_gateway: GatewayProc) -> None:
     start, _ = _window()
     iso = start.isoformat()
