@@ -120,6 +120,7 @@ def test_unpickled_sampling_clients_join_with_distinct_clone_ids_and_all_sample(
                          json={"sampling_session_id": sampling_session_id}).status_code == 404  # not bob's
 
 
+@pytest.mark.slow
 def test_clone_ids_survive_a_gateway_restart(tmp_path: Path, model_cache_dir: Path) -> None:
     state = tmp_path / "state"
     gw = _start(state, model_cache_dir)
@@ -242,6 +243,7 @@ def test_the_audit_log_records_alices_changes_for_her_only(account_gateway: Gate
 
 
 # --- auth/apikey/me ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_tinker_auth_describes_and_revokes_the_calling_key_durably(tmp_path: Path, model_cache_dir: Path) -> None:
     state = tmp_path / "state"
     gw = _start(state, model_cache_dir)
