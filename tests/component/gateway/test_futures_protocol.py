@@ -193,7 +193,7 @@ def test_the_client_configs_enable_what_is_served(gw: GatewayProc) -> None:
         config = http.post("/api/v1/client/config", json={"sdk_version": "0.38.0"}).json()
         dynamic = http.post("/api/v1/client/dynamic_config", json={"sdk_version": "0.38.0"}).json()
     assert config["sample_use_retrieve_futures"] is True and config["sample_join_sampling_session"] is True
-    assert config["pjwt_auth_enabled"] is True and config["custom_loss_server_side"] is False  # not served
+    assert config["pjwt_auth_enabled"] is True and config["custom_loss_server_side"] is True
     assert dynamic["sample_cancel_enabled"] is True
     assert types.ClientConfigResponse.model_validate(config).sample_use_retrieve_futures
 
