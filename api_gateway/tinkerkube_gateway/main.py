@@ -101,10 +101,12 @@ def capacity_source(backend: SessionBackend) -> QueueStateSource:
     return source
 
 
-async def make_keys(settings: GatewaySettings, repo: AsyncRepo, metrics: Metrics) -> KeyRing:
-    """The configured keys, less those revoked in the store (reloaded by the reaper loop)."""
+async def make_keys(settings: GatewaySettings, repo: AsyncRepo, metrics: Metrics,
+                    sessions: SessionsService) -> KeyRing:
+    """The configured keys, less those revoked in the store (reloaded by the sessions' periodic loop)."""
     keys = KeyRing(settings.tenant_keys(), repo, metrics, token_ttl_seconds=settings.auth_token_ttl_seconds)
     await keys.refresh()
+    sessions.periodic.append(keys.refresh)
     return keys
 
 
@@ -192,8 +194,7 @@ async def compose(settings: GatewaySettings, backend: SessionBackend | None = No
     completions = CompletionsService(futures, sampling)
     sessions.stop_runs = models.stop_session_runs
     sessions.on_heartbeat = models.keep_session_alive
-    keys = await make_keys(settings, repo, metrics)
-    sessions.periodic += [registry.sweep_expired, completions.sweep, keys.refresh]
+    sessions.periodic += [registry.sweep_expired, completions.sweep]
     wire_replicas(replicas, futures, dispatcher, models, sampling)
     metrics.queue_depth.set(await repo.count_pending())
     await sessions.refresh_gauge()
@@ -202,17 +203,16 @@ async def compose(settings: GatewaySettings, backend: SessionBackend | None = No
     sessions.start()
     try:
         yield Services(sessions=sessions, futures=futures, models=models, ops=ops, sampling=sampling,
-                       registry=registry, metrics=metrics, keys=keys,
+                       registry=registry, metrics=metrics, keys=await make_keys(settings, repo, metrics, sessions),
                        max_body_bytes=settings.max_body_bytes, capabilities=capabilities(settings),
-                       client_config=client_config(settings),
+                       client_config=client_config(settings), audit=AuditLog(repo), usage=UsageService(repo),
                        dynamic_config={"sample_cancel_enabled": settings.sample_cancel_enabled},
                        completions=completions, cancels=CancelService(futures, dispatcher, sampling),
                        downloads=DownloadsService(repo, registry, url_ttl_seconds=settings.download_url_ttl_seconds,
                                                   public_url=settings.public_url),
                        copies=CopyService(repo, registry, sessions), session_search=SessionSearch(repo),
                        traces=TraceService(repo, recorder), custom_losses=CustomLossService(
-                           repo=repo, futures=futures, sessions=sessions, models=models, metrics=metrics),
-                       audit=AuditLog(repo), usage=UsageService(repo))
+                           repo=repo, futures=futures, sessions=sessions, models=models, metrics=metrics))
     finally:
         if sampling.admission is not None:
             sampling.admission.close()
