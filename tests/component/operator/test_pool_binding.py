@@ -14,7 +14,7 @@ from tests.support.eventually import eventually_sync
 from tests.support.kmock_cluster import Api, EmulatedCluster, OperatorProcess
 from tests.support.kubelet import Kubelet
 from tinkerkube_contract import env
-from tinkerkube_contract.resource import LABEL_POOL, LABEL_SESSION, PLURAL, POOL_PLURAL
+from tinkerkube_contract.resource import FINALIZER, LABEL_POOL, LABEL_SESSION, PLURAL, POOL_PLURAL
 from tinkerkube_operator.settings import OperatorSettings
 
 TS, TP = PLURAL, POOL_PLURAL
@@ -40,6 +40,14 @@ def _status(api: Api, ns: str, plural: str, name: str) -> dict[str, Any]:
 def _ready(api: Api, ns: str, name: str, timeout: float = 20) -> dict[str, Any]:
     return eventually_sync(lambda: _status(api, ns, TS, name), lambda s: s.get("phase") == "Ready" and s.get("pool"),
                            timeout=timeout, what=f"{name} bound and Ready")
+
+
+def _delete_pool(api: Api, ns: str, name: str) -> None:
+    """Delete a pool once kopf has put its finalizer on it: the emulator has no garbage collector, so a pool
+    deleted before that would leave its pods behind (a cluster's GC deletes them by their ownerReference)."""
+    eventually_sync(lambda: (api.get(TP, ns, name) or {}).get("metadata", {}).get("finalizers") or [],
+                    lambda found: FINALIZER in found, timeout=10, what=f"the operator's finalizer on {name}")
+    assert api.delete(TP, ns, name) == 200
 
 
 def _condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -83,7 +91,7 @@ def test_a_deleted_pool_s_runs_are_bound_to_a_new_pool(
     api.create(TS, namespace, _session("r2"))
     first = _ready(api, namespace, "r1")["pool"]
     assert _ready(api, namespace, "r2")["pool"] == first
-    assert api.delete(TP, namespace, first) == 200
+    _delete_pool(api, namespace, first)
     for name in ("r1", "r2"):
         eventually_sync(lambda n=name: _status(api, namespace, TS, n),
                         lambda s: s.get("pool") not in (None, first) and s.get("phase") == "Ready",
@@ -118,7 +126,7 @@ def test_sessions_follow_their_pool_s_changes_without_a_clock_tick(
     assert _ready(api, namespace, "e2")["pool"] == first
     eventually_sync(lambda: _status(api, namespace, TP, first), lambda s: s.get("runsUsed") == 2, timeout=10,
                     what="both runs counted on the pool")
-    assert api.delete(TP, namespace, first) == 200
+    _delete_pool(api, namespace, first)
     for name in ("e1", "e2"):
         eventually_sync(lambda n=name: _status(api, namespace, TS, n),
                         lambda s: s.get("pool") not in (None, first) and s.get("phase") == "Ready",
