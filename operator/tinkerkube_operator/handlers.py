@@ -2,8 +2,8 @@
 
 Registered on import into kopf's default registry. Each handler finds the shared `Context` in
 `memo.ctx` (built by main.py's startup handler) and returns None, so kopf adds no status keys.
-TrainingSessions either own a pod set (`reconciler`, SESSION_PODS) or, with `pools` on, are bound to a
-TrainerPool (`binding`); TrainerPools always own a pod set (`reconciler`, POOL_PODS).
+TrainingSessions either own a pod set (`reconciler`, SESSION_PODS) or, with `pools` on (the default), are
+bound to a TrainerPool (`binding`); TrainerPools always own a pod set (`reconciler`, POOL_PODS).
 """
 
 from __future__ import annotations
