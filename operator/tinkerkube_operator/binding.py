@@ -2,7 +2,12 @@
 pool's (`pools.bound_status`), it is detached from its pool when it ends, and warm pools are kept topped up.
 
 Only the operator's leader runs handlers (kopf peering), and one binding decision runs at a time
-(`Context.bind_lock`): the decision and the write of `status.pool` that makes it count happen under it.
+(`Context.bind_lock`): the decision and the write of `status.pool` that makes it count happen under it. The
+warm-pool refill, which no resource event starts, checks the peering itself (`leader`).
+
+Nothing waits for a clock tick: a binding or a detach re-counts the pool's runs at once, and every event of a
+pool (`pool_moved`: Ready, a new endpoint, runs counted, deletion) re-derives the sessions bound to it and those
+waiting for capacity in its namespace. The sessions' own tick stays as a safety net.
 """
 
 from __future__ import annotations
@@ -27,9 +32,9 @@ from tinkerkube_contract.resource import (
     TrainingSessionStatus,
 )
 from tinkerkube_operator import conditions as cond
-from tinkerkube_operator import metrics, pools, status
+from tinkerkube_operator import leader, metrics, pools, reconciler, status
 from tinkerkube_operator.podview import parse_time
-from tinkerkube_operator.reconciler import SESSION_PODS, Context, _invalid, _write
+from tinkerkube_operator.reconciler import POOL_PODS, SESSION_PODS, Context, _invalid, _write
 
 log = logging.getLogger(__name__)
 C = ConditionType
@@ -70,20 +75,25 @@ async def _reconcile_locked(ctx: Context, namespace: str, name: str) -> None:
                 "its ops there")
         log.warning("session %s/%s: %s", namespace, name, lost)
         pool_body = None
+    bound = None
     if pool_body is None:
-        binding = await _bind(ctx, namespace, name, spec, body)
-        if binding.pool is None:
+        bound = await _bind(ctx, namespace, name, spec, body)
+        if bound.pool is None:
             await _write(ctx, SESSION_PODS, body, old, pools.bound_status(old, None, None, now=stamp,
-                                                                          waiting=binding.reason))
+                                                                          waiting=bound.reason))
             return
-        pool_body = await ctx.kube.get_object(POOL_PLURAL, namespace, binding.pool)
-        old = old.model_copy(update={"pool": binding.pool})
+        pool_body = await ctx.kube.get_object(POOL_PLURAL, namespace, bound.pool)
+        old = old.model_copy(update={"pool": bound.pool})
         created = parse_time(body["metadata"].get("creationTimestamp"))
         if created is not None:
             metrics.BIND_WAIT.observe(max((now - created).total_seconds(), 0.0))
     pool_status = TrainerPoolStatus.model_validate((pool_body or {}).get("status") or {})
     new = pools.bound_status(old, old.pool, pool_status, now=stamp, lost=lost)
     await _write(ctx, SESSION_PODS, body, status.parse_status(body.get("status")), new)
+    if bound is not None and bound.pool is not None:
+        await recount(ctx, namespace, bound.pool)
+        if bound.choice is pools.Choice.CLAIM:
+            await refill_warm(ctx)  # handlers run on the leader only: replace the claimed pool now
 
 
 def _idle(ctx: Context, body: dict[str, Any], old: TrainingSessionStatus, spec: TrainingSessionSpec) -> bool:
@@ -101,6 +111,8 @@ async def _end(ctx: Context, body: dict[str, Any], old: TrainingSessionStatus, s
     new = old.model_copy(update={"conditions": conds, "endpoint": None, "phase": "Terminated"})
     await detach(ctx, body)
     await _write(ctx, SESSION_PODS, body, old, new)
+    if old.pool:
+        await recount(ctx, body["metadata"]["namespace"], old.pool)
 
 
 async def _bind(ctx: Context, namespace: str, name: str, spec: TrainingSessionSpec,
@@ -155,6 +167,29 @@ async def session_deleted(ctx: Context, namespace: str, name: str, body: dict[st
         await detach(ctx, body)
     ctx.locks.pop(SESSION_PODS.key(namespace, name), None)
     ctx.phases.set(SESSION_PODS.key(namespace, name), None)
+    pool = (body.get("status") or {}).get("pool")
+    if pool:
+        await recount(ctx, namespace, pool)  # the deleting session no longer counts: its slot frees up now
+
+
+async def recount(ctx: Context, namespace: str, pool: str) -> None:
+    """Reconcile the pool now (its runs used/free, idle clock), not on its next tick."""
+    await reconciler.reconcile(ctx, namespace, pool, None, POOL_PODS)
+
+
+async def pool_moved(ctx: Context, namespace: str, pool: str) -> None:
+    """A pool changed (or went): re-derive the live sessions bound to it, and let the ones waiting for capacity
+    in its namespace try again (a slot may have freed up). Read from the API, not an index: a session writes
+    `status.pool` before it reads its pool, so a change it did not see finds it here."""
+    todo = []
+    for s in await ctx.kube.list_objects(PLURAL, namespace):
+        if s["metadata"].get("deletionTimestamp"):
+            continue
+        raw = s.get("status") or {}
+        if raw.get("pool") == pool or (not raw.get("pool") and waiting(s)):
+            todo.append(s["metadata"]["name"])
+    for name in todo:
+        await reconcile_session(ctx, namespace, name)
 
 
 def warm_namespace(ctx: Context) -> str:
@@ -177,11 +212,19 @@ async def refill_warm(ctx: Context) -> list[str]:
         return created
 
 
-async def warm_loop(ctx: Context) -> None:
-    """Keeps warm pools topped up (started by main's startup handler when pools and warm pools are on)."""
+async def warm_loop(ctx: Context, peering: leader.Peering) -> None:
+    """Keeps warm pools topped up (started by main's startup handler when pools and warm pools are on). Every
+    replica runs the loop; only the peering leader refills, the others stand by (each logs when that changes)."""
+    leading: bool | None = None
     while True:
         try:
-            await refill_warm(ctx)
+            now_leading = await leader.is_leader(ctx.kube, peering)
+            if now_leading != leading:
+                log.info("warm pools: %s (peering %r, priority %d)", "this replica leads the refill" if now_leading
+                         else "standing by, another replica leads the refill", peering.name, peering.priority)
+            leading = now_leading
+            if leading:
+                await refill_warm(ctx)
         except Exception:  # the API server may be briefly away: try again next tick
             log.warning("warm pool refill failed", exc_info=True)
         await asyncio.sleep(ctx.settings.reconcile_interval_seconds)

@@ -2,8 +2,8 @@
 
 Registered on import into kopf's default registry. Each handler finds the shared `Context` in
 `memo.ctx` (built by main.py's startup handler) and returns None, so kopf adds no status keys.
-TrainingSessions either own a pod set (`reconciler`, SESSION_PODS) or, with `pools` on, are bound to a
-TrainerPool (`binding`); TrainerPools always own a pod set (`reconciler`, POOL_PODS).
+TrainingSessions either own a pod set (`reconciler`, SESSION_PODS) or, with `pools` on (the default), are
+bound to a TrainerPool (`binding`); TrainerPools always own a pod set (`reconciler`, POOL_PODS).
 """
 
 from __future__ import annotations
@@ -109,7 +109,15 @@ async def pool_pod_changed(namespace: str, labels: Any, memo: kopf.Memo,
         await reconciler.reconcile(memo.ctx, namespace, pool, _pods(pool_pods, namespace, pool), POOL_PODS)
 
 
+@kopf.on.event(**POOLS)
+async def pool_event(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    """Any change of a pool (Ready, a new endpoint, runs counted, deletion): its sessions follow now, and runs
+    waiting for capacity try again, instead of on their next tick."""
+    if memo.ctx.settings.pools:
+        await binding.pool_moved(memo.ctx, namespace, name)
+
+
 @kopf.on.delete(**POOLS, backoff=RETRY_BACKOFF)
 async def pool_deleted(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-    """Its pods go; the sessions bound to it notice on their next tick and are bound again."""
+    """Its pods go; the sessions bound to it are bound again (`pool_event` saw the deletion)."""
     await reconciler.delete_children(memo.ctx, namespace, name, POOL_PODS)

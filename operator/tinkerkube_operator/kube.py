@@ -4,6 +4,7 @@ Exactly these (RBAC derives from this list; kopf itself also watches/patches wha
   tinkerkube.dev trainingsessions: get, list; trainingsessions/status: patch
   tinkerkube.dev trainerpools: get, list, create, patch, delete; trainerpools/status: patch
   core pods: create, list, delete;  core services: create, delete
+  kopf.dev kopfpeerings / clusterkopfpeerings: list (is this replica the leader? `leader`)
 Raw JSON in and out (`_preload_content=False`): no model (de)serialisation on the hot path.
 """
 
@@ -17,6 +18,8 @@ import kubernetes
 from kubernetes.client.rest import ApiException
 
 from tinkerkube_contract.resource import GROUP, LABEL_SESSION, PLURAL, POOL_PLURAL, VERSION
+
+PEERING_GROUP, PEERING_VERSION = "kopf.dev", "v1"  # kopf's own peering resources (the chart's KopfPeering)
 
 
 def api_client(api_url: str | None) -> kubernetes.client.ApiClient:
@@ -114,6 +117,19 @@ class Kube:
                 namespace, label_selector=f"{label}={session}", _preload_content=False))
         items = (await asyncio.to_thread(call)).get("items") or []
         return [p for p in items if (p["metadata"].get("labels") or {}).get(label) == session]
+
+    async def get_peering(self, namespace: str | None, name: str) -> dict[str, Any] | None:
+        """kopf's peering object (cluster-wide when `namespace` is None), by a list: the role may only list it."""
+        def call() -> Any:
+            if namespace is None:
+                return _json(self.custom.list_cluster_custom_object(
+                    PEERING_GROUP, PEERING_VERSION, "clusterkopfpeerings", _preload_content=False))
+            return _json(self.custom.list_namespaced_custom_object(
+                PEERING_GROUP, PEERING_VERSION, namespace, "kopfpeerings", _preload_content=False))
+        found = await _absent_is_none(call)
+        items = (found or {}).get("items") or []
+        return next((i for i in items if i["metadata"].get("name") == name
+                     and i["metadata"].get("namespace", namespace) == namespace), None)
 
     async def _create(self, fn: Any, body: dict[str, Any]) -> bool:
         try:

@@ -21,6 +21,7 @@ from tinkerkube_contract.resource import FINALIZER, GROUP
 from tinkerkube_operator import (
     binding,
     handlers,  # noqa: F401  (registers the handlers)
+    leader,
 )
 from tinkerkube_operator.kube import Kube, api_client
 from tinkerkube_operator.reconciler import Context
@@ -55,12 +56,15 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
 
 
 @kopf.on.startup()
-async def start_warm_pools(memo: kopf.Memo, **_: Any) -> None:
-    """Warm pools are topped up by a loop of their own (no object exists to hang a timer on when there are
-    none); every replica runs it, and deterministic names make their creations idempotent."""
+async def start_warm_pools(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    """Warm pools are topped up by a loop of their own: no object exists to hang a timer on when there are none
+    (and a daemon would put its finalizer on whatever it runs on). A startup task is not paused on non-leaders
+    as handlers are, so the loop asks the peering object whether this replica leads (`leader`) and only the
+    leader refills; deterministic names still make a race at a failover create one pool, not two."""
     ctx: Context = memo.ctx
     if ctx.settings.pools and ctx.settings.warm_pools:
-        memo.warm_task = asyncio.create_task(binding.warm_loop(ctx), name="warm-pools")
+        peering = leader.Peering.from_kopf(settings, ctx.settings.namespaces)
+        memo.warm_task = asyncio.create_task(binding.warm_loop(ctx, peering), name="warm-pools")
 
 
 @kopf.on.login()

@@ -43,7 +43,7 @@ class OperatorSettings(BaseSettings):
     watch_server_timeout: int = Field(300, gt=0, description="seconds the API server keeps a watch open")
     watch_client_timeout: int = Field(330, gt=0, description="client-side watch timeout")
     # Trainer pools (pool binding): TrainingSessions attach to TrainerPools instead of owning pods.
-    pools: bool = Field(False, description="bind TrainingSessions to TrainerPools (many runs share one resident "
+    pools: bool = Field(True, description="bind TrainingSessions to TrainerPools (many runs share one resident "
                         "base model); false: each session gets a pod set of its own")
     pool_max_runs: int = Field(8, ge=1, le=256, description="maxRuns of the pools the operator creates")
     pool_max_lora_rank: int = Field(512, ge=1, le=512, description="maxLoraRank of the pools the operator creates")

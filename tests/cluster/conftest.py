@@ -58,8 +58,10 @@ def kubelet(cluster: EmulatedCluster, tmp_path_factory: pytest.TempPathFactory) 
 @pytest.fixture(scope="module")
 def operator(cluster: EmulatedCluster, kubelet: Kubelet, state_dir: Path, tiny_model_dir: Path,
              model_cache_dir: Path) -> Iterator[OperatorProcess]:
+    # The per-session path (each TrainingSession owns its pods), which test_full_chain.py is about; pool
+    # binding, the default, runs in test_cluster_pools.py and test_operator_kill.py.
     settings = OperatorSettings(
-        api_url=cluster.url, standalone=True, metrics_port=0, auth_token_secret=None,
+        api_url=cluster.url, standalone=True, metrics_port=0, auth_token_secret=None, pools=False,
         reconcile_interval_seconds=0.5, backoff_seconds=0.5, max_restarts=3,
         checkpoint_host_path=str((state_dir / "checkpoints").resolve()), model_cache_dir=str(model_cache_dir),
     )

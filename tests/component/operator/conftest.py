@@ -53,10 +53,12 @@ def kubelet(cluster: EmulatedCluster, kubelet_config: KubeletConfig) -> Iterator
 
 @pytest.fixture
 def operator_settings(cluster: EmulatedCluster) -> OperatorSettings:
+    """The per-session path (pools=False: each session owns its pod set), which these lifecycle and backend
+    tests are about; pool binding, the default, has its own settings in test_pool_binding.py."""
     return OperatorSettings(
         api_url=cluster.url, standalone=True, metrics_port=0, reconcile_interval_seconds=0.3,
         backoff_seconds=0.2, backoff_max_seconds=1.0, max_restarts=2, unschedulable_timeout_seconds=1.5,
-        image_pull_timeout_seconds=1.5, auth_token_secret=None, trainer_image="trainer:test",
+        image_pull_timeout_seconds=1.5, auth_token_secret=None, trainer_image="trainer:test", pools=False,
     )
 
 

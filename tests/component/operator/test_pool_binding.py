@@ -14,23 +14,23 @@ from tests.support.eventually import eventually_sync
 from tests.support.kmock_cluster import Api, EmulatedCluster, OperatorProcess
 from tests.support.kubelet import Kubelet
 from tinkerkube_contract import env
-from tinkerkube_contract.resource import LABEL_POOL, LABEL_SESSION, PLURAL, POOL_PLURAL
+from tinkerkube_contract.resource import FINALIZER, LABEL_POOL, LABEL_SESSION, PLURAL, POOL_PLURAL
 from tinkerkube_operator.settings import OperatorSettings
 
 TS, TP = PLURAL, POOL_PLURAL
 TINY = "tinkerkube/tiny-qwen3"
+NO_TICK = 3600.0  # reconcile_interval_seconds: the sessions' and pools' own clocks never tick in a test
 
 
 @pytest.fixture
 def operator_settings(cluster: EmulatedCluster, request: pytest.FixtureRequest) -> OperatorSettings:
     """Pool binding on; a test's indirect parameter (a dict) overrides settings."""
-    values: dict[str, Any] = {"pool_max_runs": 2, "pool_idle_timeout_seconds": 0,
-                              **getattr(request, "param", {})}
-    return OperatorSettings(
-        api_url=cluster.url, standalone=True, metrics_port=0, reconcile_interval_seconds=0.3,
-        backoff_seconds=0.2, backoff_max_seconds=1.0, max_restarts=2, auth_token_secret=None,
-        trainer_image="trainer:test", pools=True, warm_pools_namespace=request.getfixturevalue("namespace"),
-        **values)
+    values: dict[str, Any] = {
+        "api_url": cluster.url, "standalone": True, "metrics_port": 0, "reconcile_interval_seconds": 0.3,
+        "backoff_seconds": 0.2, "backoff_max_seconds": 1.0, "max_restarts": 2, "auth_token_secret": None,
+        "trainer_image": "trainer:test", "pools": True, "warm_pools_namespace": request.getfixturevalue("namespace"),
+        "pool_max_runs": 2, "pool_idle_timeout_seconds": 0, **getattr(request, "param", {})}
+    return OperatorSettings(**values)
 
 
 def _status(api: Api, ns: str, plural: str, name: str) -> dict[str, Any]:
@@ -40,6 +40,14 @@ def _status(api: Api, ns: str, plural: str, name: str) -> dict[str, Any]:
 def _ready(api: Api, ns: str, name: str, timeout: float = 20) -> dict[str, Any]:
     return eventually_sync(lambda: _status(api, ns, TS, name), lambda s: s.get("phase") == "Ready" and s.get("pool"),
                            timeout=timeout, what=f"{name} bound and Ready")
+
+
+def _delete_pool(api: Api, ns: str, name: str) -> None:
+    """Delete a pool once kopf has put its finalizer on it: the emulator has no garbage collector, so a pool
+    deleted before that would leave its pods behind (a cluster's GC deletes them by their ownerReference)."""
+    eventually_sync(lambda: (api.get(TP, ns, name) or {}).get("metadata", {}).get("finalizers") or [],
+                    lambda found: FINALIZER in found, timeout=10, what=f"the operator's finalizer on {name}")
+    assert api.delete(TP, ns, name) == 200
 
 
 def _condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -83,7 +91,7 @@ def test_a_deleted_pool_s_runs_are_bound_to_a_new_pool(
     api.create(TS, namespace, _session("r2"))
     first = _ready(api, namespace, "r1")["pool"]
     assert _ready(api, namespace, "r2")["pool"] == first
-    assert api.delete(TP, namespace, first) == 200
+    _delete_pool(api, namespace, first)
     for name in ("r1", "r2"):
         eventually_sync(lambda n=name: _status(api, namespace, TS, n),
                         lambda s: s.get("pool") not in (None, first) and s.get("phase") == "Ready",
@@ -108,7 +116,33 @@ def test_a_warm_pool_is_claimed_by_the_first_tenant_and_refilled(
                     lambda found: len(found) == 1 and found[0] != name, timeout=20, what="a new warm pool")
 
 
-@pytest.mark.parametrize("operator_settings", [{"pool_max_runs": 1, "max_pools_per_tenant": 1}], indirect=True)
+@pytest.mark.parametrize("operator_settings", [{"reconcile_interval_seconds": NO_TICK}], indirect=True)
+def test_sessions_follow_their_pool_s_changes_without_a_clock_tick(
+        api: Api, namespace: str, operator: OperatorProcess, kubelet: Kubelet) -> None:
+    # No clock ticks: a pool's events (Ready, runs counted, deleted) must reach its sessions by themselves.
+    api.create(TS, namespace, _session("e1"))
+    api.create(TS, namespace, _session("e2"))
+    first = _ready(api, namespace, "e1")["pool"]  # the pool became Ready after e1 bound: e1 followed it
+    assert _ready(api, namespace, "e2")["pool"] == first
+    eventually_sync(lambda: _status(api, namespace, TP, first), lambda s: s.get("runsUsed") == 2, timeout=10,
+                    what="both runs counted on the pool")
+    _delete_pool(api, namespace, first)
+    for name in ("e1", "e2"):
+        eventually_sync(lambda n=name: _status(api, namespace, TS, n),
+                        lambda s: s.get("pool") not in (None, first) and s.get("phase") == "Ready",
+                        timeout=20, what=f"{name} bound again and Ready")
+    second = _status(api, namespace, TS, "e1")["pool"]
+    assert _status(api, namespace, TS, "e2")["pool"] == second
+    eventually_sync(lambda: _status(api, namespace, TP, second), lambda s: s.get("runsUsed") == 2, timeout=10,
+                    what="both runs counted on the new pool")
+    assert api.delete(TS, namespace, "e1") == 200
+    status = eventually_sync(lambda: _status(api, namespace, TP, second), lambda s: s.get("runsUsed") == 1,
+                             timeout=10, what="the deleted session's slot freed")
+    assert status["runs"] == ["e2"] and status["runsFree"] == 1
+
+
+@pytest.mark.parametrize("operator_settings", [{"pool_max_runs": 1, "max_pools_per_tenant": 1,
+                                                "reconcile_interval_seconds": NO_TICK}], indirect=True)
 def test_a_session_over_the_tenant_limit_waits_then_proceeds(
         api: Api, namespace: str, operator: OperatorProcess, kubelet: Kubelet) -> None:
     api.create(TS, namespace, _session("c1"))
@@ -122,7 +156,7 @@ def test_a_session_over_the_tenant_limit_waits_then_proceeds(
     assert "max_pools_per_tenant" in bound["message"] and waiting["phase"] == "Pending" and not waiting.get("pool")
     assert len(api.list(TP, namespace)) == 1
     assert api.delete(TS, namespace, "c1") == 200
-    assert _ready(api, namespace, "c2")["pool"] == first  # the freed slot
+    assert _ready(api, namespace, "c2")["pool"] == first  # the freed slot, seen without a clock tick
 
 
 @pytest.mark.parametrize("operator_settings", [{"pool_idle_timeout_seconds": 1}], indirect=True)
