@@ -249,11 +249,15 @@ async def started(streams: list[AsyncIterator[list[Delta]]]) -> AsyncIterator[li
     answer's status (not inside a 200 stream), then yields them all, one stream after the other (the
     later samples decode meanwhile: their first read brings every token so far)."""
     try:
-        firsts = await asyncio.gather(*(anext(s) for s in streams))
+        results = await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is not None:
+            raise failed
     except BaseException:
         for s in streams:
             await s.aclose()  # type: ignore[attr-defined]
         raise
+    firsts: list[list[Delta]] = results  # type: ignore[assignment]
 
     async def rest() -> AsyncIterator[list[Delta]]:
         try:

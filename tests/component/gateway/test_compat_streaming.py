@@ -22,6 +22,7 @@ from tinkerkube_contract import pod_api
 
 ALICE = "tml-alice"
 MESSAGES: list[Any] = [{"role": "user", "content": "Tell me a long story"}]
+GREEDY = {"temperature": 0}  # as an extra body field: this anthropic client's stream() takes no temperature
 LONG = 1500  # tokens: greedy decoding of the tiny model runs to max_tokens on MESSAGES (asserted where relied on)
 
 pytestmark = pytest.mark.slow
@@ -131,15 +132,15 @@ def test_a_stop_string_split_over_tokens_never_shows(oai: openai.OpenAI, claude:
     pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
     assert "".join(pieces) == expected
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
-    with claude.messages.stream(model=TINY, max_tokens=60, temperature=0, messages=MESSAGES,
-                                stop_sequences=[stop]) as events:
+    with claude.messages.stream(model=TINY, max_tokens=60, messages=MESSAGES, stop_sequences=[stop],
+                                extra_body=GREEDY) as events:
         said = "".join(events.text_stream)
         message = events.get_final_message()
     assert said == expected and message.stop_reason == "stop_sequence" and message.stop_sequence == stop
 
 
 def test_anthropic_streams_the_non_streamed_message(claude: anthropic.Anthropic) -> None:
-    args: dict[str, Any] = {"model": TINY, "max_tokens": 30, "temperature": 0, "messages": MESSAGES}
+    args: dict[str, Any] = {"model": TINY, "max_tokens": 30, "messages": MESSAGES, "extra_body": GREEDY}
     whole = claude.messages.create(**args)
     with claude.messages.stream(**args) as events:
         said = "".join(events.text_stream)
