@@ -98,18 +98,23 @@ class TinkerPath:
 
 
 def stream_latency(url: str, model: str, chat: list[dict[str, str]], max_tokens: int,
-                   rounds: int) -> list[tuple[float, float, int]]:
-    """(time to the first content chunk, time to the end, chunks with content) of each streamed chat."""
+                   rounds: int) -> list[tuple[float, float, float, int]]:
+    """Per round: (time to the first content chunk, time to the end of the stream, the same request's
+    latency without `stream`, chunks with content)."""
     out = []
     with openai.OpenAI(base_url=url + "/oai/api/v1", api_key=API_KEY, max_retries=0, timeout=600) as client:
         for i in range(rounds):
+            args: dict[str, Any] = {"model": model, "messages": chat, "max_tokens": max_tokens, "temperature": 0.8,
+                                    "seed": i}
+            started = time.perf_counter()
+            client.chat.completions.create(**args)
+            plain = time.perf_counter() - started
             started, first, chunks = time.perf_counter(), None, 0
-            for chunk in client.chat.completions.create(model=model, messages=chat,  # type: ignore[arg-type]
-                                                        max_tokens=max_tokens, temperature=0.8, seed=i, stream=True):
+            for chunk in client.chat.completions.create(**args, stream=True):
                 if chunk.choices and chunk.choices[0].delta.content:
                     chunks += 1
                     first = time.perf_counter() - started if first is None else first
-            out.append((first if first is not None else float("nan"), time.perf_counter() - started, chunks))
+            out.append((first if first is not None else float("nan"), time.perf_counter() - started, plain, chunks))
     return out
 
 
@@ -178,15 +183,18 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "ok" if ratio >= GOAL and same else "MISSED"
         print(f"openai/tinker tokens/s ratio: {ratio:.3f} (goal >= {GOAL}) {verdict}", flush=True)
         timed = stream_latency(gw.url, args.model, chats[0], args.stream_tokens, args.stream_rounds)
-        ttft = statistics.median(first / whole for first, whole, _ in timed)
+        ttft = statistics.median(first / whole for first, whole, _, _ in timed)
+        cost = statistics.median(whole / plain for _, whole, plain, _ in timed)
         print(f"  streamed chats (max_tokens {args.stream_tokens}): first token p50 "
-              f"{statistics.median(f for f, _, _ in timed):.3f} s, whole sample p50 "
-              f"{statistics.median(w for _, w, _ in timed):.3f} s, content chunks {[c for _, _, c in timed]}",
-              flush=True)
+              f"{statistics.median(t[0] for t in timed):.3f} s, whole stream p50 "
+              f"{statistics.median(t[1] for t in timed):.3f} s, the same request without stream p50 "
+              f"{statistics.median(t[2] for t in timed):.3f} s, content chunks {[t[3] for t in timed]}", flush=True)
+        print(f"  streamed / non-streamed whole-sample latency p50: {cost:.3f}", flush=True)
         print(f"time to first token / whole-sample latency p50: {ttft:.3f} (goal <= {STREAM_GOAL}) "
               f"{'ok' if ttft <= STREAM_GOAL else 'MISSED'}", flush=True)
         print(json.dumps({"command": command, "ratio": round(ratio, 4), "paired_p50": round(paired, 4),
                           "same_work": same, "ttft_over_whole_p50": round(ttft, 4),
+                          "stream_over_plain_p50": round(cost, 4),
                           "tokens_per_s": {k: round(v, 2) for k, v in rate.items()}}), flush=True)
         return 0
     finally:
