@@ -13,6 +13,11 @@ token counts agree. Each round sends 8 requests at once and waits for all; round
 the paths so that load from other processes hits both alike. tokens/s = completion tokens / wall time.
 goal: openai/tinker >= 0.90.
 
+Streaming: then `--stream-rounds` streamed chats (one at a time, `--stream-tokens` tokens each) time the first
+content chunk and the last one of the same request: time to first token / whole-sample latency, as a ratio
+from the same run (live streaming sends the first token about one decode step after the prefill, so the ratio
+is far below 1; a replayed stream would be ~1). goal: p50 ratio <= 0.25.
+
 Loopback only; every loop is bounded; the gateway and its trainers are stopped at the end.
 """
 
@@ -45,6 +50,7 @@ from tinkerkube_contract.models import SMOLLM2_135M, TINY_QWEN3  # noqa: E402
 
 API_KEY = "tml-bench"
 GOAL = 0.90
+STREAM_GOAL = 0.25
 TOPICS = ["the sea", "a lighthouse", "autumn", "a robot", "the moon", "a city at night", "a garden", "winter"]
 
 
@@ -91,6 +97,27 @@ class TinkerPath:
         self.service.__exit__(None, None, None)  # finish the session as a `with` block would
 
 
+def stream_latency(url: str, model: str, chat: list[dict[str, str]], max_tokens: int,
+                   rounds: int) -> list[tuple[float, float, float, int]]:
+    """Per round: (time to the first content chunk, time to the end of the stream, the same request's
+    latency without `stream`, chunks with content)."""
+    out = []
+    with openai.OpenAI(base_url=url + "/oai/api/v1", api_key=API_KEY, max_retries=0, timeout=600) as client:
+        for i in range(rounds):
+            args: dict[str, Any] = {"model": model, "messages": chat, "max_tokens": max_tokens, "temperature": 0.8,
+                                    "seed": i}
+            started = time.perf_counter()
+            client.chat.completions.create(**args)
+            plain = time.perf_counter() - started
+            started, first, chunks = time.perf_counter(), None, 0
+            for chunk in client.chat.completions.create(**args, stream=True):
+                if chunk.choices and chunk.choices[0].delta.content:
+                    chunks += 1
+                    first = time.perf_counter() - started if first is None else first
+            out.append((first if first is not None else float("nan"), time.perf_counter() - started, plain, chunks))
+    return out
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=TINY_QWEN3, help=f"built-in model (default {TINY_QWEN3}; {SMOLLM2_135M}: "
@@ -98,11 +125,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=8, help="chat requests in flight per round")
     p.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request")
     p.add_argument("--rounds", type=int, default=6, help="timed rounds per path (alternating order)")
+    p.add_argument("--stream-rounds", type=int, default=3, help="streamed chats timed for time to first token")
+    p.add_argument("--stream-tokens", type=int, default=256, help="max_tokens of each streamed chat")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 rounds of 8 tokens")
     p.add_argument("--cache-dir", type=Path, default=REPO / ".cache" / "models")
     args = p.parse_args(argv)
     if args.quick:
-        args.rounds, args.max_tokens = 2, 8
+        args.rounds, args.max_tokens, args.stream_rounds, args.stream_tokens = 2, 8, 1, 32
     return args
 
 
@@ -153,8 +182,19 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         verdict = "ok" if ratio >= GOAL and same else "MISSED"
         print(f"openai/tinker tokens/s ratio: {ratio:.3f} (goal >= {GOAL}) {verdict}", flush=True)
+        timed = stream_latency(gw.url, args.model, chats[0], args.stream_tokens, args.stream_rounds)
+        ttft = statistics.median(first / whole for first, whole, _, _ in timed)
+        cost = statistics.median(whole / plain for _, whole, plain, _ in timed)
+        print(f"  streamed chats (max_tokens {args.stream_tokens}): first token p50 "
+              f"{statistics.median(t[0] for t in timed):.3f} s, whole stream p50 "
+              f"{statistics.median(t[1] for t in timed):.3f} s, the same request without stream p50 "
+              f"{statistics.median(t[2] for t in timed):.3f} s, content chunks {[t[3] for t in timed]}", flush=True)
+        print(f"  streamed / non-streamed whole-sample latency p50: {cost:.3f}", flush=True)
+        print(f"time to first token / whole-sample latency p50: {ttft:.3f} (goal <= {STREAM_GOAL}) "
+              f"{'ok' if ttft <= STREAM_GOAL else 'MISSED'}", flush=True)
         print(json.dumps({"command": command, "ratio": round(ratio, 4), "paired_p50": round(paired, 4),
-                          "same_work": same,
+                          "same_work": same, "ttft_over_whole_p50": round(ttft, 4),
+                          "stream_over_plain_p50": round(cost, 4),
                           "tokens_per_s": {k: round(v, 2) for k, v in rate.items()}}), flush=True)
         return 0
     finally:

@@ -22,6 +22,13 @@ Wire rules
 - `PUT/GET sample_path(request_id)`: the same for samples (`SampleOp` JSON in, protobuf
   `tinker_public.SampleResponse` out). Samples are not seq-ordered against each other; they run
   between training ops, from the snapshot they name.
+- `GET sample_progress_path(request_id)?after=N&wait=<seconds>` long-polls a sample's tokens decoded so far
+  (`SampleProgress` JSON): it answers once a sequence holds more than `after` tokens (what every sequence
+  decoded past `after`) or the sample finished (`state` not pending; read the result from the sample path).
+  Sequences decode in lockstep, one token a step, so one cursor serves all of them. Progress is kept only
+  while the sample runs; a sampler that cannot report it (vLLM) answers nothing until the end.
+- `DELETE sample_path(request_id)` stops a sample: a waiting one fails at once, a running one leaves the
+  decode at the next step and fails as cancelled (404 when unknown; a finished one stays as it was).
 - Every request carries `X-Tinkerkube-Token` when the trainer has a token configured; otherwise 401.
 - Errors are JSON `ErrorBody` with a 4xx/5xx status, never an empty body.
 """
@@ -61,6 +68,13 @@ def op_path(model_id: str, seq_id: int) -> str:
 
 def sample_path(request_id: str) -> str:
     return f"/v1/samples/{quote(request_id, safe='')}"
+
+
+SAMPLE_PROGRESS_PATH = "/v1/sample-progress"
+
+
+def sample_progress_path(request_id: str) -> str:
+    return f"{SAMPLE_PROGRESS_PATH}/{quote(request_id, safe='')}"
 
 
 RUNS_PATH = "/v1/runs"
@@ -173,6 +187,25 @@ class SampleOp(_Wire):
     request: dict[str, Any]
     model_id: str | None = None
     snapshot_id: str | None = Field(None, description="None: the weights the run serves now")
+
+
+class SequenceProgress(_Wire):
+    """One sequence's tokens past the reader's cursor, with their logprobs and (when asked) top-k rows.
+    A logprob too small for a float travels as JSON's -Infinity (Python's json reads it)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, ser_json_inf_nan="constants")
+
+    tokens: list[int]
+    logprobs: list[float]
+    top: list[list[tuple[int, float]]] | None = None
+
+
+class SampleProgress(_Wire):
+    """`GET sample_progress_path`: `next` is the cursor for the following read (the longest sequence's length)."""
+
+    state: OpState
+    next: int = 0
+    sequences: list[SequenceProgress] = Field(default_factory=list)
 
 
 class OptimStepResult(_Wire):

@@ -209,6 +209,15 @@ class _LeaderFeed:
     def done(self, key: Any, outcome: OpOutput | OpError) -> None:
         self._feed.done(key, outcome)
 
+    def progress(self, key: Any) -> Any:
+        progress = self._feed.progress(key)
+        if progress is not None:
+            progress.stoppable = False  # followers decode it to the end: so must rank 0, or the ranks diverge
+        return progress
+
+    def stepped(self) -> None:
+        self._feed.stepped()
+
 
 class RanksDiverged(RuntimeError):
     """A follower's decode and rank 0's disagree on when the sampling pass ends."""
@@ -227,6 +236,12 @@ class _FollowerFeed:
         return list(enumerate(ops))
 
     def done(self, key: Any, outcome: OpOutput | OpError) -> None:
+        return None
+
+    def progress(self, key: Any) -> None:
+        return None
+
+    def stepped(self) -> None:
         return None
 
 

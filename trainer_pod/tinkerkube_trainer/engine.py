@@ -352,11 +352,11 @@ class PoolEngine:
         return feed.outcomes  # type: ignore[return-value]
 
     def run_samples(self, feed: SampleFeed) -> None:
-        def job(op: PreparedOp) -> SampleJob | VllmJob:
+        def job(key: Any, op: PreparedOp) -> SampleJob | VllmJob:
             run = None if op.model_id is None else self._run(op.model_id)
             weights = None if run is None else run.weights_for(op.payload.snapshot_id)
             if self.vllm is None:
-                return SampleJob(op.payload.params, weights)
+                return SampleJob(op.payload.params, weights, feed.progress(key))
             ref = None if run is None or weights is None else AdapterRef(
                 run.model_id, weights, self.sites.peft_config(run.spec.lora, self.model_dir), weights is run.weights)
             params = op.payload.params
@@ -370,7 +370,7 @@ class PoolEngine:
             jobs = []
             for key, op in feed.poll():
                 try:
-                    jobs.append((key, job(op)))
+                    jobs.append((key, job(key, op)))
                 except OpError as exc:
                     feed.done(key, exc)
             return jobs
@@ -383,7 +383,7 @@ class PoolEngine:
             self.vllm.serve_stream(take, done)
             return
         decode_stream(self.module, take, done, eos_ids=self.eos_ids, device=self.device, routing=self.sites.routing,
-                      decode=self._decode)
+                      decode=self._decode, on_step=feed.stepped)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)

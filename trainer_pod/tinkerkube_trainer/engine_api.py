@@ -105,6 +105,14 @@ class SampleFeed(Protocol):
 
     def done(self, key: Any, outcome: OpOutput | OpError) -> None: ...
 
+    def progress(self, key: Any) -> Any:
+        """The key's `sample_progress.Progress` (a streaming reader watches it), or None."""
+        ...
+
+    def stepped(self) -> None:
+        """A decode step was recorded (streaming readers may have new tokens)."""
+        ...
+
 
 class Engine(Protocol):
     config: PoolConfig

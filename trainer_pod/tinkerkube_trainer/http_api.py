@@ -325,3 +325,20 @@ def _add_sample_routes(app: FastAPI, runtime: TrainerRuntime) -> None:
     @app.get(path)
     async def get_sample(request_id: str, wait: float = Query(0.0, ge=0)) -> Response:
         return await _poll(runtime, _scheduler(runtime).get_sample(request_id), "sample", wait)
+
+    @app.delete(path)
+    async def cancel_sample(request_id: str) -> Response:
+        scheduler = _scheduler(runtime)
+        entry = scheduler.cancel_sample(request_id)
+        if entry is None:
+            raise ApiError(404, "unknown_sample", "no such sample (never submitted, or expired)")
+        return _state_response(scheduler, entry)
+
+    @app.get(api.SAMPLE_PROGRESS_PATH + "/{request_id:path}")
+    async def sample_progress(request_id: str, after: int = Query(0, ge=0), wait: float = Query(0.0, ge=0)) -> Response:
+        scheduler = _scheduler(runtime)
+        entry = scheduler.get_sample(request_id)
+        if entry is None:
+            raise ApiError(404, "unknown_sample", "no such sample (never submitted, or expired)")
+        progress = await scheduler.sample_progress(entry, after, min(wait, runtime.options.max_wait_seconds))
+        return Response(progress.model_dump_json(), media_type=api.CONTENT_JSON)

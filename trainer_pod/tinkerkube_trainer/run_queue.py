@@ -17,6 +17,7 @@ from typing import Any
 
 from tinkerkube_contract.pod_api import OpFailure, OpKind, OpState, RunSpec, RunState
 from tinkerkube_trainer.engine_api import OpOutput, PoolOpKind, PreparedOp
+from tinkerkube_trainer.sample_progress import Progress
 
 
 class SeqIdReused(Exception):
@@ -49,6 +50,7 @@ class Entry:
     failure: OpFailure | None = None
     started_at: float | None = None
     finished_at: float | None = None
+    progress: Progress | None = None  # a sample's tokens so far, while it runs (streaming reads)
 
     @property
     def done(self) -> bool:
@@ -66,6 +68,7 @@ class Entry:
         self.running = False
         self.finished_at = now
         self.prepared = None  # the decoded request is no longer needed; keep memory to the results
+        self.progress = None  # the result holds every token now
         if isinstance(outcome, OpFailure):
             self.state, self.failure = OpState.FAILED, outcome
         else:

@@ -8,9 +8,12 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tinkerkube_contract.pod_api import OpFailure
+from tinkerkube_contract.pod_api import ErrorCategory, OpFailure
 from tinkerkube_trainer.engine_api import OpError, OpOutput, PreparedOp
 from tinkerkube_trainer.run_queue import Entry
+from tinkerkube_trainer.sample_progress import Progress
+
+CANCELLED = "the sample was cancelled (DELETE on its sample path) before it finished"
 
 
 class SampleFeed:
@@ -19,8 +22,10 @@ class SampleFeed:
     on the op thread."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, on_done: Callable[[Entry, OpOutput | OpFailure], None],
-                 max_rows: int) -> None:
+                 max_rows: int, on_step: Callable[[], None] | None = None,
+                 watched: Callable[[], bool] = lambda: False) -> None:
         self._loop, self._on_done, self._max_rows = loop, on_done, max_rows
+        self._on_step, self._watched = on_step, watched
         self._lock = threading.Lock()
         self._queue: list[Entry] = []
         self._active: dict[int, tuple[Entry, int]] = {}  # id(entry) → (entry, rows)
@@ -45,9 +50,19 @@ class SampleFeed:
         self.served += len(taken)
         return [(entry, entry.prepared) for entry in taken if entry.prepared is not None]
 
+    def progress(self, key: Any) -> Progress | None:
+        return key.progress if isinstance(key, Entry) else None
+
+    def stepped(self) -> None:
+        """Wake streaming readers on the event loop, only when some are waiting (a step is milliseconds)."""
+        if self._on_step is not None and self._watched():
+            self._loop.call_soon_threadsafe(self._on_step)
+
     def done(self, key: Any, outcome: OpOutput | OpError | OpFailure) -> None:
         if isinstance(outcome, OpError):
             outcome = OpFailure(error=outcome.message, category=outcome.category)
+        if isinstance(key, Entry) and key.progress is not None and key.progress.stop_now:
+            outcome = OpFailure(error=CANCELLED, category=ErrorCategory.USER)
         with self._lock:
             entry, rows = self._active.pop(id(key))
             self._rows -= rows
@@ -86,3 +101,9 @@ class ListFeed:
 
     def done(self, key: Any, outcome: OpOutput | OpError) -> None:
         self.outcomes[key] = outcome
+
+    def progress(self, key: Any) -> None:
+        return None
+
+    def stepped(self) -> None:
+        return None

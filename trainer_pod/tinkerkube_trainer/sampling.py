@@ -31,6 +31,7 @@ import torch
 from tinkerkube_trainer.codec import TOPK_PAD_LOGPROB, TOPK_PAD_TOKEN, SampledSeq, SampleParams, SampleResult
 from tinkerkube_trainer.decode_batch import DecodeBatch
 from tinkerkube_trainer.multilora import LoraWeights, Routing, RowGroup
+from tinkerkube_trainer.sample_progress import Progress
 
 
 def stop_token_set(params: SampleParams, eos_ids: Sequence[int]) -> set[int]:
@@ -114,6 +115,7 @@ class SampleJob:
 
     params: SampleParams
     weights: LoraWeights | None = None
+    progress: Progress | None = None  # where a streaming reader sees its tokens as they are decoded
 
 
 @dataclass(slots=True)
@@ -132,8 +134,11 @@ class _Job:
     topk: list[list[tuple[np.ndarray, np.ndarray]]]
     stopped: list[bool]
     scores: dict[str, np.ndarray]
+    progress: Progress | None
 
     def finished(self, sample: int) -> bool:
+        if self.progress is not None and self.progress.stop_now:
+            return True  # cancelled: its rows leave the batch now
         return self.stopped[sample] or len(self.tokens[sample]) >= self.params.max_tokens
 
 
@@ -143,10 +148,12 @@ def _new_job(job: SampleJob, eos_ids: Sequence[int], vocab: int, device: torch.d
     # Every earlier step was checked, so a new match ends in the newest token: decoding a tail that
     # can hold the longest stop string (<= 4 bytes a char, >= 1 byte a token) is enough, and O(1).
     window = 4 * max((len(s) for s in stop_strings), default=0) + 8
+    lists = job.progress or Progress()
+    lists.bind(n)  # the decoder appends to the progress's own lists: streaming readers see them at once
     return _Job(p, job.weights, _generator(p.seed, device),
                 torch.tensor(sorted(stop_token_set(p, eos_ids)), dtype=torch.long, device=device), stop_strings,
-                window, min(p.topk_sample_logprobs, vocab), [[] for _ in range(n)], [[] for _ in range(n)],
-                [[] for _ in range(n)], [False] * n, {})
+                window, min(p.topk_sample_logprobs, vocab), lists.tokens, lists.logprobs, lists.topk, [False] * n, {},
+                job.progress)
 
 
 def _draw(last: torch.Tensor, params: SampleParams, gen: torch.Generator) -> torch.Tensor:
@@ -176,9 +183,9 @@ class Decoder:
 
     def __init__(self, model: torch.nn.Module, *, eos_ids: Sequence[int], decode: Callable[[list[int]], str],
                  device: torch.device, routing: Routing | None,
-                 on_done: Callable[[Key, SampleResult], None]) -> None:
+                 on_done: Callable[[Key, SampleResult], None], on_step: Callable[[], None] | None = None) -> None:
         self.model, self.eos_ids, self.decode, self.device, self.routing = model, eos_ids, decode, device, routing
-        self.on_done = on_done
+        self.on_done, self.on_step = on_done, on_step
         self.batch: DecodeBatch | None = None
         self.jobs: list[_Job] = []
         self.keys: list[Key] = []
@@ -245,8 +252,12 @@ class Decoder:
         nxt = _decode_step(self.last, self.live, self.jobs, self.decode)
         for j in sorted({j for j, _ in self.live}):
             job = self.jobs[j]
+            if job.progress is not None:
+                job.progress.publish()
             if all(job.finished(s) for s in range(job.params.num_samples)):
                 self._report(j)
+        if self.on_step is not None:
+            self.on_step()
         keep = [b for b, (j, s) in enumerate(self.live) if not self.jobs[j].finished(s)]
         if not keep:
             self.live, self.last, self.batch = [], None, None
@@ -270,13 +281,15 @@ def decode_stream(
     decode: Callable[[list[int]], str],
     device: torch.device,
     routing: Routing | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> None:
     """Decode every request `take` hands over, joining new ones at step boundaries (continuous
     batching: one prefill per arriving group, its KV cache then repeated for its samples), each row
     through its request's adapter with its request's sampling params, stops and private RNG; each
-    request is reported through `on_done` as soon as all its samples are done. Returns when nothing is
-    running and `take` has nothing more."""
-    decoder = Decoder(model, eos_ids=eos_ids, decode=decode, device=device, routing=routing, on_done=on_done)
+    request is reported through `on_done` as soon as all its samples are done; `on_step` is told after each
+    step (streaming readers wait for it). Returns when nothing is running and `take` has nothing more."""
+    decoder = Decoder(model, eos_ids=eos_ids, decode=decode, device=device, routing=routing, on_done=on_done,
+                      on_step=on_step)
     waiting: list[tuple[Key, SampleJob]] = []
     while True:
         waiting.extend(take())

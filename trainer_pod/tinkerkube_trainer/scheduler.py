@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-from tinkerkube_contract.pod_api import ErrorCategory, OpFailure, OpKind, RunSpec, RunState
+from tinkerkube_contract.pod_api import ErrorCategory, OpFailure, OpKind, RunSpec, RunState, SampleProgress
 from tinkerkube_trainer.engine_api import OpError, OpOutput, PoolOpKind, PreparedOp
 from tinkerkube_trainer.run_queue import (
     Entry,
@@ -42,7 +42,8 @@ from tinkerkube_trainer.run_queue import (
     RunUnavailable,
     SeqIdReused,
 )
-from tinkerkube_trainer.sample_feed import SampleFeed, sample_rows
+from tinkerkube_trainer.sample_feed import CANCELLED, SampleFeed, sample_rows
+from tinkerkube_trainer.sample_progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,8 @@ class Scheduler:
         self._sample_retention = Retention(self._samples, limits.ttl, limits.max_retained)
         self._order = itertools.count()
         self.notifier = Notifier()
+        self.progress_notifier = Notifier()  # decode steps and finished samples, for streaming reads
+        self._progress_waiters = 0
         self._wake = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
         self._stopping = False
@@ -164,6 +167,7 @@ class Scheduler:
         if existing is not None:
             return existing
         entry = self._entry(request_id, OpKind.SAMPLE, prepared, fp)
+        entry.progress = Progress()
         self._samples[request_id] = entry
         if self._feed is not None and not self._control and not self._heads() and self._feed.offer(entry):
             entry.running, entry.started_at = True, self._clock()  # joins the decode under way
@@ -176,6 +180,34 @@ class Scheduler:
     def get_sample(self, request_id: str) -> Entry | None:
         self._sample_retention.prune(self._clock())
         return self._samples.get(request_id)
+
+    def cancel_sample(self, request_id: str) -> Entry | None:
+        """Stop a sample: one still waiting fails now; a running one is marked, and its decode drops its
+        rows at the next step (then it fails as cancelled). A finished one stays as it was."""
+        entry = self.get_sample(request_id)
+        if entry is None or entry.done:
+            return entry
+        if entry in self._pending_samples:
+            self._pending_samples.remove(entry)
+            self._finish(entry, OpFailure(error=CANCELLED, category=ErrorCategory.USER))
+        elif entry.progress is not None:
+            entry.progress.cancelled = True
+        return entry
+
+    async def sample_progress(self, entry: Entry, after: int, timeout: float) -> SampleProgress:
+        """A sample's tokens past `after`, once there are some, it finished, or `timeout` passed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, timeout)
+        self._progress_waiters += 1
+        try:
+            while (not entry.done and (entry.progress is None or entry.progress.published <= after)
+                   and (remaining := deadline - loop.time()) > 0):
+                await self.progress_notifier.wait(remaining)
+        finally:
+            self._progress_waiters -= 1
+        if entry.done or entry.progress is None:
+            return SampleProgress(state=entry.state, next=after)
+        return entry.progress.read(after)
 
     # ---- state ---------------------------------------------------------------------------------
 
@@ -308,7 +340,9 @@ class Scheduler:
 
     async def _sample_pass_run(self, entries: list[Entry]) -> None:
         loop = asyncio.get_running_loop()
-        feed = self._feed = SampleFeed(loop, self._finish, self.limits.max_sample_rows)
+        feed = self._feed = SampleFeed(loop, self._finish, self.limits.max_sample_rows,
+                                       on_step=self.progress_notifier.notify_all,
+                                       watched=lambda: self._progress_waiters > 0)
         for entry in entries:
             feed.offer(entry)
         try:
@@ -331,6 +365,7 @@ class Scheduler:
         elif entry.is_sample:
             self._sample_retention.add(entry)
             self._sample_retention.prune(self._clock())
+            self.progress_notifier.notify_all()
         else:
             slot = self.slots.get(str(model_id))
             if slot is not None and slot.queue is not None:

@@ -107,6 +107,17 @@ class PodClient:
     async def poll_sample(self, handle: TrainerHandle, request_id: str) -> OpResult:
         return await self._poll(handle, handle.url + pod_api.sample_path(request_id), request_id)
 
+    async def sample_progress(self, handle: TrainerHandle, request_id: str, after: int) -> pod_api.SampleProgress:
+        """Long-polls a running sample's tokens past `after` (see pod_api); 404 (OpRejected): not there yet."""
+        response = await self._request("GET", handle.url + pod_api.sample_progress_path(request_id),
+                                       params={"after": after, "wait": self._long_poll}, headers=self._headers(handle),
+                                       timeout=self._long_poll + 15)
+        return pod_api.SampleProgress.model_validate_json(response.content)
+
+    async def cancel_sample(self, handle: TrainerHandle, request_id: str) -> None:
+        """Stops a sample on its trainer (a running one leaves its decode at the next step)."""
+        await self._request("DELETE", handle.url + pod_api.sample_path(request_id), headers=self._headers(handle))
+
     async def _poll(self, handle: TrainerHandle, url: str, key: str) -> OpResult:
         response = await self._request("GET", url, params={"wait": self._long_poll}, headers=self._headers(handle),
                                        timeout=self._long_poll + 15)

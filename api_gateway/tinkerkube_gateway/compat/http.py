@@ -9,7 +9,7 @@ Anthropic), through a route class so that errors raised in dependencies (auth) a
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -44,7 +44,7 @@ async def compat_backend(request: Request) -> CompatBackend:
     held: tuple[Services, CompatBackend] | None = getattr(request.app.state, "compat_backend", None)
     if held is None or held[0] is not services:
         samplers = CompatSamplers(services.sessions, services.sampling, services.capabilities)
-        held = (services, CompatBackend(samplers, services.sampling, services.futures))
+        held = (services, CompatBackend(samplers, services.sampling, services.futures, services.cancels))
         request.app.state.compat_backend = held
     return held[1]
 
@@ -91,10 +91,20 @@ def sse_event(name: str, data: object) -> str:
     return f"event: {name}\ndata: {_json(data)}\n\n"
 
 
-def sse_response(events: Iterable[str]) -> StreamingResponse:
-    async def stream() -> AsyncIterator[bytes]:
-        for event in events:
-            yield event.encode()
+def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
+    return _ClosingStream(events, media_type="text/event-stream",
+                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+class _ClosingStream(StreamingResponse):
+    """Closes its event iterator however the response ends: a client that went away mid-stream is noticed
+    on a send, and the iterator's cleanup (cancelling the sample) must run then, not whenever it is
+    garbage-collected."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                await close()

@@ -2,29 +2,31 @@
 
 Point the official client at it with `openai.OpenAI(base_url=<gateway>/oai/api/v1, api_key=<tml-key>)`.
 `model` is an offered base model or a `tinker://` path the tenant may sample (its own, or a published one).
-Streaming is honest replay: the sampler returns whole samples, and the stream sends them as OpenAI chunks
-(one per token) once sampled; the first chunk arrives when the whole sample is done.
+Streaming is live: chunks (one per token) leave as the sampler decodes (see compat.increments for which
+text may go out when), and the last chunk of a choice is cut from the same final sample as a request without
+`stream`, so the joined text is the same. A response's id names the Tinker future of its sample
+(`chatcmpl-req-...`): `retrieve_future` answers for it with the same API key.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
 from tinkerkube_contract import paths
-from tinkerkube_gateway.compat.backend import CompatBackend, Target
+from tinkerkube_gateway.compat.backend import CompatBackend, Submitted, Target, started
 from tinkerkube_gateway.compat.http import Backend, CompatTenant, shaped_errors, sse_data, sse_response
+from tinkerkube_gateway.compat.increments import Delta
 from tinkerkube_gateway.compat.schemas import ChatCompletionRequest, CompletionRequest, stops_of
 from tinkerkube_gateway.compat.shaping import Choice, TokenInfo
 from tinkerkube_gateway.compat.values import Generation, SampleSpec
 from tinkerkube_gateway.deps import Body, Svc
-from tinkerkube_gateway.errors import UnknownModel
+from tinkerkube_gateway.errors import GatewayError, UnknownModel
 from tinkerkube_gateway.wire import parse_json
 
 _ERROR_TYPES = {401: ("invalid_request_error", "invalid_api_key"), 404: ("invalid_request_error", "model_not_found"),
@@ -82,39 +84,54 @@ def _entry(token: TokenInfo) -> dict[str, Any]:
             "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in token.top]}
 
 
-@router.post("/chat/completions", summary="Chat completions (OpenAI shape; stream replays a whole sample)")
+@router.post("/chat/completions", summary="Chat completions (OpenAI shape; streams tokens as they are sampled)")
 async def chat_completions(tenant: CompatTenant, backend: Backend, body: Body) -> Response:
     req = parse_json(body, ChatCompletionRequest)
     target = await backend.target(tenant, req.model)
     prompt, context = await backend.render_chat(target, [(m.template_role, m.text()) for m in req.messages])
     spec = _spec(req, req.token_limit, req.top_logprobs or 0)
-    generation = await backend.generate(target, prompt, spec, context)
-    choices, _, _ = await backend.choices(target, generation, spec.stop, pieces=req.logprobs or req.stream)
-    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model,
+    sub = await backend.submit(target, prompt, spec, context)
+    head = {"id": f"chatcmpl-{sub.request_id}", "created": int(time.time()), "model": req.model,
             "system_fingerprint": None}
     if req.stream:
-        return sse_response(_chat_chunks(head, req, choices, len(prompt)))
+        deltas = await started([backend.deltas(sub, spec.stop, pieces=True)])
+        return sse_response(_chat_chunks(head, req, deltas, len(prompt)))
+    generation = await backend.result(sub)
+    choices, _, _ = await backend.choices(target, generation, spec.stop, pieces=req.logprobs)
     return JSONResponse({**head, "object": "chat.completion", "usage": _usage(len(prompt), choices), "choices": [
         {"index": i, "message": {"role": "assistant", "content": c.text},
          "logprobs": {"content": [_entry(t) for t in c.tokens], "refusal": None} if req.logprobs else None,
          "finish_reason": c.finish_reason} for i, c in enumerate(choices)]})
 
 
-def _chat_chunks(head: dict[str, Any], req: ChatCompletionRequest, choices: list[Choice],
-                 prompt_tokens: int) -> Iterator[str]:
+async def _chat_chunks(head: dict[str, Any], req: ChatCompletionRequest, deltas: AsyncIterator[list[Delta]],
+                       prompt_tokens: int) -> AsyncIterator[str]:
     base = {**head, "object": "chat.completion.chunk", **({"usage": None} if req.include_usage else {})}
 
     def chunk(index: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None) -> str:
         return sse_data({**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                                               "finish_reason": finish}]})
 
-    for i, c in enumerate(choices):
-        yield chunk(i, {"role": "assistant", "content": ""})
-        for text, token in zip(c.chunks, c.tokens, strict=True):
-            yield chunk(i, {"content": text}, {"content": [_entry(token)], "refusal": None} if req.logprobs else None)
-        yield chunk(i, {}, finish=c.finish_reason)
+    begun: set[int] = set()
+    finals: dict[int, Choice] = {}
+    try:
+        async for batch in deltas:
+            for d in batch:
+                if d.index not in begun:
+                    begun.add(d.index)
+                    yield chunk(d.index, {"role": "assistant", "content": ""})
+                for piece in d.pieces:
+                    entries = [_entry(piece.token)] if piece.token is not None else []
+                    yield chunk(d.index, {"content": piece.text},
+                                {"content": entries, "refusal": None} if req.logprobs else None)
+                if d.final is not None:
+                    finals[d.index] = d.final
+                    yield chunk(d.index, {}, finish=d.final.finish_reason)
+    except GatewayError as exc:  # after the first chunk the status is sent: the error goes in the stream
+        yield sse_data(openai_error(exc.status, exc.detail))
+        return
     if req.include_usage:
-        yield sse_data({**base, "choices": [], "usage": _usage(prompt_tokens, choices)})
+        yield sse_data({**base, "choices": [], "usage": _usage(prompt_tokens, [finals[i] for i in sorted(finals)])})
     yield "data: [DONE]\n\n"
 
 
@@ -138,46 +155,59 @@ async def _prompt_ids(backend: CompatBackend, target: Target,
     return prompts, await backend.context_length(target)  # type: ignore[return-value]  # ids: the sampler checks
 
 
-@router.post("/completions", summary="Text completions (OpenAI legacy shape; stream replays a whole sample)")
+@router.post("/completions", summary="Text completions (OpenAI legacy shape; streams tokens as they are sampled)")
 async def completions(tenant: CompatTenant, backend: Backend, body: Body) -> Response:
     req = parse_json(body, CompletionRequest)
     target = await backend.target(tenant, req.model)
     prompts, context = await _prompt_ids(backend, target, req.prompts())
     with_logprobs = req.logprobs is not None
     spec = _spec(req, req.max_tokens, req.logprobs or 0, prompt_logprobs=req.echo and with_logprobs)
-    generations: list[Generation] = await asyncio.gather(
-        *(backend.generate(target, p, spec, context) for p in prompts))
+    subs: list[Submitted] = await asyncio.gather(*(backend.submit(target, p, spec, context) for p in prompts))
+    head = {"id": f"cmpl-{subs[0].request_id}", "created": int(time.time()), "model": req.model,
+            "system_fingerprint": None}
+    if req.stream:
+        deltas = await started([backend.deltas(sub, spec.stop, pieces=True, first_index=i * req.n)
+                                for i, sub in enumerate(subs)])
+        return sse_response(_completion_chunks(head, req, deltas, sum(len(p) for p in prompts)))
+    generations: list[Generation] = await asyncio.gather(*(backend.result(sub) for sub in subs))
     shaped: list[tuple[Choice, str, dict[str, Any] | None]] = []  # choice, its text (echo: + prompt), logprobs
     for generation in generations:
         choices, prompt_info, prompt_text = await backend.choices(
-            target, generation, spec.stop, pieces=with_logprobs or req.stream, echo=req.echo)
+            target, generation, spec.stop, pieces=with_logprobs, echo=req.echo)
         for c in choices:
             logprobs = _legacy(c.tokens, len(prompt_text), bool(req.logprobs)) if with_logprobs else None
             if logprobs is not None and prompt_info is not None:
                 logprobs = _merge(_legacy(prompt_info, 0, bool(req.logprobs)), logprobs)
             shaped.append((c, prompt_text + c.text, logprobs))
-    head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model,
-            "system_fingerprint": None}
     usage = _usage(sum(len(p) for p in prompts), [c for c, _, _ in shaped])
-    if req.stream:
-        return sse_response(_completion_chunks(head, req, [c for c, _, _ in shaped], usage))
     return JSONResponse({**head, "object": "text_completion", "usage": usage, "choices": [
         {"index": i, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}
         for i, (c, text, logprobs) in enumerate(shaped)]})
 
 
-def _completion_chunks(head: dict[str, Any], req: CompletionRequest, choices: list[Choice],
-                       usage: dict[str, int]) -> Iterator[str]:
+async def _completion_chunks(head: dict[str, Any], req: CompletionRequest, deltas: AsyncIterator[list[Delta]],
+                             prompt_tokens: int) -> AsyncIterator[str]:
+    """(`echo` with `stream` is refused by the schema: a stream's text is the completion alone.)"""
     base = {**head, "object": "text_completion", **({"usage": None} if req.include_usage else {})}
 
     def chunk(index: int, text: str, logprobs: Any = None, finish: str | None = None) -> str:
         return sse_data({**base, "choices": [{"index": index, "text": text, "logprobs": logprobs,
                                               "finish_reason": finish}]})
 
-    for i, c in enumerate(choices):
-        for text, token in zip(c.chunks, c.tokens, strict=True):
-            yield chunk(i, text, _legacy((token,), 0, bool(req.logprobs)) if req.logprobs is not None else None)
-        yield chunk(i, "", finish=c.finish_reason)
+    finals: dict[int, Choice] = {}
+    try:
+        async for batch in deltas:
+            for d in batch:
+                for piece in d.pieces:
+                    tokens = (piece.token,) if piece.token is not None else ()
+                    yield chunk(d.index, piece.text,
+                                _legacy(tokens, 0, bool(req.logprobs)) if req.logprobs is not None else None)
+                if d.final is not None:
+                    finals[d.index] = d.final
+                    yield chunk(d.index, "", finish=d.final.finish_reason)
+    except GatewayError as exc:  # after the first chunk the status is sent: the error goes in the stream
+        yield sse_data(openai_error(exc.status, exc.detail))
+        return
     if req.include_usage:
-        yield sse_data({**base, "choices": [], "usage": usage})
+        yield sse_data({**base, "choices": [], "usage": _usage(prompt_tokens, [finals[i] for i in sorted(finals)])})
     yield "data: [DONE]\n\n"

@@ -4,8 +4,7 @@ Stops: the Tinker sampler ends a sequence at the first occurrence of a stop stri
 (Tinker semantics); OpenAI and Anthropic return the text before it. EOS is a sampled token too; decoding
 skips special tokens, so it never shows in the text. Which tokens a choice reports (logprobs, stream
 chunks) follows the text: a token is kept while it starts inside the returned text, judged by the
-lengths of the tokens' own decoded pieces. Chunks are cut from the returned text itself, so joined they
-are always exactly the text (a character split over two tokens lands in one chunk).
+lengths of the tokens' own decoded pieces (streams cut their chunks at those starts: compat.increments).
 """
 
 from __future__ import annotations
@@ -38,7 +37,6 @@ class Choice:
     finish_reason: str  # "stop" | "length"
     stop_sequence: str | None  # the stop string that ended it (Anthropic's stop_sequence)
     tokens: tuple[TokenInfo, ...]  # the kept tokens
-    chunks: tuple[str, ...]  # `text` cut at the kept tokens' starts: one per kept token, joined == text
     completion_tokens: int  # every sampled token, the stop token included
 
 
@@ -73,11 +71,6 @@ def _spans(text: str, decoded: DecodedText, count: int) -> list[int]:
     return starts
 
 
-def _chunks(text: str, starts: list[int]) -> tuple[str, ...]:
-    bounds = [*starts[1:], len(text)]
-    return tuple(text[a:b] for a, b in zip(starts, bounds, strict=True))
-
-
 def _tops(row: TopList | None, names: Mapping[int, str]) -> tuple[tuple[str, float], ...]:
     return tuple((names.get(tid, ""), finite(lp)) for tid, lp in row or ())
 
@@ -91,7 +84,7 @@ def choice(seq: Sampled, decoded: DecodedText, stops: Sequence[str], names: Mapp
                              _tops(seq.top[i] if seq.top and i < len(seq.top) else None, names), start)
                    for i, start in enumerate(starts))
     finish = "stop" if seq.stopped or matched is not None else "length"
-    return Choice(text, finish, matched, tokens, _chunks(text, starts), len(seq.tokens))
+    return Choice(text, finish, matched, tokens, len(seq.tokens))
 
 
 def prompt_tokens(generation: Generation, decoded: DecodedText, names: Mapping[int, str]) -> tuple[TokenInfo, ...]:

@@ -3,8 +3,8 @@
 What cancelling does depends on where the op is; nothing that already ran, or runs, on a trainer can be
 undone, and the answer says which case it was:
 - a sample waiting in the gateway (backpressure) never starts;
-- a sample already sent to its trainer fails now; the trainer finishes the pass it is part of (the pod API
-  has no way to stop one) and its result is dropped. Sampling changes no state, so nothing else is left;
+- a sample already sent to its trainer fails now, and its trainer is told to stop it (`DELETE` on its sample
+  path: its rows leave the decode at the next step). Sampling changes no state, so nothing else is left;
 - a training op still waiting in its run's queue here is taken out: it never runs, and the ops after it go
   on as after any failed op;
 - a training op already forwarded to the trainer (or dispatched by another gateway replica) is not
@@ -48,8 +48,7 @@ class CancelService:
         if fut.op == FutureOp.SAMPLE:
             queued = await self.sampling.withdraw(request_id)
             detail = (f"{CANCELLED}: it never started" if queued else
-                      f"{CANCELLED}; a trainer already running it finishes its sampling pass and the result "
-                      "is dropped")
+                      f"{CANCELLED}; the trainer running it stops it at its next decode step")
             return await self._fail(fut, detail)
         if fut.op in CREATE_OPS:
             return CancelOutcome(request_id=request_id, cancelled=False, state=fut.state,

@@ -8,12 +8,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any
 
 from tinkerkube_contract import paths, pod_api
 from tinkerkube_contract.resource import LoraSpec, SessionMode
+from tinkerkube_gateway.clients.pod_client import OpRejected, TrainerUnreachable
 from tinkerkube_gateway.dispatcher import Dispatcher
 from tinkerkube_gateway.errors import InvalidRequest, UnknownModel
 from tinkerkube_gateway.schemas import CreateSamplingSessionRequest, SampleRequest
@@ -28,6 +30,7 @@ from tinkerkube_gateway.store.records import LIVE, FutureOp, FutureRecord, Futur
 from tinkerkube_gateway.wire import json_bytes
 
 log = logging.getLogger(__name__)
+STOP_WAIT_SECONDS = 5.0  # how long a cancel waits to find the sample's trainer
 
 
 class SamplingService:
@@ -149,11 +152,25 @@ class SamplingService:
         return fut is not None and fut.state == FutureState.PENDING
 
     async def withdraw(self, request_id: str) -> bool:
-        """Takes back a sample still waiting in the gateway (a cancel): True when it never started."""
-        if self.admission is None or not self.admission.withdraw(request_id):
-            return False
-        await self.models.replicas.untrack_sample(request_id)  # it will not run here: nobody is to re-run it
-        return True
+        """Takes back a sample (a cancel): True when it never started (it waited in the gateway); else its
+        trainer is told to stop it, so that its rows leave the decode at the next step."""
+        if self.admission is not None and self.admission.withdraw(request_id):
+            await self.models.replicas.untrack_sample(request_id)  # it will not run here: nobody is to re-run it
+            return True
+        await self._stop_on_trainer(request_id)
+        return False
+
+    async def _stop_on_trainer(self, request_id: str) -> None:
+        """Best effort: a trainer that is gone, or never got the sample, has nothing to stop."""
+        fut = await self.models.repo.get_future(request_id)
+        sampler = None if fut is None else await self.models.repo.get_sampler(fut.target_id)
+        if sampler is None:
+            return
+        try:
+            handle = await asyncio.wait_for(self.dispatcher.trainer_handle(sampler.backing_model_id), STOP_WAIT_SECONDS)
+            await self.dispatcher.pods.cancel_sample(handle, request_id)
+        except (OpRejected, TrainerUnreachable, TimeoutError) as exc:
+            log.info("could not stop sample %s on its trainer: %s", request_id, exc)
 
     def _dispatch(self, fut: FutureRecord, backing_model_id: str, op: pod_api.SampleOp, cost: int) -> None:
         if self.admission is None:

@@ -152,7 +152,7 @@ def test_cancelling_a_sample_fails_it_now_and_uses_its_seq_id(gw: GatewayProc, s
         queued = _asample(http, sampler_id, 21).json()["request_id"]
         on_trainer = http.post("/api/v1/cancel_future", json={"request_id": running}).json()
         in_queue = http.post("/api/v1/cancel_future", json={"request_id": queued}).json()
-        assert on_trainer["cancelled"] and "result is dropped" in on_trainer["detail"]
+        assert on_trainer["cancelled"] and "stops it at its next decode step" in on_trainer["detail"]
         assert in_queue["cancelled"] and "never started" in in_queue["detail"]
         for request_id in (running, queued):
             failed = _retrieve(http, request_id)

@@ -1,4 +1,4 @@
-"""Sampled tokens → OpenAI/Anthropic choices: stops cut the text, EOS never shows, chunks join to the text."""
+"""Sampled tokens → OpenAI/Anthropic choices: stops cut the text, EOS never shows, stream pieces join to the text."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import math
 
 from tinkerkube_contract.pod_api import DecodedText
 from tinkerkube_gateway.compat.backend import _generation, _sample_request, _token_budget
+from tinkerkube_gateway.compat.increments import pieces
 from tinkerkube_gateway.compat.shaping import NO_LOGPROB, choice, prompt_tokens, top_ids
 from tinkerkube_gateway.compat.values import Generation, Sampled, SampleSpec
 from tinkerkube_gateway.errors import InvalidRequest
@@ -24,7 +25,7 @@ def test_a_stop_string_cuts_the_text_before_it_and_names_itself() -> None:
     c = choice(seq, decoded, ("ld!", "zzz"), {})
     assert (c.text, c.finish_reason, c.stop_sequence) == ("Hello wor", "stop", "ld!")
     assert [t.token for t in c.tokens] == ["Hello", " wor"]  # the token holding the stop string is not kept
-    assert "".join(c.chunks) == c.text
+    assert "".join(p.text for p in pieces(c.text, 0, c.tokens)) == c.text
     assert c.completion_tokens == 3  # every sampled token counts
 
 
@@ -39,7 +40,7 @@ def test_eos_ends_with_stop_but_never_shows_in_text_tokens_or_chunks() -> None:
     c = choice(seq, _decoded(["Hi", " there", "<|im_end|>"], [False, False, True]), (), {})
     assert (c.text, c.finish_reason, c.stop_sequence) == ("Hi there", "stop", None)
     assert [t.token for t in c.tokens] == ["Hi", " there"]
-    assert c.chunks == ("Hi", " there")
+    assert [p.text for p in pieces(c.text, 0, c.tokens)] == ["Hi", " there"]
     assert [t.offset for t in c.tokens] == [0, 2]
 
 
@@ -48,13 +49,14 @@ def test_max_tokens_is_length() -> None:
     assert choice(seq, _decoded(["a", "b"], [False, False]), (), {}).finish_reason == "length"
 
 
-def test_chunks_always_join_to_the_text_even_when_pieces_disagree_with_it() -> None:
+def test_stream_pieces_always_join_to_the_text_even_when_token_pieces_disagree_with_it() -> None:
     """A character split over two tokens decodes as two replacement characters, one in the text."""
     seq = Sampled(tokens=[1, 2, 3], logprobs=[-1.0, -1.0, -1.0], top=None, stopped=False)
     decoded = DecodedText(text="é!", pieces=["\ufffd", "\ufffd", "!"], special=[False, False, False])
     c = choice(seq, decoded, (), {})
-    assert "".join(c.chunks) == "é!"
-    assert len(c.chunks) == len(c.tokens)
+    cut = pieces(c.text, 0, c.tokens)
+    assert "".join(p.text for p in cut) == "é!"
+    assert [p.token for p in cut] == list(c.tokens)  # one piece per kept token, each with its token
 
 
 def test_non_finite_logprobs_become_a_finite_floor_and_top_ids_get_their_names() -> None:
