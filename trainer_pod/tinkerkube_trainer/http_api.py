@@ -340,5 +340,5 @@ def _add_sample_routes(app: FastAPI, runtime: TrainerRuntime) -> None:
         entry = scheduler.get_sample(request_id)
         if entry is None:
             raise ApiError(404, "unknown_sample", "no such sample (never submitted, or expired)")
-        progress = await scheduler.sample_progress(entry, after, min(wait, runtime.options.max_wait_seconds))
+        progress = await scheduler.progress.read(entry, after, min(wait, runtime.options.max_wait_seconds))
         return Response(progress.model_dump_json(), media_type=api.CONTENT_JSON)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -12,6 +13,8 @@ from tinkerkube_contract.pod_api import ErrorCategory, OpFailure
 from tinkerkube_trainer.engine_api import OpError, OpOutput, PreparedOp
 from tinkerkube_trainer.run_queue import Entry
 from tinkerkube_trainer.sample_progress import Progress
+
+log = logging.getLogger(__name__)
 
 CANCELLED = "the sample was cancelled (DELETE on its sample path) before it finished"
 
@@ -107,3 +110,14 @@ class ListFeed:
 
     def stepped(self) -> None:
         return None
+
+
+def run_sampling_pass(runner: Callable[[SampleFeed], None], feed: SampleFeed) -> None:
+    """Runs on the executor thread: a sampling pass; if it breaks, every sample it holds fails as a server
+    failure (the ones still queued wait for the next pass)."""
+    try:
+        runner(feed)
+    except Exception as exc:
+        log.exception("sampling pass failed")
+        feed.fail_active(OpFailure(error=f"internal error: {type(exc).__name__}: {exc}",
+                                   category=ErrorCategory.SERVER))

@@ -30,8 +30,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-from tinkerkube_contract.pod_api import ErrorCategory, OpFailure, OpKind, RunSpec, RunState, SampleProgress
+from tinkerkube_contract.pod_api import ErrorCategory, OpFailure, OpKind, RunSpec, RunState
 from tinkerkube_trainer.engine_api import OpError, OpOutput, PoolOpKind, PreparedOp
+from tinkerkube_trainer.progress_reads import ProgressReads
 from tinkerkube_trainer.run_queue import (
     Entry,
     Notifier,
@@ -42,7 +43,7 @@ from tinkerkube_trainer.run_queue import (
     RunUnavailable,
     SeqIdReused,
 )
-from tinkerkube_trainer.sample_feed import CANCELLED, SampleFeed, sample_rows
+from tinkerkube_trainer.sample_feed import CANCELLED, SampleFeed, run_sampling_pass, sample_rows
 from tinkerkube_trainer.sample_progress import Progress
 
 log = logging.getLogger(__name__)
@@ -83,8 +84,7 @@ class Scheduler:
         self._sample_retention = Retention(self._samples, limits.ttl, limits.max_retained)
         self._order = itertools.count()
         self.notifier = Notifier()
-        self.progress_notifier = Notifier()  # decode steps and finished samples, for streaming reads
-        self._progress_waiters = 0
+        self.progress = ProgressReads()  # streaming reads of running samples
         self._wake = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
         self._stopping = False
@@ -193,21 +193,6 @@ class Scheduler:
         elif entry.progress is not None:
             entry.progress.cancelled = True
         return entry
-
-    async def sample_progress(self, entry: Entry, after: int, timeout: float) -> SampleProgress:
-        """A sample's tokens past `after`, once there are some, it finished, or `timeout` passed."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(0.0, timeout)
-        self._progress_waiters += 1
-        try:
-            while (not entry.done and (entry.progress is None or entry.progress.published <= after)
-                   and (remaining := deadline - loop.time()) > 0):
-                await self.progress_notifier.wait(remaining)
-        finally:
-            self._progress_waiters -= 1
-        if entry.done or entry.progress is None:
-            return SampleProgress(state=entry.state, next=after)
-        return entry.progress.read(after)
 
     # ---- state ---------------------------------------------------------------------------------
 
@@ -341,12 +326,11 @@ class Scheduler:
     async def _sample_pass_run(self, entries: list[Entry]) -> None:
         loop = asyncio.get_running_loop()
         feed = self._feed = SampleFeed(loop, self._finish, self.limits.max_sample_rows,
-                                       on_step=self.progress_notifier.notify_all,
-                                       watched=lambda: self._progress_waiters > 0)
+                                       on_step=self.progress.notify_all, watched=self.progress.watched)
         for entry in entries:
             feed.offer(entry)
         try:
-            await loop.run_in_executor(self._executor, _invoke_samples, self._run_sample, feed)
+            await loop.run_in_executor(self._executor, run_sampling_pass, self._run_sample, feed)
         finally:
             self._feed = None
             for entry in reversed(feed.close()):  # offered too late: first in line for the next pass
@@ -365,7 +349,7 @@ class Scheduler:
         elif entry.is_sample:
             self._sample_retention.add(entry)
             self._sample_retention.prune(self._clock())
-            self.progress_notifier.notify_all()
+            self.progress.notify_all()
         else:
             slot = self.slots.get(str(model_id))
             if slot is not None and slot.queue is not None:
@@ -401,17 +385,6 @@ class Scheduler:
 def _tokens(entry: Entry) -> int:
     payload = entry.prepared.payload if entry.prepared is not None else None
     return int(getattr(payload, "num_tokens", 0) or 0)
-
-
-def _invoke_samples(runner: SampleRunner, feed: SampleFeed) -> None:
-    """Runs on the executor thread: a sampling pass; if it breaks, every sample it holds fails as a server
-    failure (the ones still queued wait for the next pass)."""
-    try:
-        runner(feed)
-    except Exception as exc:
-        log.exception("sampling pass failed")
-        feed.fail_active(OpFailure(error=f"internal error: {type(exc).__name__}: {exc}",
-                                   category=ErrorCategory.SERVER))
 
 
 def _invoke(runner: PassRunner, ops: list[PreparedOp | None]) -> list[OpOutput | OpFailure]:
