@@ -182,8 +182,16 @@ def test_a_deleted_pool_s_run_recovers_on_a_new_pool_with_its_math(
     except Exception as exc:
         raise AssertionError(f"{exc!r}\ngateway log:\n{gateway.log()[-4000:]}") from exc
     assert after == pytest.approx(before, rel=1e-5)
-    new = pool_of(api, run.model_id)
-    assert pool_runs(api, new) == [run.model_id]
+
+    def served_by_its_pool() -> list[str]:
+        # Each probe is an op: if the new pool's pod was restarted meanwhile (a slow liveness answer on a
+        # loaded machine), the op attaches the run to it again, as it would for any client.
+        assert run.forward(probe, "cross_entropy").result(timeout=300).metrics["loss:sum"] == pytest.approx(before,
+                                                                                                          rel=1e-5)
+        return pool_runs(api, pool_of(api, run.model_id))
+
+    eventually_sync(served_by_its_pool, lambda runs: runs == [run.model_id], timeout=120, interval=2.0,
+                    what="the run listed by the pool its session names")
 
 
 def test_a_run_over_its_tenant_s_limit_waits_with_paused_capacity_then_starts(
