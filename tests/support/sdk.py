@@ -106,3 +106,14 @@ def start_gateway(state_dir: Path, *, model_cache_dir: Path, real_trainer: bool 
             gw.stop(kill=True)
             raise RuntimeError(f"gateway not healthy within 90s:\n{gw.log()}")
         time.sleep(0.1)
+
+
+def metric_value(gw: GatewayProc, name: str, **labels: str) -> float:
+    """The value of the gateway's metric sample `name` whose labels include `labels` (0 when there is none yet)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(httpx.get(gw.url + "/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                return float(sample.value)
+    return 0.0

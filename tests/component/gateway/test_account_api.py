@@ -15,7 +15,6 @@ from pathlib import Path
 import httpx
 import pytest
 import tinker
-from prometheus_client.parser import text_string_to_metric_families
 from tinker import types
 from tinker.cli.auth_api import AuthApiError, TinkerAuthApi
 from tinker.lib.credentials import (
@@ -27,19 +26,11 @@ from tinker.lib.credentials import (
 )
 
 from tests.component.gateway.conftest import TINY
-from tests.support.sdk import GatewayProc, start_gateway
+from tests.support.sdk import GatewayProc, metric_value, start_gateway
 
 KEYS = {"tml-alice": "alice", "tml-alice-2": "alice", "tml-bob": "bob"}
 PROMPT = [5, 6, 7]
 MAX_TOKENS = 3
-
-
-def _metric(gw: GatewayProc, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(httpx.get(gw.url + "/metrics").text):
-        for sample in family.samples:
-            if sample.name == name and labels.items() <= sample.labels.items():
-                return float(sample.value)
-    return 0.0
 
 
 def _start(state: Path, model_cache_dir: Path) -> GatewayProc:
@@ -76,7 +67,7 @@ def alice_work(account_gateway: GatewayProc) -> dict[str, object]:
 # --- auth/token ------------------------------------------------------------------------------------------
 def test_the_sdk_exchanges_its_key_for_a_jwt_that_the_gateway_takes(account_gateway: GatewayProc,
                                                                      alice_work: dict[str, object]) -> None:
-    assert _metric(account_gateway, "tinkerkube_gateway_auth_tokens_issued_total", tenant="alice") >= 1
+    assert metric_value(account_gateway, "tinkerkube_gateway_auth_tokens_issued_total", tenant="alice") >= 1
     with httpx.Client(base_url=account_gateway.url) as http:
         config = http.post("/api/v1/client/config", headers={"X-API-Key": "tml-alice"}, json={}).json()
         assert config["pjwt_auth_enabled"] is True and config["sample_join_sampling_session"] is True
@@ -270,7 +261,7 @@ def test_tinker_auth_describes_and_revokes_the_calling_key_durably(tmp_path: Pat
         _assert_revoked(gw, jwt)
         assert "api_key_revoke" in [e.event for e in tinker.AdminClient(
             base_url=gw.url, api_key="tml-alice-2").get_audit_log(event_type="organizations").result().entries]
-        assert _metric(gw, "tinkerkube_gateway_api_keys_revoked_total", tenant="alice") == 1
+        assert metric_value(gw, "tinkerkube_gateway_api_keys_revoked_total", tenant="alice") == 1
     finally:
         gw.stop()
     gw2 = _start(state, model_cache_dir)  # the revocation is in the store, not in the process

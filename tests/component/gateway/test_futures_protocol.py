@@ -12,11 +12,10 @@ from typing import Any
 import httpx
 import pytest
 import tinker
-from prometheus_client.parser import text_string_to_metric_families
 from tinker import types
 
 from tests.component.gateway.conftest import TINY
-from tests.support.sdk import DEV_KEY, GatewayProc, start_gateway
+from tests.support.sdk import DEV_KEY, GatewayProc, metric_value, start_gateway
 
 SAMPLE_SECONDS = 1.5
 PROMPT = {"chunks": [{"tokens": [1, 2, 3], "type": "encoded_text"}]}
@@ -57,26 +56,17 @@ def _retrieve(http: httpx.Client, request_id: str) -> dict[str, Any]:
     return http.post("/api/v1/retrieve_future", json={"request_id": request_id}).json()
 
 
-def _metric(gw: GatewayProc, name: str, **labels: str) -> float:
-    """The value of the sample `name` whose labels include `labels` (0 when there is none yet)."""
-    for family in text_string_to_metric_families(httpx.get(gw.url + "/metrics").text):
-        for sample in family.samples:
-            if sample.name == name and labels.items() <= sample.labels.items():
-                return float(sample.value)
-    return 0.0
-
-
 def _settle(gw: GatewayProc, sampler: str) -> None:
     """Until the pool has nothing in flight (earlier tests' samples)."""
     deadline = time.monotonic() + 30
-    while _metric(gw, "tinkerkube_gateway_samples_inflight", tenant="local") > 0:
+    while metric_value(gw, "tinkerkube_gateway_samples_inflight", tenant="local") > 0:
         assert time.monotonic() < deadline, "samples never finished"
         time.sleep(0.1)
 
 
 def test_a_saturated_sampler_queues_then_answers_429_with_retry_after(gw: GatewayProc, sampler_id: str) -> None:
     _settle(gw, sampler_id)
-    rejected_before = _metric(gw, "tinkerkube_gateway_samples_rejected_total", reason="pool_queue_full",
+    rejected_before = metric_value(gw, "tinkerkube_gateway_samples_rejected_total", reason="pool_queue_full",
                               tenant="local")
     with gw.http() as http:
         running = _asample(http, sampler_id, 1).json()["request_id"]
@@ -87,7 +77,7 @@ def test_a_saturated_sampler_queues_then_answers_429_with_retry_after(gw: Gatewa
         paused = _retrieve(http, waiting)
         assert paused["type"] == "try_again" and paused["queue_state"] == "paused_capacity"
         assert "queued" in paused["queue_state_reason"]
-        assert _metric(gw, "tinkerkube_gateway_samples_queued", reason="capacity", tenant="local") == 1
+        assert metric_value(gw, "tinkerkube_gateway_samples_queued", reason="capacity", tenant="local") == 1
         again = _asample(http, sampler_id, 3)  # seq_id 3 was not used by the refusal
         while again.status_code == 429:
             time.sleep(0.2)
@@ -97,16 +87,16 @@ def test_a_saturated_sampler_queues_then_answers_429_with_retry_after(gw: Gatewa
             while answer.headers["content-type"].startswith("application/json"):
                 assert answer.json()["type"] == "try_again", answer.text
                 answer = http.post("/api/v1/retrieve_future", json={"request_id": request_id})
-    assert _metric(gw, "tinkerkube_gateway_samples_rejected_total", reason="pool_queue_full",
+    assert metric_value(gw, "tinkerkube_gateway_samples_rejected_total", reason="pool_queue_full",
                    tenant="local") >= rejected_before + 1
-    assert _metric(gw, "tinkerkube_gateway_sampled_tokens_total", tenant="local") >= 6
+    assert metric_value(gw, "tinkerkube_gateway_sampled_tokens_total", tenant="local") >= 6
 
 
 def test_the_sdk_rides_out_backpressure_and_polls_with_retrieve_futures(gw: GatewayProc,
                                                                        client: tinker.ServiceClient) -> None:
-    polls_before = _metric(gw, "tinkerkube_gateway_requests_total", endpoint="/api/v1/retrieve_futures",
+    polls_before = metric_value(gw, "tinkerkube_gateway_requests_total", endpoint="/api/v1/retrieve_futures",
                            status="200")
-    single_before = _metric(gw, "tinkerkube_gateway_requests_total", endpoint="/api/v1/retrieve_future",
+    single_before = metric_value(gw, "tinkerkube_gateway_requests_total", endpoint="/api/v1/retrieve_future",
                             status="200")
     sampler = client.create_sampling_client(base_model=TINY)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
@@ -114,11 +104,11 @@ def test_the_sdk_rides_out_backpressure_and_polls_with_retrieve_futures(gw: Gate
                                                     types.SamplingParams(max_tokens=2)).result()) for _ in range(4)]
         results = [c.result(timeout=120) for c in calls]
     assert all(len(r.sequences) == 1 for r in results)
-    polls = _metric(gw, "tinkerkube_gateway_requests_total", endpoint="/api/v1/retrieve_futures", status="200")
-    singles = _metric(gw, "tinkerkube_gateway_requests_total", endpoint="/api/v1/retrieve_future", status="200")
+    polls = metric_value(gw, "tinkerkube_gateway_requests_total", endpoint="/api/v1/retrieve_futures", status="200")
+    singles = metric_value(gw, "tinkerkube_gateway_requests_total", endpoint="/api/v1/retrieve_future", status="200")
     assert polls > polls_before  # the client config's sample_use_retrieve_futures is in use
     assert singles - single_before == 4  # one payload fetch per sample, no per-sample long-polling
-    assert _metric(gw, "tinkerkube_gateway_requests_total", endpoint="/api/v1/asample", status="429") >= 1
+    assert metric_value(gw, "tinkerkube_gateway_requests_total", endpoint="/api/v1/asample", status="429") >= 1
 
 
 def test_retrieve_futures_reports_each_completion_once_per_cursor(gw: GatewayProc, sampler_id: str) -> None:
@@ -208,13 +198,13 @@ def _until(check: Any, what: str, seconds: float = 60) -> None:
 def test_the_sdk_cancels_a_sample_it_abandons(gw: GatewayProc, client: tinker.ServiceClient) -> None:
     sampler = client.create_sampling_client(base_model=TINY)
     _settle(gw, "")
-    asked = _metric(gw, "tinkerkube_gateway_requests_total", endpoint="/api/v1/asample", status="200")
-    cancels = _metric(gw, "tinkerkube_gateway_requests_total", endpoint="/api/v1/cancel_future", status="200")
-    failed = _metric(gw, "tinkerkube_gateway_futures_total", op="sample", outcome="failed")
+    asked = metric_value(gw, "tinkerkube_gateway_requests_total", endpoint="/api/v1/asample", status="200")
+    cancels = metric_value(gw, "tinkerkube_gateway_requests_total", endpoint="/api/v1/cancel_future", status="200")
+    failed = metric_value(gw, "tinkerkube_gateway_futures_total", op="sample", outcome="failed")
     pending = sampler.sample(types.ModelInput.from_ints([1, 2]), 1, types.SamplingParams(max_tokens=2))
-    _until(lambda: _metric(gw, "tinkerkube_gateway_requests_total", endpoint="/api/v1/asample",
+    _until(lambda: metric_value(gw, "tinkerkube_gateway_requests_total", endpoint="/api/v1/asample",
                            status="200") > asked, "the sample was never submitted")
     assert pending.future().cancel() or pending.future().cancelled()
-    _until(lambda: _metric(gw, "tinkerkube_gateway_requests_total", endpoint="/api/v1/cancel_future",
+    _until(lambda: metric_value(gw, "tinkerkube_gateway_requests_total", endpoint="/api/v1/cancel_future",
                            status="200") > cancels, "the SDK sent no cancel_future")
-    assert _metric(gw, "tinkerkube_gateway_futures_total", op="sample", outcome="failed") == failed + 1
+    assert metric_value(gw, "tinkerkube_gateway_futures_total", op="sample", outcome="failed") == failed + 1
