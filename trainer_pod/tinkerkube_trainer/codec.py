@@ -8,7 +8,6 @@ Payloads are plain dataclasses of numpy arrays: picklable, so rank 0 can broadca
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +20,7 @@ from tinker.types import SampleRequest
 
 from tinkerkube_contract.pod_api import DEFAULT_MAX_TOKENS
 from tinkerkube_trainer.engine_api import OpError
+from tinkerkube_trainer.sample_checks import validate_sample
 from tinkerkube_trainer.vision import EncodedImage, ImageBatch, Images, image_tokens
 
 TOPK_PAD_TOKEN = 0
@@ -65,6 +65,7 @@ class SampleParams:
     topk_sample_logprobs: int = 0
     target_prompt_ids: np.ndarray | None = None  # int64 (len(prompt) - 1, K); -1 asks for nothing
     images: ImageBatch | None = None  # the prompt's images in token order
+    prompt_alt_tokens_k: int = 0  # draws at every prompt position after the first (`token_draw`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +84,8 @@ class SampleResult:
     topk_ids: np.ndarray | None = None  # int32 (len(prompt), k)
     topk_logprobs: np.ndarray | None = None  # float32 (len(prompt), k)
     target_prompt_logprobs: np.ndarray | None = None  # float32, the shape of target_prompt_ids; 0.0 where -1
+    alt_tokens: np.ndarray | None = None  # int64 (len(prompt) - 1, prompt_alt_tokens_k)
+    alt_logprobs: np.ndarray | None = None  # float32, the same shape: their logprobs at temperature 1
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -259,10 +262,9 @@ def decode_sample_request(request: Mapping[str, object], images: Images | None =
         topk_sample_logprobs=int(req.topk_sample_logprobs or 0),
         target_prompt_ids=None if req.target_prompt_logprobs is None else _target_ids(req.target_prompt_logprobs),
         images=ImageBatch.of(seen),
+        prompt_alt_tokens_k=int(req.prompt_alt_tokens_k or 0),
     )
-    if req.prompt_alt_tokens_k:
-        raise OpError("prompt_alt_tokens_k is not supported by this server", code="unsupported_feature")
-    _validate_sample(params)
+    validate_sample(params)
     return params
 
 
@@ -283,35 +285,6 @@ def _target_ids(td: Any) -> np.ndarray:
     return ids
 
 
-def _validate_sample(p: SampleParams) -> None:
-    def bad(msg: str) -> OpError:
-        return OpError(msg, code="invalid_sample_request")
-
-    if not p.prompt:
-        raise bad("the prompt is empty")
-    if not (math.isfinite(p.temperature) and math.isfinite(p.top_p)):
-        raise bad("temperature and top_p must be finite numbers")
-    if p.num_samples < 1:
-        raise bad("num_samples must be at least 1")
-    if p.max_tokens < 0:
-        raise bad("max_tokens must not be negative")
-    if p.temperature < 0:
-        raise bad("temperature must not be negative")
-    if p.top_k == 0 or p.top_k < -1:
-        raise bad("top_k must be -1 (off) or positive")
-    if not 0 < p.top_p <= 1:
-        raise bad("top_p must be in (0, 1]")
-    if p.topk_prompt_logprobs < 0:
-        raise bad("topk_prompt_logprobs must not be negative")
-    if p.prompt_logprobs_last_n is not None and not 1 <= p.prompt_logprobs_last_n <= len(p.prompt) - 1:
-        raise bad("prompt_logprobs_last_n must be between 1 and len(prompt) - 1")
-    if p.topk_sample_logprobs < 0:
-        raise bad("topk_sample_logprobs must not be negative")
-    ids = p.target_prompt_ids
-    if ids is not None and (ids.shape[0] != len(p.prompt) - 1 or (ids.size and ids.min() < -1)):
-        raise bad("target_prompt_logprobs must have len(prompt) - 1 rows of token ids (or -1)")
-
-
 def encode_sample_response(result: SampleResult) -> bytes:
     """SampleResult → `tinker_public.SampleResponse` bytes (§4.6); logprobs always present."""
     msg = pb.SampleResponse(prompt_cache_hit_tokens=0)
@@ -328,10 +301,16 @@ def encode_sample_response(result: SampleResult) -> bytes:
     if result.topk_ids is not None and result.topk_logprobs is not None:
         msg.topk_prompt_logprobs.CopyFrom(_topk(result.topk_ids, result.topk_logprobs))
     if result.target_prompt_logprobs is not None:
-        t = result.target_prompt_logprobs
-        msg.target_prompt_logprobs.CopyFrom(
-            pb.Tensor(dense=np.asarray(t, dtype="<f4").tobytes(), dtype=pb.DTYPE_FLOAT32, shape=list(t.shape)))
+        msg.target_prompt_logprobs.CopyFrom(_dense(result.target_prompt_logprobs, pb.DTYPE_FLOAT32))
+    if result.alt_tokens is not None and result.alt_logprobs is not None:
+        msg.prompt_alt_tokens.CopyFrom(pb.PromptAltTokens(tokens=_dense(result.alt_tokens, pb.DTYPE_INT64),
+                                                          logprobs=_dense(result.alt_logprobs, pb.DTYPE_FLOAT32)))
     return msg.SerializeToString()
+
+
+def _dense(values: np.ndarray, dtype: int) -> pb.Tensor:
+    little = np.asarray(values, dtype=np.dtype(_NUMPY_DTYPES[dtype]).newbyteorder("<"))
+    return pb.Tensor(dense=little.tobytes(), dtype=dtype, shape=list(little.shape))
 
 
 def _topk(ids: np.ndarray, logprobs: np.ndarray) -> pb.TopkLogprobs:

@@ -58,9 +58,9 @@ from tinkerkube_trainer.op_decode import (
 from tinkerkube_trainer.optim import LoraOptimizer
 from tinkerkube_trainer.runs import LIVE, Run
 from tinkerkube_trainer.sample_feed import ListFeed
-from tinkerkube_trainer.sampling import SampleJob, decode_stream, sample
+from tinkerkube_trainer.sampling import SampleJob, decode_stream, sample, wants_prompt_scores
 from tinkerkube_trainer.train_pass import FbWork
-from tinkerkube_trainer.vllm_sampler import AdapterRef, VllmJob, VllmSampler, wants_prompt_scores
+from tinkerkube_trainer.vllm_sampler import AdapterRef, VllmJob, VllmSampler
 from tinkerkube_trainer.vllm_server import Adapters, VllmServer, VllmServerConfig
 
 log = logging.getLogger(__name__)

