@@ -11,7 +11,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
-from tinkerkube_contract.pod_api import MAX_AGE_RECIPIENTS, AdamParams  # one definition, shared with the trainer
+from tinkerkube_contract.pod_api import (  # one definition, shared with the trainer
+    MAX_AGE_RECIPIENTS,
+    MAX_PROMPT_ALT_TOKENS_K,
+    AdamParams,
+)
 from tinkerkube_gateway.bounds import MAX_INT32, Count, JsonMap, SampleSeqId, SeqId, TtlSeconds
 
 TokenId = Annotated[int, Field(ge=0, le=MAX_INT32)]
@@ -215,6 +219,7 @@ class SampleRequest(_Req):
     topk_prompt_logprobs: Count = 0
     topk_sample_logprobs: Count = 0
     prompt_logprobs_last_n: Count | None = None
+    prompt_alt_tokens_k: int = Field(0, ge=0, le=MAX_PROMPT_ALT_TOKENS_K)  # cells: SamplingService
 
 
 class RetrieveFutureRequest(_Req):

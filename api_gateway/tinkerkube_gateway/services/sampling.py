@@ -24,7 +24,7 @@ from tinkerkube_gateway.services.futures import FuturesService
 from tinkerkube_gateway.services.models import ModelsService
 from tinkerkube_gateway.services.registry import RegistryService
 from tinkerkube_gateway.services.sessions import SessionsService
-from tinkerkube_gateway.services.usage import sampled_tokens
+from tinkerkube_gateway.services.usage import prompt_length, sampled_tokens
 from tinkerkube_gateway.store.protocol import CLONE_STRIDE
 from tinkerkube_gateway.store.records import LIVE, FutureOp, FutureRecord, FutureState, ModelRecord, SamplerRecord
 from tinkerkube_gateway.wire import json_bytes
@@ -134,6 +134,7 @@ class SamplingService:
         if max_tokens is not None and req.num_samples * max_tokens > self.max_sample_tokens:
             raise InvalidRequest(f"num_samples * max_tokens = {req.num_samples} * {max_tokens} exceeds the "
                                  f"{self.max_sample_tokens} tokens one sample request may generate here")
+        _check_prompt_alt_tokens(req.prompt_alt_tokens_k, raw.get("prompt"))
         sampler = await self.get_owned(tenant, req.sampling_session_id)
         if self.admission is not None:  # a 429 before anything is recorded: the SDK resends this seq_id
             self.admission.check(tenant, self.dispatcher.pool_of(sampler.backing_model_id))
@@ -208,3 +209,10 @@ def _cost(req: SampleRequest) -> int:
     return req.num_samples * (pod_api.DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens)
 
 
+def _check_prompt_alt_tokens(k: int, prompt: Any) -> None:
+    """`prompt_alt_tokens_k` answers (len(prompt) - 1) * k draws: refused over the contract's cap before
+    anything is stored (the trainer checks again, counting image tokens exactly)."""
+    cells = max(prompt_length(prompt) - 1, 0) * k
+    if cells > pod_api.MAX_PROMPT_ALT_TOKEN_CELLS:
+        raise InvalidRequest(f"prompt_alt_tokens_k asks for (len(prompt) - 1) * k = {cells} draws; at most "
+                             f"{pod_api.MAX_PROMPT_ALT_TOKEN_CELLS} per request: lower k or send a shorter prompt")

@@ -66,9 +66,15 @@ def prompt_tokens(body: bytes | None) -> int:
     import json
 
     try:
-        chunks = json.loads(body or b"{}").get("prompt", {}).get("chunks", [])
+        return prompt_length(json.loads(body or b"{}").get("prompt", {}))
     except (ValueError, AttributeError):
         return 0
+
+
+def prompt_length(prompt: Any) -> int:
+    """Tokens of a sample request's prompt JSON: text tokens, and image chunks' expected_tokens where given
+    (so a lower bound for images without it; the trainer counts them exactly)."""
+    chunks = prompt.get("chunks", []) if isinstance(prompt, dict) else []
     n = 0
     for chunk in chunks if isinstance(chunks, list) else []:
         if not isinstance(chunk, dict):

@@ -165,7 +165,7 @@ def optim_step(engine: SingleRun, lr: float = 0.05, **adam: float) -> dict[str, 
 
 def sample_request(prompt: list[int], *, num_samples: int = 1, **params: Any) -> dict[str, Any]:
     flag_names = ("prompt_logprobs", "topk_prompt_logprobs", "prompt_logprobs_last_n", "topk_sample_logprobs",
-                  "target_prompt_logprobs")
+                  "target_prompt_logprobs", "prompt_alt_tokens_k")
     flags = {k: params.pop(k) for k in flag_names if k in params}
     req = types.SampleRequest(prompt=types.ModelInput.from_ints(prompt), num_samples=num_samples,
                               sampling_params=types.SamplingParams(**params), **flags)

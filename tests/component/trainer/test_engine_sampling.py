@@ -122,6 +122,21 @@ def test_prompt_logprobs_last_n_scores_only_the_tail(engine) -> None:
     assert all(isinstance(x, float) and not math.isnan(x) for x in result.prompt_logprobs[3:])
 
 
+def test_prompt_alt_tokens_leave_the_continuation_alone_and_score_like_a_forward(engine) -> None:
+    kw = dict(num_samples=2, max_tokens=6, seed=8, stop=[], temperature=0.9)
+    plain = run_sample(engine, PROMPT, **kw)
+    result = run_sample(engine, PROMPT, prompt_alt_tokens_k=3, **kw)
+    assert plain.prompt_alt_tokens is None
+    assert [s.tokens for s in result.sequences] == [s.tokens for s in plain.sequences]
+    tokens, logprobs = result.prompt_alt_tokens.tokens.to_numpy(), result.prompt_alt_tokens.logprobs.to_numpy()
+    assert tokens.shape == logprobs.shape == (len(PROMPT) - 1, 3)
+    for i, row in enumerate(tokens.tolist()):  # row i: alternatives to PROMPT[i + 1], after PROMPT[: i + 1]
+        forward = [sequence_logprobs(engine, [*PROMPT[: i + 1], t])[-1] for t in row]
+        np.testing.assert_allclose(logprobs[i], forward, rtol=1e-4, atol=1e-5)
+    again = run_sample(engine, PROMPT, prompt_alt_tokens_k=3, **kw).prompt_alt_tokens
+    assert again.tokens.tolist() == tokens.tolist()
+
+
 def test_snapshot_sampling_is_unaffected_by_later_training(tmp_path: Path, model_cache_dir: Path) -> None:
     engine = new_engine(engine_config(tmp_path, model_cache_dir))
     run_fb(engine, ce_datums(4, seed=1))

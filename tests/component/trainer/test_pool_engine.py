@@ -157,6 +157,11 @@ def tokens_and_logprobs(out: OpOutput | OpError) -> list[tuple[list[int], list[f
     return [(s.tokens, list(s.logprobs or [])) for s in resp.sequences]
 
 
+def alt_tokens(out: OpOutput | OpError) -> tuple[list[list[int]], list[list[float]]]:
+    alt = deserialize_sample_response(ok(out).body).prompt_alt_tokens
+    return ([[]], [[]]) if alt is None else (alt.tokens.tolist(), alt.logprobs.tolist())
+
+
 def test_concurrent_samples_decode_together_with_their_own_results(tmp_path: Path, model_cache_dir: Path) -> None:
     shared = pool(tmp_path / "shared", model_cache_dir, *RUNS)
     for m in RUNS:  # trained a little, so every adapter differs from the base model
@@ -168,8 +173,10 @@ def test_concurrent_samples_decode_together_with_their_own_results(tmp_path: Pat
     ok(shared.run_pass([step(shared, "pool:train:0", lr=0.5)])[0])  # the live weights move past the snapshot
     requests = [("pool:train:0", None, dict(num_samples=2, max_tokens=7, temperature=0.0, stop=[])),
                 ("pool:train:0", "snap", dict(num_samples=1, max_tokens=5, temperature=0.0, stop=[], prompt_len=3)),
-                ("pool:train:1", None, dict(num_samples=3, max_tokens=6, seed=11, stop=[], top_k=20)),
-                ("pool:train:2", None, dict(num_samples=1, max_tokens=4, seed=5, temperature=0.7, stop=[])),
+                ("pool:train:1", None, dict(num_samples=3, max_tokens=6, seed=11, stop=[], top_k=20,
+                                            prompt_alt_tokens_k=3)),
+                ("pool:train:2", None, dict(num_samples=1, max_tokens=4, seed=5, temperature=0.7, stop=[],
+                                            prompt_alt_tokens_k=2, prompt_len=4)),
                 (None, None, dict(num_samples=2, max_tokens=6, temperature=0.0, stop=[], prompt_len=2))]
     together = shared.run_pass([sample_op(shared, m, snap, **dict(p)) for m, snap, p in requests])
     for (m, snap, p), out in zip(requests, together, strict=True):
@@ -178,6 +185,9 @@ def test_concurrent_samples_decode_together_with_their_own_results(tmp_path: Pat
         assert [t for t, _ in got] == [t for t, _ in want], (m, snap)
         for (_, a), (_, b) in zip(got, want, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        assert alt_tokens(out)[0] == alt_tokens(alone)[0], (m, snap)  # prompt_alt_tokens_k: the same draws
+        np.testing.assert_allclose(alt_tokens(out)[1], alt_tokens(alone)[1], rtol=1e-4, atol=1e-5)
+    assert [len(alt_tokens(o)[0][0]) for o in together] == [0, 0, 3, 2, 0]
     greedy = [tokens_and_logprobs(o)[0][0] for o in together]
     assert greedy[0] != greedy[1] or greedy[0] != greedy[4]  # live, snapshot and base weights are different models
 

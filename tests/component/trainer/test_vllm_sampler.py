@@ -116,7 +116,8 @@ def sample(client: PodClient, snapshot: str | None, *, prompt: list[int] = PROMP
     """One sample request through the pod API; the SDK's own decoded response."""
     global _count
     _count += 1
-    flags = {k: params.pop(k) for k in ("prompt_logprobs", "topk_prompt_logprobs") if k in params}
+    flags = {k: params.pop(k) for k in ("prompt_logprobs", "topk_prompt_logprobs", "prompt_alt_tokens_k")
+             if k in params}
     request = {"prompt": {"chunks": [{"type": "encoded_text", "tokens": prompt}]},
                "num_samples": params.pop("num_samples", 1), "sampling_params": params, **flags}
     op = api.SampleOp(request=request, model_id=None if base else MODEL_ID,
@@ -150,6 +151,18 @@ def test_sampled_and_prompt_logprobs_match_the_learner_and_the_hf_path(pools: di
     for mine, theirs in zip(out.topk_prompt_logprobs[1:], hf.topk_prompt_logprobs[1:], strict=True):
         assert [t for t, _ in mine] == [t for t, _ in theirs]
         np.testing.assert_allclose([v for _, v in mine], [v for _, v in theirs], atol=TOL, rtol=0)
+
+
+def test_prompt_alt_tokens_are_the_hf_paths_draws(pools: dict[str, PodClient]) -> None:
+    kw = dict(num_samples=2, max_tokens=6, temperature=0.8, seed=9, stop=[], prompt_alt_tokens_k=3)
+    got = {name: sample(c, "w1", **dict(kw)) for name, c in pools.items()}
+    alts = {name: r.prompt_alt_tokens for name, r in got.items()}
+    assert alts["vllm"] is not None and alts["vllm"].tokens.shape == [len(PROMPT) - 1, 3]
+    assert alts["vllm"].tokens.tolist() == alts["hf"].tokens.tolist()  # same model, same seeded draws
+    np.testing.assert_allclose(alts["vllm"].logprobs.to_numpy(), alts["hf"].logprobs.to_numpy(), atol=TOL, rtol=0)
+    plain = sample(pools["vllm"], "w1", **{**kw, "prompt_alt_tokens_k": 0})
+    assert plain.prompt_alt_tokens is None
+    assert [s.tokens for s in plain.sequences] == [s.tokens for s in got["vllm"].sequences]  # vLLM's, unchanged
 
 
 def test_greedy_samples_are_the_hf_paths_tokens(pools: dict[str, PodClient]) -> None:
