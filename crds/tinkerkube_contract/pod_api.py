@@ -60,8 +60,7 @@ CONTENT_JSON = "application/json"
 RESULT_TTL_SECONDS = 3600
 MAX_WAIT_SECONDS = 30.0
 DEFAULT_MAX_TOKENS = 128  # what a sample request without sampling_params.max_tokens generates at most
-# Caps on `SampleRequest.prompt_alt_tokens_k` and on its answer's (len(prompt) - 1) * k cells (262144: ~3 MB,
-# a 4096-token prompt at k = 64); the gateway checks both before storing a request, the trainer again.
+# Caps on prompt_alt_tokens_k and its (len(prompt) - 1) * k answer cells (~3 MB); gateway and trainer check both.
 MAX_PROMPT_ALT_TOKENS_K = 64
 MAX_PROMPT_ALT_TOKEN_CELLS = 262_144
 
