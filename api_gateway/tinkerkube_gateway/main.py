@@ -123,6 +123,14 @@ def make_admission(settings: GatewaySettings, metrics: Metrics, futures: Futures
     return admission
 
 
+def make_sampling(settings: GatewaySettings, metrics: Metrics, futures: FuturesService, sessions: SessionsService,
+                  models: ModelsService, registry: RegistryService, dispatcher: Dispatcher) -> SamplingService:
+    return SamplingService(futures=futures, sessions=sessions, models=models, registry=registry,
+                           dispatcher=dispatcher, max_sample_tokens=settings.max_sample_tokens,
+                           admission=make_admission(settings, metrics, futures, dispatcher),
+                           assets=make_image_assets(settings, metrics))
+
+
 def make_image_assets(settings: GatewaySettings, metrics: Metrics) -> ImageAssets | None:
     """The resolver of image asset pointers, None (pointers refused) unless a source is configured."""
     sources = AssetSources(hosts=tuple(settings.image_asset_hosts), root=settings.image_asset_root,
@@ -197,10 +205,7 @@ async def compose(settings: GatewaySettings, backend: SessionBackend | None = No
                            idle_timeout=settings.session_idle_timeout_seconds, spec_defaults=spec_defaults(settings),
                            replicas=replicas)
     ops = OpsService(futures=futures, models=models, registry=registry, dispatcher=dispatcher)
-    sampling = SamplingService(futures=futures, sessions=sessions, models=models, registry=registry,
-                               dispatcher=dispatcher, max_sample_tokens=settings.max_sample_tokens,
-                               admission=make_admission(settings, metrics, futures, dispatcher),
-                               assets=make_image_assets(settings, metrics))
+    sampling = make_sampling(settings, metrics, futures, sessions, models, registry, dispatcher)
     completions = CompletionsService(futures, sampling)
     sessions.stop_runs = models.stop_session_runs
     sessions.on_heartbeat = models.keep_session_alive
