@@ -11,10 +11,13 @@ the last test pins that, so an SDK that adds one fails here and tells us to serv
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import shutil
+import sqlite3
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -27,6 +30,7 @@ from tests.support.asset_server import AssetServer, asset_server
 from tests.support.sdk import DEV_KEY, GatewayProc, metric_value, start_gateway
 from tinkerkube_contract.images import MAX_IMAGE_BYTES, MAX_IMAGES_PER_REQUEST
 from tinkerkube_contract.models import TINY_QWEN3_VL
+from tinkerkube_gateway.store.records import FutureOp
 
 pytestmark = pytest.mark.slow
 
@@ -135,6 +139,14 @@ def test_a_url_pointer_samples_and_scores_exactly_like_the_image_bytes(
     assert scored[0] is None and len(scored) == inline.length
     assert sampler.compute_logprobs(by_url).result() == scored
     assert metric_value(gateway, FETCHES, source="url", outcome="ok") == 2
+    stored = _stored_sample_bodies(gateway)  # the op log a replay reads: bytes, no pointer to fetch again
+    assert len(stored) == 4 and not any(b"image_asset_pointer" in body for body in stored)
+    assert all(base64.b64encode(red.data) in body for body in stored)
+
+
+def _stored_sample_bodies(gateway: GatewayProc) -> list[bytes]:
+    with closing(sqlite3.connect(gateway.state_dir / "gateway.db")) as db:
+        return [bytes(row[0]) for row in db.execute("SELECT body FROM futures WHERE op = ?", (FutureOp.SAMPLE,))]
 
 
 def test_a_path_pointer_inside_the_asset_root_is_the_same_image(
