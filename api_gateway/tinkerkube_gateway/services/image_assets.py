@@ -86,7 +86,7 @@ def path_inside(root: Path, location: str) -> Path:
         path = unquote(split.path)
     pure = PurePosixPath(path)
     if ".." in pure.parts or "\x00" in path:
-        raise AssetRefused("not_allowed", "the path may not contain '..'")
+        raise AssetRefused("not_allowed", "the path may not contain '..' (or a NUL byte)")
     root = root.resolve()
     candidate = pure if pure.is_absolute() else root / pure
     if not Path(candidate).is_relative_to(root):
@@ -100,6 +100,12 @@ def path_inside(root: Path, location: str) -> Path:
     if not resolved.is_file():
         raise AssetRefused("failed", "the path is not a regular file")
     return resolved
+
+
+def source_of(location: str) -> str:
+    """The metric's source label: "url" for http(s), "file" for everything else (paths, file://)."""
+    scheme = urlsplit(location).scheme.lower() if "://" in location else ""
+    return "url" if scheme in _URL_SCHEMES else "file"
 
 
 def read_capped(path: Path, limit: int) -> bytes:
@@ -146,33 +152,37 @@ class ImageAssets:
         pointers = [(j, c) for j, c in enumerate(chunks or []) if isinstance(c, dict) and c.get("type") == POINTER]
         if not pointers:
             return
-        budget = self.sources.max_request_bytes
+        budget, where, source = self.sources.max_request_bytes, "prompt", "url"
         try:
             async with asyncio.timeout(self.sources.timeout_seconds):
                 for j, chunk in pointers:
-                    data = await self._resolve_one(chunk, budget, f"prompt.chunks[{j}]")
+                    where, source = f"prompt.chunks[{j}]", source_of(str(chunk["location"]))
+                    data = await self._resolve_one(chunk, budget, where)
                     budget -= len(data)
                     chunks[j] = image_chunk(data, chunk)  # type: ignore[index]
         except TimeoutError:
-            self._count("url", "timeout", 0.0)
-            raise InvalidRequest(f"prompt: fetching the image asset pointers took longer than "
+            self._count(source, "timeout", self.sources.timeout_seconds)
+            raise InvalidRequest(f"{where}: resolving this request's image asset pointers took longer than "
                                  f"{self.sources.timeout_seconds:g} s") from None
 
     async def _resolve_one(self, chunk: dict[str, Any], budget: int, where: str) -> bytes:
         location, declared = str(chunk["location"]), str(chunk["format"])
         scheme = urlsplit(location).scheme.lower() if "://" in location else ""
-        source = "url" if scheme in _URL_SCHEMES else "file"
+        source = source_of(location)
         started = time.monotonic()
+        limit = min(MAX_IMAGE_BYTES, budget)
         try:
             if scheme and scheme not in (*_URL_SCHEMES, "file"):
                 raise AssetRefused("not_allowed", f"{scheme}:// locations are not supported; use http(s) or a path")
-            limit = min(MAX_IMAGE_BYTES, budget)
             data = await (self._fetch_url(location, limit) if source == "url" else self._read_file(location, limit))
             try:
                 check_image(data, declared)
             except BadImage as exc:
                 raise AssetRefused("bad_image", str(exc)) from None
         except AssetRefused as exc:
+            if exc.outcome == "too_large" and limit < MAX_IMAGE_BYTES:  # the request's budget, not the image bound
+                exc = AssetRefused("too_large", f"this request's images together exceed "
+                                   f"{self.sources.max_request_bytes} bytes")
             self._count(source, exc.outcome, time.monotonic() - started)
             raise InvalidRequest(f"{where}: image_asset_pointer {location[:200]!r}: {exc}") from None
         self._count(source, "ok", time.monotonic() - started)

@@ -156,8 +156,7 @@ def test_url_failures_are_400s_naming_the_chunk(server: AssetServer, path: str, 
     prompt["chunks"][1]["format"] = "png"
     with pytest.raises(InvalidRequest, match=message) as info:
         asyncio.run(assets.resolve_prompt(prompt))
-    if outcome != "timeout":
-        assert "prompt.chunks[2]" in str(info.value)
+    assert str(info.value).startswith("prompt.chunks[2]: ")
     assert _count(assets, "url", outcome) == 1
 
 
@@ -187,7 +186,7 @@ def test_sources_not_configured_or_not_allowed_are_refused(server: AssetServer, 
 def test_the_request_budget_bounds_all_pointers_together(server: AssetServer) -> None:
     one = len(png())
     assets = _resolver(server, max_request_bytes=one + one // 2)
-    with pytest.raises(InvalidRequest, match=r"prompt.chunks\[2\]: .*larger than"):
+    with pytest.raises(InvalidRequest, match=r"prompt.chunks\[2\]: .*images together exceed"):
         asyncio.run(assets.resolve_prompt(_prompt(server.url("/files/ok.png"), server.url("/stream/ok.png"))))
 
 
