@@ -33,6 +33,7 @@ from tinkerkube_gateway.services.copies import CopyService
 from tinkerkube_gateway.services.custom_losses import CustomLossService
 from tinkerkube_gateway.services.downloads import DownloadsService
 from tinkerkube_gateway.services.futures import FuturesService, QueueState, QueueStateSource, QueueStatus
+from tinkerkube_gateway.services.image_assets import AssetSources, ImageAssets
 from tinkerkube_gateway.services.keys import KeyRing
 from tinkerkube_gateway.services.mirror import FuturesMirror
 from tinkerkube_gateway.services.models import ModelsService
@@ -122,6 +123,22 @@ def make_admission(settings: GatewaySettings, metrics: Metrics, futures: Futures
     return admission
 
 
+def make_sampling(settings: GatewaySettings, metrics: Metrics, futures: FuturesService, sessions: SessionsService,
+                  models: ModelsService, registry: RegistryService, dispatcher: Dispatcher) -> SamplingService:
+    return SamplingService(futures=futures, sessions=sessions, models=models, registry=registry,
+                           dispatcher=dispatcher, max_sample_tokens=settings.max_sample_tokens,
+                           admission=make_admission(settings, metrics, futures, dispatcher),
+                           assets=make_image_assets(settings, metrics))
+
+
+def make_image_assets(settings: GatewaySettings, metrics: Metrics) -> ImageAssets | None:
+    """The resolver of image asset pointers, None (pointers refused) unless a source is configured."""
+    sources = AssetSources(hosts=tuple(settings.image_asset_hosts), root=settings.image_asset_root,
+                           timeout_seconds=settings.image_asset_timeout_seconds,
+                           max_request_bytes=settings.max_body_bytes)
+    return ImageAssets(sources, metrics) if sources.enabled else None
+
+
 def client_config(settings: GatewaySettings) -> dict[str, object]:
     """What the client config adds to `routers.service.CLIENT_CONFIG`."""
     return {"fwdbwd_max_chunk_len": settings.fwdbwd_max_chunk_len,
@@ -188,9 +205,7 @@ async def compose(settings: GatewaySettings, backend: SessionBackend | None = No
                            idle_timeout=settings.session_idle_timeout_seconds, spec_defaults=spec_defaults(settings),
                            replicas=replicas)
     ops = OpsService(futures=futures, models=models, registry=registry, dispatcher=dispatcher)
-    sampling = SamplingService(futures=futures, sessions=sessions, models=models, registry=registry,
-                               dispatcher=dispatcher, max_sample_tokens=settings.max_sample_tokens,
-                               admission=make_admission(settings, metrics, futures, dispatcher))
+    sampling = make_sampling(settings, metrics, futures, sessions, models, registry, dispatcher)
     completions = CompletionsService(futures, sampling)
     sessions.stop_runs = models.stop_session_runs
     sessions.on_heartbeat = models.keep_session_alive

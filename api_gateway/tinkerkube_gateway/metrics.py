@@ -39,6 +39,14 @@ class Metrics:
         self.sample_wait_seconds = Histogram("tinkerkube_gateway_sample_wait_seconds",
                                              "time a sample waited in the gateway before it started",
                                              buckets=_BUCKETS, registry=r)
+        # Image asset pointers (services/image_assets.py): source url|file, outcome ok|disabled|not_allowed|
+        # failed|too_large|bad_image|timeout.
+        self.image_asset_fetches_total = Counter("tinkerkube_gateway_image_asset_fetches_total",
+                                                 "image_asset_pointer chunks resolved, by source and outcome",
+                                                 ["source", "outcome"], registry=r)
+        self.image_asset_fetch_seconds = Histogram("tinkerkube_gateway_image_asset_fetch_seconds",
+                                                   "time resolving one image_asset_pointer chunk", ["source"],
+                                                   buckets=_BUCKETS, registry=r)
 
         # Credentials (services/keys.py).
         self.auth_tokens_issued_total = Counter("tinkerkube_gateway_auth_tokens_issued_total",

@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tinkerkube_contract.models import DEFAULT_MODEL
 from tinkerkube_gateway import bounds
+from tinkerkube_gateway.services.image_assets import parse_host_pattern
 
 ENV_PREFIX = "TINKERKUBE_GATEWAY_"
 LOCAL_DEV_KEY = "tml-local"
@@ -135,6 +136,15 @@ class GatewaySettings(BaseSettings):
     auth_token_ttl_seconds: int = Field(
         3600, ge=180, le=24 * 3600, description="lifetime of the JWTs auth/token mints (the SDK renews them at "
         "about half of it)")
+    image_asset_hosts: list[str] = Field(
+        default_factory=list, description="JSON list of the hosts whose http(s) URLs image_asset_pointer chunks may "
+        "name: 'name', 'name:port' or '*.suffix' (any subdomain); empty (the default): no URL is fetched")
+    image_asset_root: Path | None = Field(
+        None, description="directory whose files image_asset_pointer chunks may name (a relative path, or an "
+        "absolute path or file:// URL inside it; no escape by '..' or symlinks); unset (the default): no path is read")
+    image_asset_timeout_seconds: float = Field(
+        10.0, gt=0, le=300, description="longest time resolving all image_asset_pointer chunks of one request may "
+        "take; a 400 beyond")
     lease_seconds: float = Field(
         15.0, ge=1, le=300, description="PostgreSQL (several replicas): a run's dispatching replica renews its "
         "lease every third of this; another replica takes the run over once it has expired")
@@ -145,6 +155,13 @@ class GatewaySettings(BaseSettings):
         bad = [k for k in value if not k.startswith("tml-")]
         if bad:
             raise ValueError(f"API keys must start with 'tml-' (the SDK refuses others): {len(bad)} do not")
+        return value
+
+    @field_validator("image_asset_hosts")
+    @classmethod
+    def _hosts_are_patterns(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            parse_host_pattern(entry)
         return value
 
     @property

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 from tinker.proto import tinker_public_pb2 as pb
 
 from tinkerkube_contract.custom_loss import CUSTOM_LOSS_FN
-from tinkerkube_contract.images import MAX_IMAGES_PER_REQUEST, BadImage, check_image
+from tinkerkube_contract.images import IMAGE_FORMATS, MAX_IMAGES_PER_REQUEST, BadImage, check_image
 from tinkerkube_gateway.bounds import MAX_SEQ_ID, check_finite, check_json_depth
 from tinkerkube_gateway.errors import InvalidRequest, PayloadTooLarge
 
@@ -157,9 +157,10 @@ def check_image_chunk(data: bytes, declared: str, where: str) -> None:
         raise InvalidRequest(f"{where}: {exc}") from None
 
 
-def check_prompt(prompt: Any) -> None:
-    """A sampling prompt's chunks (JSON, told apart by `type`): text, or image bytes within bounds.
-    Image asset pointers name a path or URL the server would have to fetch: refused, send the bytes."""
+def check_prompt(prompt: Any, *, pointers: bool = False) -> None:
+    """A sampling prompt's chunks (JSON, told apart by `type`): text, image bytes within bounds, and, when
+    this gateway resolves them (`pointers`: services/image_assets.py), well-formed image asset pointers.
+    Pointers count towards the per-request image bound as the images they stand for."""
     chunks = prompt.get("chunks") if isinstance(prompt, dict) else None
     if not isinstance(chunks, list):
         raise InvalidRequest("prompt: needs a list of chunks")
@@ -169,25 +170,48 @@ def check_prompt(prompt: Any) -> None:
         where = f"prompt.chunks[{j}]"
         if kind == "encoded_text":
             continue
-        if kind == "image_asset_pointer":
-            raise InvalidRequest(f"{where}: image_asset_pointer chunks are not supported (this server fetches no "
-                                 "paths or URLs); send the image bytes as an ImageChunk")
-        if kind != "image":
-            raise InvalidRequest(f"{where}: only encoded_text and image chunks are supported, got {kind!r}")
+        if kind not in ("image", "image_asset_pointer"):
+            raise InvalidRequest(f"{where}: only encoded_text, image and image_asset_pointer chunks are supported, "
+                                 f"got {kind!r}")
         images += 1
         if images > MAX_IMAGES_PER_REQUEST:
             raise InvalidRequest(f"prompt: more than {MAX_IMAGES_PER_REQUEST} image chunks")
-        data, declared = chunk.get("data"), chunk.get("format")
-        if not isinstance(data, str) or not isinstance(declared, str):
-            raise InvalidRequest(f"{where}: an image chunk needs base64 `data` and a `format`")
-        try:
-            raw = base64.b64decode(data, validate=True)
-        except ValueError:
-            raise InvalidRequest(f"{where}: `data` is not base64") from None
-        check_image_chunk(raw, declared, where)
+        if kind == "image":
+            _check_json_image(chunk, where)
+        else:
+            _check_pointer(chunk, where, pointers)
         expected = chunk.get("expected_tokens")
         if expected is not None and (not isinstance(expected, int) or isinstance(expected, bool) or expected < 1):
             raise InvalidRequest(f"{where}: expected_tokens must be a positive integer")
+
+
+def _check_json_image(chunk: dict[str, Any], where: str) -> None:
+    data, declared = chunk.get("data"), chunk.get("format")
+    if not isinstance(data, str) or not isinstance(declared, str):
+        raise InvalidRequest(f"{where}: an image chunk needs base64 `data` and a `format`")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except ValueError:
+        raise InvalidRequest(f"{where}: `data` is not base64") from None
+    check_image_chunk(raw, declared, where)
+
+
+MAX_LOCATION_CHARS = 4096
+
+
+def _check_pointer(chunk: dict[str, Any], where: str, enabled: bool) -> None:
+    """The shape of an image asset pointer; whether its location may be fetched is the resolver's call."""
+    if not enabled:
+        raise InvalidRequest(f"{where}: image_asset_pointer chunks are not served here (this gateway fetches no "
+                             "URLs or paths unless its operator allows some: TINKERKUBE_GATEWAY_IMAGE_ASSET_HOSTS, "
+                             "TINKERKUBE_GATEWAY_IMAGE_ASSET_ROOT); send the image bytes as an ImageChunk")
+    location, declared = chunk.get("location"), chunk.get("format")
+    if not isinstance(location, str) or not 0 < len(location) <= MAX_LOCATION_CHARS:
+        raise InvalidRequest(f"{where}: an image_asset_pointer needs a `location` of 1 to {MAX_LOCATION_CHARS} "
+                             "characters")
+    if declared not in IMAGE_FORMATS:
+        raise InvalidRequest(f"{where}: image format {declared!r} is not supported; use one of "
+                             f"{list(IMAGE_FORMATS)}")
 
 
 def may_be_custom_loss(plain: bytes) -> bool:

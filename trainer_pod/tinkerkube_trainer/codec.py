@@ -212,7 +212,8 @@ def encode_forward_backward_output(
 
 def decode_sample_request(request: Mapping[str, object], images: Images | None = None) -> SampleParams:
     """The SDK's SampleRequest JSON (inside pod_api.SampleOp) → SampleParams, validated. Image chunks need
-    `images` (a vision-language model); asset pointers (a path or URL to fetch) are refused."""
+    `images` (a vision-language model). Asset pointers (a path or URL) are refused: the gateway resolves them
+    into image chunks before the op is stored, and a trainer fetches nothing."""
     try:
         req = SampleRequest.model_validate(dict(request))
     except ValidationError as exc:
@@ -226,8 +227,8 @@ def decode_sample_request(request: Mapping[str, object], images: Images | None =
                                                        chunk.expected_tokens, f"prompt chunk {i}", seen))  # type: ignore[union-attr]
             continue
         if kind == "image_asset_pointer":
-            raise OpError(f"prompt chunk {i}: image_asset_pointer chunks are not supported (the server fetches no "
-                          "paths or URLs); send the image bytes as an ImageChunk", code="unsupported_chunk")
+            raise OpError(f"prompt chunk {i}: an unresolved image_asset_pointer (the gateway turns pointers into "
+                          "image bytes; trainers fetch no paths or URLs)", code="unsupported_chunk")
         if kind != "encoded_text":
             raise OpError(f"prompt chunk {i}: only text and image chunks are supported", code="unsupported_chunk")
         tokens.extend(int(t) for t in chunk.tokens)  # type: ignore[union-attr]

@@ -38,6 +38,6 @@ async def get_sampler(svc: Svc, tenant: Tenant, sampler_id: str) -> dict[str, An
 async def asample(svc: Svc, tenant: Tenant, body: Body) -> dict[str, Any]:
     raw = wire.load_json(body)
     request = wire.validate(raw, SampleRequest)
-    wire.check_prompt(raw.get("prompt"))
+    wire.check_prompt(raw.get("prompt"), pointers=svc.sampling.assets is not None)
     fut, sequence_ids = await svc.sampling.sample(tenant, request, raw)
     return submitted(fut, sample_sequence_ids=sequence_ids)

@@ -21,6 +21,7 @@ from tinkerkube_gateway.errors import InvalidRequest, UnknownModel
 from tinkerkube_gateway.schemas import CreateSamplingSessionRequest, SampleRequest
 from tinkerkube_gateway.services.admission import SampleAdmission, Ticket
 from tinkerkube_gateway.services.futures import FuturesService
+from tinkerkube_gateway.services.image_assets import ImageAssets
 from tinkerkube_gateway.services.models import ModelsService
 from tinkerkube_gateway.services.registry import RegistryService
 from tinkerkube_gateway.services.sessions import SessionsService
@@ -36,7 +37,8 @@ STOP_WAIT_SECONDS = 5.0  # how long a cancel waits to find the sample's trainer
 class SamplingService:
     def __init__(self, *, futures: FuturesService, sessions: SessionsService, models: ModelsService,
                  registry: RegistryService, dispatcher: Dispatcher, max_sample_tokens: int,
-                 admission: SampleAdmission | None = None):
+                 admission: SampleAdmission | None = None, assets: ImageAssets | None = None):
+        self.assets = assets  # None: image asset pointers are refused (wire.check_prompt)
         self.max_sample_tokens = max_sample_tokens  # tokens one request may generate, over all its samples
         self.admission = admission  # None: every sample starts at once (no backpressure)
         self.futures = futures
@@ -138,6 +140,8 @@ class SamplingService:
         sampler = await self.get_owned(tenant, req.sampling_session_id)
         if self.admission is not None:  # a 429 before anything is recorded: the SDK resends this seq_id
             self.admission.check(tenant, self.dispatcher.pool_of(sampler.backing_model_id))
+        if self.assets is not None:  # pointers become image bytes before anything is stored: a replay never fetches
+            await self.assets.resolve_prompt(raw.get("prompt"))
         fut, created = await self.futures.create(tenant=tenant, session_id=sampler.session_id,
                                                  target_id=sampler.sampler_id, seq_id=req.seq_id, op=FutureOp.SAMPLE,
                                                  body=json_bytes(raw), body_type=pod_api.CONTENT_JSON)

@@ -57,6 +57,8 @@ persistentVolumeClaim:
   value: {{ $g.trainerStartTimeoutSeconds | quote }}
 - name: TINKERKUBE_GATEWAY_MAX_BODY_BYTES
   value: {{ $g.maxBodyBytes | int64 | quote }}
+- name: TINKERKUBE_GATEWAY_IMAGE_ASSET_HOSTS
+  value: {{ $g.imageAssetHosts | toJson | quote }}
 - name: TINKERKUBE_GATEWAY_TRAINER_REPLICAS
   value: {{ $t.replicas | quote }}
 - name: TINKERKUBE_GATEWAY_TRAINER_NPROC_PER_NODE

@@ -271,12 +271,21 @@ def test_a_corrupt_body_behind_a_good_header_fails_the_op_as_the_users_error(
     assert math.isfinite(training.forward_backward([good], "cross_entropy").result().metrics["loss:sum"])
 
 
-def test_image_asset_pointers_are_refused(vl_gateway: GatewayProc) -> None:
+def test_image_asset_pointers_are_refused_unless_a_source_is_configured(
+        vl_gateway: GatewayProc, training: tinker.TrainingClient, tokenizer, processor) -> None:
+    """This gateway has no image asset hosts or root (the default): it fetches nothing, for the SDK or raw
+    HTTP alike (test_vision_assets.py covers a gateway that does)."""
     with vl_gateway.http() as http:
         response = http.post("/api/v1/asample", json={
             "base_model": TINY_QWEN3_VL, "num_samples": 1, "sampling_params": {"max_tokens": 1},
             "prompt": {"chunks": [{"type": "image_asset_pointer", "format": "png", "location": "/etc/passwd"}]}})
-    assert response.status_code == 400 and "image_asset_pointer" in response.json()["detail"]
+    assert response.status_code == 400 and "image_asset_pointer chunks are not served here" in response.json()["detail"]
+    chunk, before, _ = example(tokenizer, processor, "red")
+    pointer = types.ImageAssetPointerChunk(format="jpeg", location="file:///etc/passwd",
+                                           expected_tokens=chunk.expected_tokens)
+    with pytest.raises(tinker.BadRequestError, match="TINKERKUBE_GATEWAY_IMAGE_ASSET_HOSTS"):
+        sampler_of(training).sample(types.ModelInput(chunks=[types.EncodedTextChunk(tokens=before), pointer]), 1,
+                                    types.SamplingParams(max_tokens=1)).result()
 
 
 def test_a_text_only_model_refuses_image_chunks_as_the_users_error(

@@ -69,13 +69,15 @@ def test_sampling_prompts_take_text_and_good_images() -> None:
 
 
 @pytest.mark.parametrize(("chunk", "message"), [
-    ({"type": "image_asset_pointer", "format": "png", "location": "file:///etc/passwd"}, "image_asset_pointer"),
+    ({"type": "image_asset_pointer", "format": "png", "location": "file:///etc/passwd"},
+     "image_asset_pointer chunks are not served here"),  # pointers are off unless configured
+
     ({"type": "image", "data": "%%%", "format": "png"}, "not base64"),
     ({"type": "image", "data": base64.b64encode(b"GIF89a").decode(), "format": "png"}, "not a PNG or JPEG"),
     ({"type": "image", "data": base64.b64encode(png()).decode(), "format": "png", "expected_tokens": 0},
      "expected_tokens"),
     ({"type": "image", "format": "png"}, "base64 `data`"),
-    ({"type": "dmel", "dmel": ""}, "only encoded_text and image"),
+    ({"type": "dmel", "dmel": ""}, "only encoded_text, image and image_asset_pointer"),
 ])
 def test_bad_prompt_chunks_are_400s_naming_the_chunk(chunk: dict, message: str) -> None:
     with pytest.raises(InvalidRequest, match=r"prompt.chunks\[1\]: .*" + message):

@@ -70,6 +70,16 @@ def test_non_text_chunk_is_a_user_error() -> None:
     assert err.value.code == "unsupported_chunk" and err.value.category == "user"
 
 
+def test_an_unresolved_image_asset_pointer_reaches_no_fetch() -> None:
+    """The gateway turns pointers into image bytes; one that got through anyway is refused, never fetched."""
+    pointer = {"type": "image_asset_pointer", "format": "png", "location": "file:///etc/passwd", "expected_tokens": 4}
+    request = {"num_samples": 1, "sampling_params": {"max_tokens": 1},
+               "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}, pointer]}}
+    with pytest.raises(OpError, match="unresolved image_asset_pointer") as err:
+        codec.decode_sample_request(request)
+    assert err.value.code == "unsupported_chunk" and err.value.category == "user"
+
+
 def test_malformed_protobuf_is_a_user_error() -> None:
     with pytest.raises(OpError) as err:
         codec.decode_forward_backward(b"\xff\xff\xff garbage")
