@@ -16,6 +16,9 @@ All in ONE run on this machine, the paths interleaved round by round (load from 
 (c) CPU milliseconds each process spent per SDK `forward` (gateway, trainer ranks, the SDK's own process): unlike
     wall-clock latency this barely moves with the machine's load, so it shows where an op's work goes even on a
     shared machine.
+(d) The SDK's floor: `forward` p50 through the same SDK against a server that answers from memory
+    (bench/sdk_floor.py: no store, no trainer, no framework), and with the model's compute added (the in-trainer
+    run time of (b)): the least any server could answer in on this machine, against the 8 ms goal.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +38,7 @@ for _src in ("crds", "api_gateway", "trainer_pod", ".", "bench"):
     if str(REPO / _src) not in sys.path:
         sys.path.insert(0, str(REPO / _src))
 
+import httpx  # noqa: E402
 import psutil  # noqa: E402
 from gateway_overhead import (  # noqa: E402  (the same paths the gateway benchmark drives)
     ADAM,
@@ -47,7 +52,7 @@ from gateway_overhead import (  # noqa: E402  (the same paths the gateway benchm
 )
 from tinker import types  # noqa: E402
 
-from tests.support.sdk import start_gateway  # noqa: E402
+from tests.support.sdk import free_port, start_gateway  # noqa: E402
 from tinkerkube_contract import pod_api  # noqa: E402
 from tinkerkube_contract.models import TINY_QWEN3  # noqa: E402
 from tinkerkube_contract.resource import LoraSpec  # noqa: E402
@@ -156,6 +161,43 @@ class Forward:
             self.compute.append(timing.run_s)
 
 
+class Floor:
+    """bench/sdk_floor.py in a process of its own in front of the gateway, and an SDK client made through it."""
+
+    def __init__(self, gateway_url: str, model: str, lora: LoraSpec) -> None:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "sdk_floor.py"), "--serve", str(port),
+                                      "--upstream", gateway_url])
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(self.url + "/__floor", timeout=1).raise_for_status()
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("the floor server did not start") from None
+                time.sleep(0.2)
+        self.sdk = SdkPath(self.url, model, lora)
+        self.datum = make_batch(400, 1, 8, seed=5)
+
+    def forward(self) -> None:
+        self.sdk.client.forward(self.datum, "cross_entropy").result()
+
+    def warm(self) -> None:
+        """Forward until both hot routes answer from memory (the first ones pass through to the gateway)."""
+        for _ in range(20):
+            self.forward()
+            if len(httpx.get(self.url + "/__floor").json()["recorded"]) >= 2:
+                return
+        raise RuntimeError("the floor server never recorded a finished forward")
+
+    def stop(self) -> None:
+        self.sdk.close()
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # trainers started below inherit it
@@ -179,12 +221,14 @@ def main(argv: list[str] | None = None) -> int:
             bare = BarePeft(Path(model_location(args.model, aliases=None, cache_dir=args.model_cache)), lora)
             batch = bare.tensors(data)
             fwd = Forward(sdk, raw, direct)
+            floor = Floor(gw.url, args.model, lora)
+            floor.warm()
             cpu = CpuMeter(gateway_processes(gw.proc.pid))
             for warm in (lambda: sdk.step(data), lambda: direct.step(data), lambda: bare.step(batch), fwd.via_sdk,
                          fwd.via_raw, fwd.via_direct):
                 warm()
             times: dict[str, list[float]] = {"bare": [], "sequential": [], "submitted": []}
-            lat: dict[str, list[float]] = {"sdk": [], "raw": [], "direct": []}
+            lat: dict[str, list[float]] = {"sdk": [], "raw": [], "direct": [], "floor": []}
             for r in range(args.rounds):
                 times["bare"].append(timed(lambda: [bare.step(batch) for _ in range(args.steps)]))
                 times["sequential"].append(timed(lambda: [sdk.step(data) for _ in range(args.steps)]))
@@ -193,9 +237,11 @@ def main(argv: list[str] | None = None) -> int:
                     lat["sdk"].append(timed(fwd.via_sdk))
                     lat["raw"].append(timed(fwd.via_raw))
                     lat["direct"].append(timed(fwd.via_direct))
+                    lat["floor"].append(timed(floor.forward))
                     cpu.measure(fwd.via_sdk)
                 print(f"round {r + 1}/{args.rounds} done", flush=True)
             report(args, tokens, times, lat, fwd.compute, cpu.per_call_ms())
+            floor.stop()
             sdk.close()
         finally:
             direct.stop()
@@ -224,6 +270,10 @@ def report(args: argparse.Namespace, tokens: int, times: dict[str, list[float]],
 
     print("(c) CPU per SDK forward: " + " | ".join(f"{k} {v:.2f} ms" for k, v in cpu_ms.items())
           + f" (load average {os.getloadavg()[0]:.1f})")
+    print(f"(d) SDK floor: forward p50 {ms['floor']:.2f} ms against a server answering from memory; + the model's "
+          f"compute {run:.2f} ms = {ms['floor'] + run:.2f} ms, the least any server could answer in here "
+          f"(goal {GOALS['forward_p50_ms']}); this server's share above that floor: "
+          f"{ms['sdk'] - ms['floor'] - run:.2f} ms")
 
 
 if __name__ == "__main__":
