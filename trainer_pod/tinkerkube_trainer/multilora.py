@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig  # imported with the trainer: a first import at a run's first autosave stalled training ~1 s
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -194,8 +195,6 @@ class AdapterSites:
 
     def peft_config(self, spec: LoraSpec, base_model_name: str) -> dict[str, Any]:
         """adapter_config.json as peft writes it for this adapter (loads in `PeftModel.from_pretrained`)."""
-        from peft import LoraConfig
-
         config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0, bias="none",
                             target_modules=self.target_modules(spec), task_type="CAUSAL_LM",
                             base_model_name_or_path=base_model_name)
