@@ -62,7 +62,7 @@ class CompatSamplers:
                 req = CreateSamplingSessionRequest(
                     session_id=held.session_id, sampling_session_seq_id=next(self._seq),
                     **({"model_path": model} if model.startswith(paths.SCHEME) else {"base_model": model}))
-                sampler_id = await self.sampling.create_session(tenant, req)
+                sampler_id, _ = await self.sampling.create_session(tenant, req)
                 record = held.samplers[model] = await self.sampling.get_owned(tenant, sampler_id)
             return record
 

@@ -17,9 +17,10 @@ router = APIRouter(prefix="/api/v1", tags=["sampling"])
 @router.post("/create_sampling_session", summary="A sampler for a base model or a tinker:// sampler path")
 async def create_sampling_session(svc: Svc, tenant: Tenant, body: Body, request: Request) -> dict[str, Any]:
     req = parse(body, CreateSamplingSessionRequest)
-    sampler_id = await svc.sampling.create_session(tenant, req)
-    await svc.audit.record(request, tenant, "sampler_create", sampler_id=sampler_id, model_path=req.model_path,
-                           base_model=req.base_model)
+    sampler_id, created = await svc.sampling.create_session(tenant, req)
+    if created:  # a retried create is not a second change
+        await svc.audit.record(request, tenant, "sampler_create", sampler_id=sampler_id, model_path=req.model_path,
+                               base_model=req.base_model)
     return {"sampling_session_id": sampler_id, "type": "create_sampling_session"}
 
 

@@ -27,9 +27,10 @@ INLINE_CHECK_BYTES = 64 * 1024
 @router.post("/create_model", summary="Create a LoRA training run (future → model_id)")
 async def create_model(svc: Svc, tenant: Tenant, body: Body, request: Request) -> dict[str, Any]:
     req = parse(body, CreateModelRequest)
-    fut = await svc.models.create_model(tenant, req)
-    await svc.audit.record(request, tenant, "model_create", model_id=fut.target_id, session_id=fut.session_id,
-                           base_model=req.base_model)
+    fut, created = await svc.models.create_model(tenant, req)
+    if created:  # a retried create (the SDK retries on a lost answer) is not a second change
+        await svc.audit.record(request, tenant, "model_create", model_id=fut.target_id, session_id=fut.session_id,
+                               base_model=req.base_model)
     return submitted(fut)
 
 

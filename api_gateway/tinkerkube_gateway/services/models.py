@@ -76,7 +76,8 @@ class ModelsService:
             restore_optimizer=restore_optimizer, owner=tenant, tinker_session=session_id,
             **{"idle_timeout_seconds": int(self.idle_timeout), **self.spec_defaults})
 
-    async def create_model(self, tenant: str, req: CreateModelRequest) -> FutureRecord:
+    async def create_model(self, tenant: str, req: CreateModelRequest) -> tuple[FutureRecord, bool]:
+        """The run's create future, and whether this call created it (False: a retry of the same create)."""
         await self.sessions.get_active(tenant, req.session_id)
         model_id = paths.model_id_for(req.session_id, req.model_seq_id)
         lora_cfg = req.lora_config or LoraConfig()
@@ -112,15 +113,18 @@ class ModelsService:
                              restore_optimizer=req.optimizer)
         metadata = req.user_metadata if req.user_metadata is not None else source.user_metadata
         optimizer_config = source.optimizer_config if req.optimizer else req.optimizer_config
-        return await self.launch(tenant, spec, FutureOp.LOAD_WEIGHTS_CREATE, metadata, optimizer_config)
+        return (await self.launch(tenant, spec, FutureOp.LOAD_WEIGHTS_CREATE, metadata, optimizer_config))[0]
 
     async def launch(self, tenant: str, spec: TrainingSessionSpec, op: FutureOp, user_metadata: dict[str, Any] | None,
-                      optimizer_config: dict[str, Any] | None, weights_key: str | None = None) -> FutureRecord:
+                      optimizer_config: dict[str, Any] | None,
+                      weights_key: str | None = None) -> tuple[FutureRecord, bool]:
+        """Start the run of `spec` once: a retried create (same model id) gets the first call's future and
+        False, so that nothing downstream of it (the pod, the audit entry) happens twice."""
         fut, created = await self.futures.create(tenant=tenant, session_id=spec.tinker_session,
                                                  target_id=spec.model_id, seq_id=0, op=op,
                                                  meta={"path": spec.restore_from})
         if not created:
-            return fut
+            return fut, False
         epoch = await self.replicas.claim(spec.model_id)  # before the run is live: no replica takes it over
         now = time.time()
         await self.repo.insert_model(
@@ -130,7 +134,7 @@ class ModelsService:
             status=ModelStatus.STARTING, error=None, created_at=now, last_request_time=now)
         await self.backend.start(spec)
         self.dispatcher.launch(spec.model_id, [fut], epoch=epoch)
-        return fut
+        return fut, True
 
     def model_data(self, record: ModelRecord) -> dict[str, Any]:
         source = resolve_model(record.base_model, aliases=self.model_aliases, cache_dir=self.model_cache_dir)

@@ -47,19 +47,20 @@ class SamplingService:
         self.registry = registry
         self.dispatcher = dispatcher
 
-    async def create_session(self, tenant: str, req: CreateSamplingSessionRequest) -> str:
+    async def create_session(self, tenant: str, req: CreateSamplingSessionRequest) -> tuple[str, bool]:
+        """The sampler's id, and whether this call created it (False: a retry of the same create)."""
         session = await self.sessions.get_active(tenant, req.session_id)
         sampler_id = paths.sampler_id_for(session.session_id, req.sampling_session_seq_id)
         existing = await self.models.repo.get_sampler(sampler_id)
         if existing is not None:
-            return sampler_id
+            return sampler_id, False
         if req.model_path:
             await self._from_path(tenant, sampler_id, req.model_path)
         elif req.base_model:
             await self._from_base(tenant, session.session_id, sampler_id, req.base_model)
         else:
             raise InvalidRequest("create_sampling_session needs base_model or model_path")
-        return sampler_id
+        return sampler_id, True
 
     async def _from_path(self, tenant: str, sampler_id: str, model_path: str) -> None:
         checkpoint = await self.registry.resolve_loadable(tenant, model_path)

@@ -233,6 +233,24 @@ def test_the_audit_log_records_alices_changes_for_her_only(account_gateway: Gate
         assert http.get("/api/v1/audit", params={"day": "9999-12-31"}).json() == {"entries": []}
 
 
+def test_a_retried_create_is_one_audit_entry(account_gateway: GatewayProc) -> None:
+    """The SDK retries a create whose answer was lost: the same run / sampler, and one audit entry each."""
+    with httpx.Client(base_url=account_gateway.url, headers={"X-API-Key": "tml-bob"}, timeout=60) as http:
+        session_id = http.post("/api/v1/create_session", json={}).json()["session_id"]
+        create = {"session_id": session_id, "model_seq_id": 0, "base_model": TINY, "lora_config": {"rank": 4},
+                  "type": "create_model"}
+        sampler = {"session_id": session_id, "sampling_session_seq_id": 0, "base_model": TINY,
+                   "type": "create_sampling_session"}
+        first, again = (http.post("/api/v1/create_model", json=create).json() for _ in range(2))
+        assert first["request_id"] == again["request_id"]
+        sampler_ids = {http.post("/api/v1/create_sampling_session", json=sampler).json()["sampling_session_id"]
+                       for _ in range(2)}
+        assert len(sampler_ids) == 1
+        entries = http.get("/api/v1/audit").json()["entries"]
+    mine = [e["event"] for e in entries if session_id in json.dumps(e["event_details"])]
+    assert sorted(mine) == ["model_create", "sampler_create", "session_create"]
+
+
 # --- auth/apikey/me ---------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_tinker_auth_describes_and_revokes_the_calling_key_durably(tmp_path: Path, model_cache_dir: Path) -> None:
