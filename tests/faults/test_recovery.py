@@ -139,45 +139,37 @@ def test_a_hung_pool_is_replaced_and_changes_no_math(gateway: GatewayProc) -> No
                 os.kill(rank, signal.SIGKILL)
 
 
-def test_a_killed_gateway_loses_no_future_and_changes_no_math(tmp_path: Path, tiny_model_dir: Path,
-                                                              model_cache_dir: Path) -> None:
-    state = tmp_path / "state"
-    gw = start_gateway(state, model_cache_dir=model_cache_dir, real_trainer=True, extra_env=ENV)
-    port = int(gw.url.rsplit(":", 1)[1])
-    holder = {"gw": gw}
-    try:
-        twin = train(new_run(gw, "tml-twin"), range(STEPS))
-        victim = new_run(gw, "tml-victim")
+class RestartableGateway:
+    """A gateway that a test kills (SIGKILL: no clean shutdown) and starts again on the same port and state."""
 
-        def restart() -> None:
-            holder["gw"].stop(kill=True)
-            time.sleep(0.5)
-            holder["gw"] = start_gateway(state, model_cache_dir=model_cache_dir, real_trainer=True, extra_env=ENV,
-                                         port=port)
+    def __init__(self, state: Path, model_cache_dir: Path) -> None:
+        self._state, self._cache = state, model_cache_dir
+        self.gw = start_gateway(state, model_cache_dir=model_cache_dir, real_trainer=True, extra_env=ENV)
+        self._port = int(self.gw.url.rsplit(":", 1)[1])
 
-        assert train(victim, range(STEPS), restart, at=3) == pytest.approx(twin, rel=1e-5)
-    finally:
-        holder["gw"].stop()
+    def restart(self) -> None:
+        self.gw.stop(kill=True)
+        time.sleep(0.5)
+        self.gw = start_gateway(self._state, model_cache_dir=self._cache, real_trainer=True, extra_env=ENV,
+                                port=self._port)
 
 
-def test_a_custom_loss_survives_a_killed_gateway(tmp_path: Path, tiny_model_dir: Path,
-                                                 model_cache_dir: Path) -> None:
+@pytest.fixture
+def restartable(tmp_path: Path, tiny_model_dir: Path, model_cache_dir: Path) -> Iterator[RestartableGateway]:
+    holder = RestartableGateway(tmp_path / "state", model_cache_dir)
+    yield holder
+    holder.gw.stop()
+
+
+def test_a_killed_gateway_loses_no_future_and_changes_no_math(restartable: RestartableGateway) -> None:
+    twin = train(new_run(restartable.gw, "tml-twin"), range(STEPS))
+    victim = new_run(restartable.gw, "tml-victim")
+    assert train(victim, range(STEPS), restartable.restart, at=3) == pytest.approx(twin, rel=1e-5)
+
+
+def test_a_custom_loss_survives_a_killed_gateway(restartable: RestartableGateway) -> None:
     """The loss is in the gateway's store: after a restart the same handle still runs, with the same math."""
-    state = tmp_path / "state"
-    gw = start_gateway(state, model_cache_dir=model_cache_dir, real_trainer=True, extra_env=ENV)
-    port = int(gw.url.rsplit(":", 1)[1])
-    holder = {"gw": gw}
-    try:
-        run, handle = new_custom_run(gw, "tml-twin")
-        twin = train(run, range(STEPS), loss=handle)
-        victim, loss = new_custom_run(gw, "tml-victim")
-
-        def restart() -> None:
-            holder["gw"].stop(kill=True)
-            time.sleep(0.5)
-            holder["gw"] = start_gateway(state, model_cache_dir=model_cache_dir, real_trainer=True, extra_env=ENV,
-                                         port=port)
-
-        assert train(victim, range(STEPS), restart, at=3, loss=loss) == pytest.approx(twin, rel=1e-5)
-    finally:
-        holder["gw"].stop()
+    run, handle = new_custom_run(restartable.gw, "tml-twin")
+    twin = train(run, range(STEPS), loss=handle)
+    victim, loss = new_custom_run(restartable.gw, "tml-victim")
+    assert train(victim, range(STEPS), restartable.restart, at=3, loss=loss) == pytest.approx(twin, rel=1e-5)
