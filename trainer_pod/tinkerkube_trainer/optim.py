@@ -17,6 +17,17 @@ from torch import nn
 from tinkerkube_contract.pod_api import AdamParams
 
 
+def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """No element of `tensors` is NaN or ±inf: a gradient that is refuses its op or its step.
+
+    One multi-tensor max-|x| norm instead of an isfinite + all per tensor: the norm is NaN or inf exactly
+    when some element is (NaN propagates through max; no sum that could overflow)."""
+    present = [t for t in tensors if t.numel()]  # the inf-norm of an empty tensor is undefined
+    if not present:
+        return True
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(present, float("inf")))).all())
+
+
 class LoraOptimizer:
     def __init__(self, params: Sequence[nn.Parameter]):
         self.params = list(params)

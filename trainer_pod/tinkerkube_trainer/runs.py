@@ -18,7 +18,7 @@ from tinkerkube_contract.pod_api import RunSpec
 from tinkerkube_contract.resource import SessionMode
 from tinkerkube_trainer.engine_api import OpError
 from tinkerkube_trainer.multilora import LoraWeights
-from tinkerkube_trainer.optim import LoraOptimizer
+from tinkerkube_trainer.optim import LoraOptimizer, all_finite
 
 LIVE = None  # a snapshot entry meaning "the run's weights now" (a restored checkpoint's path)
 
@@ -56,7 +56,7 @@ class Run:
         (the user's data made them) leaving weights, moments and the accumulator as they were."""
         if self.optimizer is None:
             raise OpError("this run only samples; optim_step needs a training run", code="sample_only")
-        if self.acc is not None and not bool(torch.stack([torch.isfinite(a).all() for a in self.acc]).all()):
+        if self.acc is not None and not all_finite(self.acc):
             raise OpError("the accumulated gradients are not finite; this step was not applied",
                           code="non_finite_gradients")
         for param, acc in zip(self.params(), self.acc or [None] * len(self.params()), strict=True):

@@ -34,6 +34,7 @@ from tinkerkube_trainer.batching import Batch, collate, micro_batches, shard_bou
 from tinkerkube_trainer.engine_api import Collective, OpError, OpOutput
 from tinkerkube_trainer.losses import LOSSES, LossConfig, LossInputs, reduce_sum
 from tinkerkube_trainer.multilora import LoraWeights, Routing, RowGroup
+from tinkerkube_trainer.optim import all_finite
 from tinkerkube_trainer.vision import ImageBatch
 
 MAX_LOGITS_PER_FORWARD = 2**28  # fp32 logits per micro-batch (1 GiB): one forward unless memory demands more
@@ -254,7 +255,7 @@ def run(model: Model, collective: Collective, works: Sequence[FbWork]) -> None:
             w.grads, w.error = None, OpError(f"{failed}: nothing was accumulated", code="invalid_custom_loss")
             continue
         loss = sum(per_rank[i][1] for per_rank in gathered)
-        if not np.isfinite(loss) or (w.grads is not None and not _all_finite(w.grads)):
+        if not np.isfinite(loss) or (w.grads is not None and not all_finite(w.grads)):
             w.grads = None
             w.error = OpError(
                 f"the {w.payload.loss} loss of this batch is not finite (loss {loss}): nothing was accumulated; "
@@ -267,9 +268,3 @@ def run(model: Model, collective: Collective, works: Sequence[FbWork]) -> None:
             w.output = OpOutput(CONTENT_PROTOBUF, codec.encode_forward_backward_output(merged, metrics))
         else:
             w.output = OpOutput(CONTENT_PROTOBUF, b"")
-
-
-def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
-    if not tensors:
-        return True
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())

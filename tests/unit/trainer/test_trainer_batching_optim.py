@@ -11,7 +11,7 @@ import torch
 from tinkerkube_contract.pod_api import AdamParams
 from tinkerkube_trainer.batching import collate, micro_batches, shard_bounds
 from tinkerkube_trainer.codec import DatumData
-from tinkerkube_trainer.optim import LoraOptimizer
+from tinkerkube_trainer.optim import LoraOptimizer, all_finite
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 5, 8, 13])
@@ -99,3 +99,22 @@ def test_micro_batches_keep_order_and_respect_the_budget() -> None:
     assert [d for g in groups for d in g] == datums
     assert all(len(g) * max(len(d.tokens) for d in g) <= 10 or len(g) == 1 for g in groups)
     assert [len(g) for g in groups] == [2, 1, 1, 1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_all_finite_finds_one_bad_element_among_many_tensors(dtype: torch.dtype, bad: float) -> None:
+    rng = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(4, 7, generator=rng).to(dtype) for _ in range(9)] + [torch.zeros(0, 3, dtype=dtype)]
+    assert all_finite(tensors)
+    for which in (0, 4, 8):
+        spoiled = [t.clone() for t in tensors]
+        spoiled[which].view(-1)[which * 3] = bad
+        assert not all_finite(spoiled)
+        assert not bool(torch.stack([torch.isfinite(t).all() for t in spoiled]).all())  # the plain definition
+
+
+def test_all_finite_takes_huge_finite_values_and_nothing() -> None:
+    big = torch.finfo(torch.float32).max
+    assert all_finite([torch.full((64, 64), big), torch.full((3,), -big)])  # a sum would overflow; max does not
+    assert all_finite([]) and all_finite([torch.zeros(0)])
