@@ -41,6 +41,7 @@ from tinkerkube_gateway.services.ops import OpsService
 from tinkerkube_gateway.services.registry import RegistryService
 from tinkerkube_gateway.services.replicas import Replicas
 from tinkerkube_gateway.services.results import ResultsService
+from tinkerkube_gateway.services.retention import Retention
 from tinkerkube_gateway.services.sampling import SamplingService
 from tinkerkube_gateway.services.session_search import SessionSearch
 from tinkerkube_gateway.services.sessions import SessionsService
@@ -209,7 +210,9 @@ async def compose(settings: GatewaySettings, backend: SessionBackend | None = No
     completions = CompletionsService(futures, sampling)
     sessions.stop_runs = models.stop_session_runs
     sessions.on_heartbeat = models.keep_session_alive
-    sessions.periodic += [registry.sweep_expired, completions.sweep]
+    retention = Retention(repo, metrics, audit_days=settings.audit_retention_days,
+                          usage_days=settings.usage_retention_days)
+    sessions.periodic += [registry.sweep_expired, completions.sweep, retention.prune]
     wire_replicas(replicas, futures, dispatcher, models, sampling)
     metrics.queue_depth.set(await repo.count_pending())
     await sessions.refresh_gauge()

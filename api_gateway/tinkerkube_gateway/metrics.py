@@ -56,6 +56,10 @@ class Metrics:
         self.api_keys_revoked_total = Counter("tinkerkube_gateway_api_keys_revoked_total",
                                               "API keys revoked by their holder (DELETE /api/v1/auth/apikey/me), "
                                               "on this replica", ["tenant"], registry=r)
+        # Retention (services/retention.py), by table: audit_events, usage_events.
+        self.retention_pruned_total = Counter("tinkerkube_gateway_retention_pruned_rows_total",
+                                              "audit and usage rows deleted past their retention, by table, "
+                                              "by this replica", ["table"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

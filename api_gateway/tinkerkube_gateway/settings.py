@@ -148,6 +148,12 @@ class GatewaySettings(BaseSettings):
     lease_seconds: float = Field(
         15.0, ge=1, le=300, description="PostgreSQL (several replicas): a run's dispatching replica renews its "
         "lease every third of this; another replica takes the run over once it has expired")
+    audit_retention_days: int = Field(
+        400, ge=0, le=36_500, description="audit log entries (GET /api/v1/audit) older than this many days are "
+        "deleted by the periodic maintenance (reaper_interval_seconds), a bounded batch at a time; 0 keeps them")
+    usage_retention_days: int = Field(
+        400, ge=0, le=36_500, description="usage records (GET /api/v1/billing/usage/events) older than this many "
+        "days are deleted the same way; 0 keeps them")
 
     @field_validator("api_keys")
     @classmethod

@@ -3,7 +3,8 @@ the audit log and usage records.
 
 Each is a plain row in the shared store, so what one replica writes every other one reads: a clone id is
 a counter upsert (the same as the completion log's serials), a revocation is a row that every replica
-loads, an audit or usage record is appended in the transaction of the change it records.
+loads, an audit or usage record is appended in the transaction of the change it records. Both age out by the
+retention settings (services/retention.py): `prune_*_before` delete the oldest rows, a bounded batch a call.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, func, insert, select
+from sqlalchemy import Column, Connection, Engine, Table, delete, func, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from tinkerkube_gateway.store import tables as t
@@ -111,3 +112,20 @@ class LedgerQueries:
                 .group_by(u.hour, u.session_id, u.target_id, u.kind).order_by(u.hour))
         with self.engine.connect() as conn:
             return [UsageRow(int(r[0]), r[1], r[2], r[3], int(r[4])) for r in conn.execute(stmt)]
+
+    # --- retention ------------------------------------------------------------------------------------
+    def prune_audit_before(self, cutoff: float, batch: int) -> int:
+        """Delete at most `batch` audit rows recorded before `cutoff` (epoch seconds); how many went."""
+        return self._prune(t.audit_events, t.audit_events.c.at, cutoff, batch)
+
+    def prune_usage_before(self, cutoff_hour: int, batch: int) -> int:
+        """Delete at most `batch` usage rows of hour buckets before `cutoff_hour`; how many went."""
+        return self._prune(t.usage_events, t.usage_events.c.hour, cutoff_hour, batch)
+
+    def _prune(self, table: Table, at: Column[Any], cutoff: float, batch: int) -> int:
+        """One short transaction over the time index (ix_audit_at, ix_usage_hour): the oldest `batch` ids,
+        then those rows. Idempotent, so replicas sharing the store may prune at once: a row another one
+        deleted first is simply not counted here."""
+        oldest = select(table.c.id).where(at < cutoff).order_by(at).limit(batch)
+        with self.engine.begin() as conn:
+            return conn.execute(delete(table).where(table.c.id.in_(oldest))).rowcount

@@ -86,7 +86,7 @@ class Repo(CoordinationQueries, ProtocolQueries, LedgerQueries):
     def __init__(self, url: str):
         self.engine = make_engine(url)
         t.metadata.create_all(self.engine, tables=[tb for tb in t.metadata.sorted_tables if tb is not t.run_counters])
-        for index in t.LATER_FUTURES_INDEXES:  # create_all skips the indexes of tables that exist
+        for index in t.LATER_INDEXES:  # create_all skips the indexes of tables that exist
             index.create(self.engine, checkfirst=True)
         with self.engine.begin() as conn:
             if not inspect(conn).has_table(t.run_counters.name):

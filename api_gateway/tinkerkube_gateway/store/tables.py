@@ -209,6 +209,7 @@ audit_events = Table(
     Column("category", String(20), nullable=False),  # checkpoints | projects | organizations
     Column("details", JSON, nullable=False),
     Index("ix_audit_tenant_at", "tenant", "at"),
+    Index("ix_audit_at", "at"),  # retention: the oldest rows of every tenant (store/ledger.py prune_audit_before)
 )
 
 # What each finished op used, for GET /api/v1/billing/usage/events (services/usage.py): written in the
@@ -223,4 +224,10 @@ usage_events = Table(
     Column("quantity", BigInteger, nullable=False),  # tokens, or checkpoints
     Column("hour", Integer, nullable=False),  # the UTC hour bucket: int(at // 3600)
     Index("ix_usage_tenant_hour", "tenant", "hour"),
+    Index("ix_usage_hour", "hour"),  # retention: the oldest rows of every tenant (prune_usage_before)
 )
+
+# Indexes added after their tables shipped: create_all makes indexes only with their table, so Repo creates
+# these on stores made before they existed.
+LATER_INDEXES = [*LATER_FUTURES_INDEXES, *(i for i in (*audit_events.indexes, *usage_events.indexes)
+                                          if i.name in ("ix_audit_at", "ix_usage_hour"))]

@@ -53,6 +53,10 @@ persistentVolumeClaim:
   value: {{ $g.modelAliases | toJson | quote }}
 - name: TINKERKUBE_GATEWAY_SESSION_IDLE_TIMEOUT_SECONDS
   value: {{ $g.sessionIdleTimeoutSeconds | quote }}
+- name: TINKERKUBE_GATEWAY_AUDIT_RETENTION_DAYS
+  value: {{ $g.auditRetentionDays | quote }}
+- name: TINKERKUBE_GATEWAY_USAGE_RETENTION_DAYS
+  value: {{ $g.usageRetentionDays | quote }}
 - name: TINKERKUBE_GATEWAY_TRAINER_START_TIMEOUT_SECONDS
   value: {{ $g.trainerStartTimeoutSeconds | quote }}
 - name: TINKERKUBE_GATEWAY_MAX_BODY_BYTES
