@@ -68,7 +68,8 @@ def test_the_oldest_rows_go_first(repo: Repo) -> None:
     now = time.time()
     _history(repo, now)
     assert repo.prune_audit_before(now - 10 * DAY, 3) == 3
-    ages = Counter(r.details["age"] for tenant in ("alice", "bob") for r in repo.audit_events(tenant, 0, now, None, 100))
+    ages = Counter(r.details["age"] for tenant in ("alice", "bob")
+                   for r in repo.audit_events(tenant, 0, now, None, 100))
     assert ages == Counter({1: 2, 2: 2, 3: 2, 30: 2, 31: 2, 32: 2, 33: 2, 34: 2, 35: 1})  # both 36s, one 35
 
 
