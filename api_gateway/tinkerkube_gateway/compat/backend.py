@@ -46,10 +46,13 @@ FALLBACK_MAX_TOKENS = 4096  # when neither the request nor the model's context l
 RENDER_WINDOW_SECONDS = 0.01  # how long a chat waits for concurrent requests' chats to share its render call
 NOT_SENT_WAIT_SECONDS = (0.01, 1.0)  # a sample its trainer does not know yet (queued here): re-read after these
 # Progress reads of one stream start at most this often: the first answers as soon as a token is decoded, later
-# ones bring the tokens decoded meanwhile. Reading after every token (a long-poll and a decode call per token,
-# on the trainer's event loop beside its decode thread) made a streamed sample ~3.6x slower than the same
-# request without stream on the tiny model (bench/openai_compat.py); 50 ms is 20 updates a second.
-READ_INTERVAL_SECONDS = 0.05
+# ones bring the tokens decoded meanwhile; a sample that ends meanwhile ends the pause (FuturesService.pause).
+# Each read is two trainer requests (the long-poll, and a decode of the tokens so far), served on the trainer's
+# event loop beside its decode thread, whose GIL they take: reading after every token made a streamed sample
+# ~3.6x slower than the same request without stream on the tiny model (bench/openai_compat.py); at 50 ms the
+# trainer's event loop still held ~20% of its GIL samples (py-spy --gil; 1% without stream). 100 ms: 10 updates
+# a second, half the reads.
+READ_INTERVAL_SECONDS = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +190,8 @@ class CompatBackend:
                 after = step.next
                 partial = [Sampled(list(r.tokens), list(r.logprobs), list(r.top or ()) or None, False) for r in rows]
                 yield Generation(sub.prompt, partial), False
-                await asyncio.sleep(max(0.0, read_at + READ_INTERVAL_SECONDS - loop.time()))
+                pause = max(0.0, read_at + READ_INTERVAL_SECONDS - loop.time())
+                await self.futures.pause(sub.request_id, pause)  # cut short when the sample ends
                 read_at = loop.time()
             final = await self.result(sub)
             finished = True

@@ -242,6 +242,25 @@ class FuturesService:
             raise UnknownFuture(f"unknown request_id {request_id!r}")
         return record
 
+    async def pause(self, request_id: str, seconds: float) -> None:
+        """Sleeps `seconds`, or less: until `request_id`, created here, finishes (reads no store).
+        Why: a stream pausing between progress reads must not keep its client waiting once the sample is
+        done. A finished record this wakes for is kept for the next retrieval, as if nobody had waited."""
+        if request_id in self._recent:  # finished here already
+            return
+        if request_id not in self._pending_here:  # not tracked here: a plain pause
+            await asyncio.sleep(seconds)
+            return
+        waiter = self.notifier.register(request_id)
+        final = None
+        try:
+            with contextlib.suppress(TimeoutError):
+                final = await asyncio.wait_for(waiter, seconds)
+        finally:
+            self.notifier.unregister(request_id, waiter)
+        if final is not None:
+            self._deliver(final)
+
     async def wait(self, tenant: str, request_id: str, timeout: float | None = None) -> FutureRecord:
         """The future once finished, or still pending after `timeout` (the caller answers try_again).
         The record handed over by a completion here carries no `body` (the op's input)."""

@@ -103,3 +103,29 @@ async def test_a_result_finished_here_is_retrieved_once_without_a_read(tmp_path:
     again = await futures.wait("t", fut.request_id)
     assert repo.reads == 1 and (again.state, again.result, again.result_type) == \
         (first.state, first.result, first.result_type)
+
+
+async def test_a_pause_ends_when_its_future_finishes_and_keeps_the_record_for_retrieval(tmp_path: Path) -> None:
+    """A stream pausing between progress reads hears of its sample's end at once (no store read), and the
+    result read after it still needs no read."""
+    futures, repo = await _service(tmp_path)
+    fut, _ = await futures.create(tenant="t", session_id="s", target_id="m", seq_id=1, op="optim_step")
+    pausing = asyncio.create_task(futures.pause(fut.request_id, 600))
+    await asyncio.sleep(0.2)
+    assert not pausing.done() and futures.notifier.waiting == 1
+    await futures.complete(fut, b'{"metrics": {}}', "application/json")
+    await asyncio.wait_for(pausing, 30)  # far below the pause's 600 s: the completion ended it
+    await asyncio.wait_for(futures.pause(fut.request_id, 600), 30)  # finished already: no pause at all
+    record = await futures.wait("t", fut.request_id)
+    assert record.state == FutureState.COMPLETE and record.result == b'{"metrics": {}}' and repo.reads == 0
+    assert futures.notifier.waiting == 0
+
+
+async def test_a_pause_on_a_future_not_created_here_sleeps_without_reading(tmp_path: Path) -> None:
+    futures, repo = await _service(tmp_path)
+    elsewhere = FuturesService(repo, Metrics())
+    fut, _ = await elsewhere.create(tenant="t", session_id="s", target_id="m", seq_id=1, op="optim_step")
+    pausing = asyncio.create_task(futures.pause(fut.request_id, 600))
+    await asyncio.sleep(0.2)
+    assert not pausing.done() and repo.reads == 0
+    pausing.cancel()
