@@ -17,6 +17,7 @@ import time
 from pydantic import BaseModel, Field
 
 from tinkerkube_gateway.services.futures import EVENTS, FuturesService
+from tinkerkube_gateway.services.retention import PRUNE_BATCH
 from tinkerkube_gateway.services.sampling import SamplingService
 from tinkerkube_gateway.store.records import FutureState
 
@@ -73,4 +74,4 @@ class CompletionsService:
         return CompletionsPage(completions=completions, cursor=events[-1].serial if events else prev_cursor)
 
     async def sweep(self) -> None:
-        await self.futures.repo.drop_future_events_before(time.time() - EVENT_RETENTION_SECONDS)
+        await self.futures.repo.drop_future_events_before(time.time() - EVENT_RETENTION_SECONDS, PRUNE_BATCH)

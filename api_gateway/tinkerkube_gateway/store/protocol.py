@@ -13,7 +13,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, and_, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, Engine, Table, and_, delete, func, insert, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
@@ -88,10 +88,13 @@ class ProtocolQueries:
         with self.engine.begin() as conn:
             conn.execute(delete(t.future_events).where(e.target_id == target_id, e.clone == clone, e.serial <= upto))
 
-    def drop_future_events_before(self, cutoff: float) -> int:
-        """Completions nobody polled for (clients that do not use retrieve_futures) age out."""
+    def drop_future_events_before(self, cutoff: float, batch: int) -> int:
+        """Completions nobody polled for (clients that do not use retrieve_futures) age out: at most `batch`,
+        oldest first over the created_at index, so a backlog is worked down in short transactions."""
+        e = t.future_events.c
+        oldest = select(e.target_id, e.serial).where(e.created_at < cutoff).order_by(e.created_at).limit(batch)
         with self.engine.begin() as conn:
-            return conn.execute(delete(t.future_events).where(t.future_events.c.created_at < cutoff)).rowcount
+            return conn.execute(delete(t.future_events).where(tuple_(e.target_id, e.serial).in_(oldest))).rowcount
 
     # --- sessions: project, finish reason, search ---------------------------------------------------------
     def set_session_extras(self, session_id: str, **values: Any) -> None:

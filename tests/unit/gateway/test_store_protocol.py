@@ -40,7 +40,10 @@ def test_completions_are_logged_in_commit_order_per_sampling_session_and_client_
     assert [e.request_id for e in repo.future_events("s:sample:0", 0, after=events[0].serial)] == ["req-0", "req-3"]
     repo.trim_future_events("s:sample:0", 0, events[1].serial)
     assert [e.request_id for e in repo.future_events("s:sample:0", 0, after=0)] == ["req-3"]
-    assert repo.drop_future_events_before(time.time() + 1) == 3
+    assert repo.drop_future_events_before(time.time() - 3600, 10) == 0  # none that old
+    assert repo.drop_future_events_before(time.time() + 1, 2) == 2  # at most a batch a call
+    assert repo.drop_future_events_before(time.time() + 1, 2) == 1
+    assert repo.future_events("s:sample:0", 2, after=0) == [] and repo.future_events("s:sample:1", 0, after=0) == []
     assert clone_of(None) == 0 and clone_of(2_000_000_001) == 2
 
 
