@@ -138,7 +138,8 @@ def run_leader(settings: TrainerSettings, dist_env: DistEnv) -> int:
     options = RuntimeOptions(
         base_model=settings.base_model, boot_run=settings.boot_run(), world_size=dist_env.world_size,
         token=settings.token, max_body_bytes=settings.max_body_bytes, max_wait_seconds=settings.max_wait_seconds,
-        heartbeat_seconds=settings.heartbeat_seconds, max_lora_rank=settings.max_lora_rank, limits=limits)
+        heartbeat_seconds=settings.heartbeat_seconds, max_lora_rank=settings.max_lora_rank, limits=limits,
+        pass_journal=settings.pass_journal_path())
     runtime = TrainerRuntime(options, boot, on_stop=on_stop,
                              on_boot_failure=lambda exc: d.fatal("boot failed on rank 0", error=repr(exc)))
     config = uvicorn.Config(create_app(runtime), log_config=None, access_log=False, lifespan="on",

@@ -52,6 +52,8 @@ class TrainerMetrics:
                                       ["code"], registry=r)
         self.tokens_total = Counter("tinkerkube_trainer_tokens_total", "Tokens processed (fb: input tokens; "
                                     "sample: generated tokens)", ["op"], registry=r)
+        self.crashed_ops_total = Counter("tinkerkube_trainer_crashed_ops_total", "Ops failed without running "
+                                         "because the trainer died twice while they ran (pass_journal.py)", registry=r)
         self.queue_depth = Gauge("tinkerkube_trainer_queue_depth", "Ops submitted and not finished", registry=r)
         self.runs = Gauge("tinkerkube_trainer_runs", "Runs attached to this pool", registry=r)
         self.max_runs = Gauge("tinkerkube_trainer_max_runs", "Runs this pool can hold", registry=r)

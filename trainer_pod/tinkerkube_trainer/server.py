@@ -15,12 +15,14 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tinkerkube_contract import pod_api as api
 from tinkerkube_contract.pod_api import OpKind, RunSpec, RunState
 from tinkerkube_trainer.engine_api import Engine, OpError, OpOutput, PreparedOp
 from tinkerkube_trainer.metrics import TrainerMetrics, count_tokens
+from tinkerkube_trainer.pass_journal import PassJournal, journaled
 from tinkerkube_trainer.run_queue import Entry, RunConflict, RunSlot, RunUnavailable
 from tinkerkube_trainer.scheduler import Limits, SampleRunner, Scheduler
 
@@ -53,6 +55,7 @@ class RuntimeOptions:
     heartbeat_seconds: float = 5.0
     max_lora_rank: int = 128
     limits: Limits = field(default_factory=Limits)
+    pass_journal: Path | None = None  # rank 0's journal of the running pass (pass_journal.py); None: off
 
 
 class TrainerRuntime:
@@ -119,8 +122,12 @@ class TrainerRuntime:
                 self._on_boot_failure(exc)
             return
         self.booted = booted
+        run_training = booted.run_training
+        if self.options.pass_journal is not None:
+            run_training = journaled(run_training, PassJournal(self.options.pass_journal),
+                                     self.metrics.crashed_ops_total.inc)
         self.scheduler = Scheduler(
-            run_training=booted.run_training, run_sample=booted.run_sample, executor=self.op_executor,
+            run_training=run_training, run_sample=booted.run_sample, executor=self.op_executor,
             limits=self.options.limits, on_finish=self._finished, on_pass=self._pass_done,
             idle_task=booted.heartbeat, idle_interval=self.options.heartbeat_seconds,
             new_id=lambda: str(uuid.uuid4()))

@@ -7,6 +7,7 @@ launchers write through `tinkerkube_contract.launch.trainer_env`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from enum import StrEnum
@@ -95,12 +96,24 @@ class TrainerSettings(BaseSettings):
     heartbeat_seconds: float = Field(5.0, gt=0, description="idle rank 0 checks every rank is alive this often")
     engine_factory: str = Field("tinkerkube_trainer.engine:build_engine",
                                 description="module:callable(pool_config, collective) -> Engine (tests swap in fakes)")
+    pass_journal: Path | None = Field(None, description="rank 0's journal of the running training pass, so that an "
+                                      "op that crashes the process fails alone (pass_journal.py); unset: "
+                                      "CHECKPOINT_DIR/.pass-journal/<hash of MODEL_ID>.json when MODEL_ID is set")
     port_file: Path | None = Field(None, description="if set, rank 0 writes its bound port here (tests, port 0)")
 
     @field_validator("log_level")
     @classmethod
     def _upper(cls, value: str) -> str:
         return value.upper()
+
+    def pass_journal_path(self) -> Path | None:
+        """Where the pass journal lives: beside the pool's durable state, one file per pool (a pool started
+        for one run is named by it); None (off) for a shared pool that sets none."""
+        if self.pass_journal is not None:
+            return self.pass_journal
+        if not self.model_id:
+            return None
+        return self.checkpoint_dir / ".pass-journal" / f"{hashlib.sha256(self.model_id.encode()).hexdigest()[:24]}.json"
 
     def pool_config(self) -> PoolConfig:
         return PoolConfig(
