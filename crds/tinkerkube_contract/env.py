@@ -20,6 +20,7 @@ LORA = PREFIX + "LORA"  # JSON of LoraSpec
 RESTORE_FROM = PREFIX + "RESTORE_FROM"  # tinker:// path, optional
 RESTORE_OPTIMIZER = PREFIX + "RESTORE_OPTIMIZER"  # "true" | "false"
 CHECKPOINT_DIR = PREFIX + "CHECKPOINT_DIR"  # root of the checkpoint store
+PASS_JOURNAL = PREFIX + "PASS_JOURNAL"  # rank 0's journal of the running pass; the same file for a restarted pool
 MODEL_CACHE_DIR = PREFIX + "MODEL_CACHE_DIR"  # where built-in models are materialised
 MODEL_ALIASES = PREFIX + "MODEL_ALIASES"  # JSON {name: name-or-dir}
 HOST = PREFIX + "HOST"

@@ -56,6 +56,7 @@ def pool_env(
     auto_checkpoint_steps: int | None = None,
     sharding: str | None = None,
     sampler: str | None = None,
+    pass_journal: str | None = None,
 ) -> dict[str, str]:
     """A trainer pool with no run yet: runs attach over the pod API."""
     values = {
@@ -81,6 +82,8 @@ def pool_env(
         values[env.SHARDING] = sharding
     if sampler is not None:
         values[env.SAMPLER] = sampler
+    if pass_journal is not None:
+        values[env.PASS_JOURNAL] = pass_journal
     return values
 
 

@@ -90,6 +90,7 @@ class _Pool:
     restarts: list[float] = field(default_factory=list)  # when this pool's predecessors were started again
     successor: _Pool | None = None
     silent_since: float | None = None  # when its health checks started failing while it ran
+    journal: str = ""  # its pass journal's name: its first predecessor's name, kept across restarts
 
     @property
     def alive(self) -> bool:
@@ -108,7 +109,7 @@ class _Pool:
         tmp = self.state_path.with_suffix(".tmp")
         runs = {m: spec.model_dump(mode="json") for m, spec in sorted(self.runs.items())}
         tmp.write_text(json.dumps({"pid": self.proc.pid, "url": self.url, "token": self.token, "tenant": self.key[0],
-                                   "base_model": self.key[1], "runs": runs}))
+                                   "base_model": self.key[1], "runs": runs, "journal": self.journal}))
         tmp.replace(self.state_path)
 
 
@@ -158,7 +159,8 @@ class LocalBackend:
     def _adopt(self, pid_file: Path, pid: int, state: dict[str, object]) -> None:
         runs = {m: TrainingSessionSpec.model_validate(raw) for m, raw in dict(state["runs"]).items()}  # type: ignore[call-overload]
         pool = _Pool(pid_file.stem, (str(state["tenant"]), str(state["base_model"])), Adopted(pid),
-                     str(state["url"]), str(state["token"]), pid_file.with_suffix(".log"), pid_file, runs)
+                     str(state["url"]), str(state["token"]), pid_file.with_suffix(".log"), pid_file, runs,
+                     journal=str(state.get("journal") or pid_file.stem))
         self._pools[pool.name] = pool
         for model_id in runs:
             self._placed[model_id] = pool
@@ -176,9 +178,11 @@ class LocalBackend:
                 return pool
         return None
 
-    def _start_pool(self, key: tuple[str, str]) -> _Pool:
+    def _start_pool(self, key: tuple[str, str], journal: str | None = None) -> _Pool:
+        """`journal`: a dead predecessor's, so that the new pool reads the pass it died in."""
         cfg = self._config
         name = _safe(f"pool-{key[0]}-{key[1]}-{os.getpid()}-{next(self._numbers)}")
+        journal = journal or name
         port = free_port()
         argv = list(cfg.command) if cfg.command else launch.torchrun_argv(
             nnodes=1, nproc_per_node=cfg.nproc_per_node, node_rank=0, master_addr="127.0.0.1",
@@ -190,14 +194,15 @@ class LocalBackend:
             model_cache_dir=str(cfg.model_cache_dir), model_aliases=cfg.model_aliases or None, device=cfg.device,
             max_runs=cfg.pool_max_runs, max_lora_rank=cfg.pool_max_lora_rank,
             auto_checkpoint_steps=cfg.auto_checkpoint_steps, sharding=cfg.sharding,
-            sampler=cfg.sampler))
+            sampler=cfg.sampler, pass_journal=str(cfg.checkpoint_dir / ".pass-journal" / f"{journal}.json")))
         log_path = cfg.logs_dir / f"{name}.log"
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True)
         pid_path = cfg.logs_dir / f"{name}.pid"
         pid_path.write_text(str(proc.pid))
-        pool = self._pools[name] = _Pool(name, key, proc, f"http://127.0.0.1:{port}", cfg.token, log_path, pid_path)
+        pool = self._pools[name] = _Pool(name, key, proc, f"http://127.0.0.1:{port}", cfg.token, log_path, pid_path,
+                                         journal=journal)
         pool.write_state()
         log.info("started trainer pool %s for %s (pid %d, port %d, log %s)", name, key, proc.pid, port, log_path)
         return pool
@@ -290,7 +295,7 @@ class LocalBackend:
             await asyncio.to_thread(kill_workers, dead.log_path)
             dead.pid_path.unlink(missing_ok=True)
             dead.state_path.unlink(missing_ok=True)
-            pool = self._start_pool(dead.key)
+            pool = self._start_pool(dead.key, dead.journal)
             pool.runs, pool.restarts = dict(dead.runs), [*recent, now]
             for model_id in pool.runs:
                 self._placed[model_id] = pool
