@@ -91,6 +91,7 @@ class _Pool:
     successor: _Pool | None = None
     silent_since: float | None = None  # when its health checks started failing while it ran
     journal: str = ""  # its pass journal's name: its first predecessor's name, kept across restarts
+    attached: set[str] = field(default_factory=set)  # runs attached to this process (not merely placed)
 
     @property
     def alive(self) -> bool:
@@ -160,7 +161,7 @@ class LocalBackend:
         runs = {m: TrainingSessionSpec.model_validate(raw) for m, raw in dict(state["runs"]).items()}  # type: ignore[call-overload]
         pool = _Pool(pid_file.stem, (str(state["tenant"]), str(state["base_model"])), Adopted(pid),
                      str(state["url"]), str(state["token"]), pid_file.with_suffix(".log"), pid_file, runs,
-                     journal=str(state.get("journal") or pid_file.stem))
+                     journal=str(state.get("journal") or pid_file.stem), attached=set(runs))
         self._pools[pool.name] = pool
         for model_id in runs:
             self._placed[model_id] = pool
@@ -237,6 +238,7 @@ class LocalBackend:
         except TrainerUnreachable:
             self._check_alive(pool, model_id)
             raise
+        pool.attached.add(model_id)
         return handle
 
     def _check_alive(self, pool: _Pool, model_id: str) -> None:
@@ -250,7 +252,9 @@ class LocalBackend:
         the run attached again from its newest durable state); None when that cannot be done."""
         pool = self._placed.get(model_id)
         if pool is not None and pool.alive and not await self._hung(pool):
-            return pool.handle
+            if model_id in pool.attached:
+                return pool.handle
+            return await self._attach_again(model_id)  # placed on a successor another run brought back
         if pool is None:
             orphan = self._orphans.pop(model_id, None)
             if orphan is None:
@@ -258,6 +262,9 @@ class LocalBackend:
             await self.start(orphan)
         elif await self._revive(pool) is None:
             return None
+        return await self._attach_again(model_id)
+
+    async def _attach_again(self, model_id: str) -> TrainerHandle | None:
         try:
             return await self.wait_ready(model_id, self._config.start_timeout)
         except (TrainerStartFailed, TimeoutError, TrainerUnreachable) as exc:
