@@ -97,3 +97,17 @@ def test_ops_without_a_seq_are_not_journaled(tmp_path: Path) -> None:
     before = path.stat().st_mtime_ns
     run([PreparedOp(OpKind.FORWARD_BACKWARD, None, "a", None)])
     assert path.stat().st_mtime_ns == before
+
+
+def test_where_the_journal_lives(tmp_path: Path) -> None:
+    """Beside the durable state: named by the launcher (a local pool, kept across its restarts), or by the
+    run a session's own pod set serves; off for a shared pool that names none."""
+    from tinkerkube_trainer.settings import TrainerSettings
+
+    def path(**kw: object) -> Path | None:
+        return TrainerSettings(base_model="tiny", checkpoint_dir=tmp_path, **kw).pass_journal_path()  # type: ignore[arg-type]
+
+    assert path(pass_journal=tmp_path / "p.json") == tmp_path / "p.json"
+    one, other = path(model_id="run-a"), path(model_id="run-b")
+    assert one is not None and one.parent == tmp_path / ".pass-journal" and one != other
+    assert path() is None
