@@ -39,7 +39,23 @@ def test_a_clean_journal_has_no_suspects_and_a_pass_leaves_nothing(tmp_path: Pat
     assert json.loads(path.read_text())["running"] == [["a", 1], ["b", 4]]
     journal.end([("a", 1), ("b", 4)])
     assert PassJournal(path).suspects == {}
-    assert [p.name for p in path.parent.iterdir()] == ["pool.json"]  # the temporary file was renamed
+    assert [p.name for p in path.parent.iterdir()] == ["pool.json"]  # written in place: no temporary files
+
+
+def test_a_shorter_journal_overwrites_a_longer_one_whole(tmp_path: Path) -> None:
+    """Written in place, a short document must not leave the tail of a longer one behind it, and the
+    padding must not grow the file without bound."""
+    path = tmp_path / "pool.json"
+    journal = PassJournal(path)
+    many = [(f"run-{i}", i) for i in range(400)]
+    journal.begin(many)
+    assert len(json.loads(path.read_text())["running"]) == 400
+    journal.begin([("a", 1)])
+    assert json.loads(path.read_text())["running"] == [["a", 1]]  # the longer tail was padded over
+    journal.end([("a", 1)])
+    assert json.loads(path.read_text()) == {"suspects": [], "running": []}
+    assert path.stat().st_size < 4096 + 100  # the padding was cut once it passed SHRINK_AT
+    journal.close()
 
 
 def test_the_ops_of_the_pass_a_process_died_in_are_suspects_counted_per_death(tmp_path: Path) -> None:
