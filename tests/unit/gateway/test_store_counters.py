@@ -10,6 +10,7 @@ import time
 
 from sqlalchemy import text
 
+from tests.support.store import reopened
 from tinkerkube_gateway.store.records import FutureRecord, FutureState
 from tinkerkube_gateway.store.repo import Repo
 
@@ -81,13 +82,8 @@ def test_a_store_made_before_the_counters_gets_them_counted_when_opened(repo: Re
     with repo.engine.begin() as conn:  # as a store written by a gateway without the counters table
         conn.execute(text("DROP TABLE run_counters"))
         conn.execute(text("DROP INDEX ix_futures_target_completed"))
-    url = repo.engine.url.render_as_string(hide_password=False)
-    repo.close()
-    reopened = Repo(url)
-    try:
-        assert {target: reopened.run_aggregates(target) for target in (RUN, OTHER)} == expected
-        reopened.insert_future(_future("after", RUN, 10_000, FutureState.PENDING, time.time() + 1e4))
-        assert reopened.run_aggregates(RUN) == _derived(reopened.futures_for_target(RUN))
-        assert reopened.recent_futures(RUN, 1)[0][0] == "after"
-    finally:
-        reopened.close()
+    with reopened(repo) as again:
+        assert {target: again.run_aggregates(target) for target in (RUN, OTHER)} == expected
+        again.insert_future(_future("after", RUN, 10_000, FutureState.PENDING, time.time() + 1e4))
+        assert again.run_aggregates(RUN) == _derived(again.futures_for_target(RUN))
+        assert again.recent_futures(RUN, 1)[0][0] == "after"

@@ -12,6 +12,7 @@ import pytest
 from pydantic import ValidationError
 from sqlalchemy import func, inspect, select, text
 
+from tests.support.store import reopened
 from tinkerkube_gateway.metrics import Metrics
 from tinkerkube_gateway.services.retention import DAY, Retention
 from tinkerkube_gateway.settings import GatewaySettings
@@ -85,15 +86,10 @@ def test_a_store_made_before_the_time_indexes_gets_them_when_opened(repo: Repo) 
     with repo.engine.begin() as conn:
         conn.execute(text("DROP INDEX ix_audit_at"))
         conn.execute(text("DROP INDEX ix_usage_hour"))
-    url = repo.engine.url.render_as_string(hide_password=False)
-    repo.close()
-    reopened = Repo(url)
-    try:
+    with reopened(repo) as again:
         names = {i["name"] for table in ("audit_events", "usage_events")
-                 for i in inspect(reopened.engine).get_indexes(table)}
+                 for i in inspect(again.engine).get_indexes(table)}
         assert {"ix_audit_at", "ix_usage_hour"} <= names
-    finally:
-        reopened.close()
 
 
 @pytest.mark.parametrize("field", ["audit_retention_days", "usage_retention_days"])
