@@ -217,7 +217,8 @@ class ModelWorker:
                     self._overdue = (self.next_seq, now + self.deps.gap_timeout)
                 return
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._overdue[1] - now)
+                async with asyncio.timeout(self._overdue[1] - now):
+                    await self._wake.wait()
         self._wake.clear()
 
     async def _seal_gap(self, waiting: list[int]) -> None:

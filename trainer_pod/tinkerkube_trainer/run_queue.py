@@ -165,12 +165,18 @@ class Notifier:
         self._event = asyncio.Event()
 
     async def wait(self, timeout: float) -> bool:
-        event = self._event
-        try:
-            await asyncio.wait_for(event.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+        return await wait_event(self._event, timeout)
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """True when `event` is set within `timeout`. Waits in the caller's task: asyncio.wait_for starts a
+    task per wait on Python 3.11, one more loop hop on every wake-up (each long-poll's result on its way out)."""
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
 
 
 class RunConflict(Exception):

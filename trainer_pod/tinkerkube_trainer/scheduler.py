@@ -42,6 +42,7 @@ from tinkerkube_trainer.run_queue import (
     RunSlot,
     RunUnavailable,
     SeqIdReused,
+    wait_event,
 )
 from tinkerkube_trainer.sample_feed import CANCELLED, SampleFeed, run_sampling_pass, sample_rows
 from tinkerkube_trainer.sample_progress import Progress
@@ -290,13 +291,12 @@ class Scheduler:
         if self._idle_task is None:
             await self._wake.wait()
             return
+        if await wait_event(self._wake, self._idle_interval):
+            return
         try:
-            await asyncio.wait_for(self._wake.wait(), self._idle_interval)
-        except TimeoutError:
-            try:
-                await asyncio.get_running_loop().run_in_executor(self._executor, self._idle_task)
-            except Exception:
-                log.exception("idle task failed")
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._idle_task)
+        except Exception:
+            log.exception("idle task failed")
 
     async def _work(self) -> None:
         while not self._stopping:
