@@ -65,7 +65,8 @@ class CompletionsService:
                 if events or left <= 0:
                     break
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(waiter, left)
+                    async with asyncio.timeout(left):
+                        await waiter
             finally:
                 notifier.unregister(EVENTS + sampler_id, waiter)
         completions: list[FinishedCompletion | FailedCompletion] = [

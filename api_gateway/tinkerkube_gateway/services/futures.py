@@ -190,11 +190,13 @@ class FuturesService:
         final = dataclasses.replace(record, state=state, completed_at=now, body=None, **{
             "result": None, "result_type": None, "error": None, "category": None, **values})
         early = here and record.op != FutureOp.SAMPLE
-        if early:
-            # Created here and pending as far as this replica knows: this completion is the one, so its
-            # waiters get it now instead of after the store's write (one write less on every op's critical
-            # path). Should the gateway die before the write, the op is replayed on restart and completes alike.
-            self._deliver(final)
+        # Created here and pending as far as this replica knows: this completion is the one, so its
+        # waiters get it now instead of after the store's write (one write less on every op's critical
+        # path). Should the gateway die before the write, the op is replayed on restart and completes alike.
+        # The yield lets the woken waiters answer first: on SQLite the write runs on this loop and would
+        # otherwise hold their responses until it commits (on PostgreSQL it yields to a thread anyway).
+        if early and self._deliver(final):
+            await asyncio.sleep(0)
         event = None
         if record.op == FutureOp.SAMPLE:  # logged for retrieve_futures, in the same commit
             result = values.get("result")
@@ -216,14 +218,18 @@ class FuturesService:
             self.notifier.notify(EVENTS + record.target_id)
         if not early:
             self._deliver(final)
+        else:  # waiters that came while it was written read a pending row: hand it to them too
+            self.notifier.notify(record.request_id, final)
         return True
 
-    def _deliver(self, final: FutureRecord) -> None:
-        """Hand a finished record to its waiters, or keep it for its first retrieval."""
-        if not self.notifier.notify(final.request_id, final):
-            self._recent[final.request_id] = final
-            if len(self._recent) > _RECENT:
-                del self._recent[next(iter(self._recent))]
+    def _deliver(self, final: FutureRecord) -> bool:
+        """Hand a finished record to its waiters (True when one took it), or keep it for its first retrieval."""
+        if self.notifier.notify(final.request_id, final):
+            return True
+        self._recent[final.request_id] = final
+        if len(self._recent) > _RECENT:
+            del self._recent[next(iter(self._recent))]
+        return False
 
     def completed_elsewhere(self, request_id: str) -> None:
         """Another replica finished `request_id` (its NOTIFY): waiters here re-read the store."""
@@ -255,7 +261,8 @@ class FuturesService:
         final = None
         try:
             with contextlib.suppress(TimeoutError):
-                final = await asyncio.wait_for(waiter, seconds)
+                async with asyncio.timeout(seconds):
+                    final = await waiter
         finally:
             self.notifier.unregister(request_id, waiter)
         if final is not None:
@@ -274,7 +281,9 @@ class FuturesService:
                     return record
             final = None
             with contextlib.suppress(TimeoutError):
-                final = await asyncio.wait_for(waiter, timeout if timeout is not None else self.long_poll_seconds)
+                # in this task: asyncio.wait_for adds two loop hops between a completion and this response
+                async with asyncio.timeout(timeout if timeout is not None else self.long_poll_seconds):
+                    final = await waiter
             if final is not None and final.tenant == tenant:
                 return final
             return await self.get_owned(tenant, request_id)

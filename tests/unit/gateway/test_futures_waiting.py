@@ -129,3 +129,63 @@ async def test_a_pause_on_a_future_not_created_here_sleeps_without_reading(tmp_p
     await asyncio.sleep(0.2)
     assert not pausing.done() and repo.reads == 0
     pausing.cancel()
+
+
+class SlowFinishRepo(AsyncRepo):
+    """finish_future runs `before` first (with a yield, as a write in a thread would): what waiters see while
+    the result is being written."""
+
+    def __init__(self, repo: Repo, before: Any):
+        super().__init__(repo)
+        self.before = before
+
+    def __getattr__(self, name: str) -> Any:
+        real = super().__getattr__(name)
+        if name != "finish_future":
+            return real
+
+        async def finish_future(*args: Any, **kwargs: Any) -> Any:
+            await self.before()
+            return await real(*args, **kwargs)
+
+        return finish_future
+
+
+async def test_the_waiter_of_an_op_finished_here_is_answered_before_the_store_write(tmp_path: Path) -> None:
+    """The result reaches the waiting long-poll first; the write that follows is off its critical path."""
+    seen: list[bool] = []
+    waiter: asyncio.Task[Any] | None = None
+
+    async def at_write() -> None:
+        assert waiter is not None
+        seen.append(waiter.done())
+
+    futures = FuturesService(SlowFinishRepo(Repo(f"sqlite:///{tmp_path / 'gw.db'}"), at_write), Metrics())
+    fut, _ = await futures.create(tenant="t", session_id="s", target_id="m", seq_id=1, op="optim_step")
+    waiter = asyncio.create_task(futures.wait("t", fut.request_id, timeout=20))
+    await asyncio.sleep(0.1)
+    await futures.complete(fut, b'{"metrics": {}}', "application/json")
+    assert seen == [True]
+    assert (await waiter).state == FutureState.COMPLETE
+
+
+async def test_a_waiter_that_comes_while_the_result_is_written_gets_it_without_waiting_out_its_poll(
+        tmp_path: Path) -> None:
+    late: list[asyncio.Task[Any]] = []
+    futures: FuturesService | None = None
+    request_id = ""
+
+    async def at_write() -> None:
+        assert futures is not None
+        late.append(asyncio.create_task(futures.wait("t", request_id, timeout=60)))
+        await asyncio.sleep(0.2)  # it read a pending row and sleeps on the notifier now
+
+    futures = FuturesService(SlowFinishRepo(Repo(f"sqlite:///{tmp_path / 'gw.db'}"), at_write), Metrics())
+    fut, _ = await futures.create(tenant="t", session_id="s", target_id="m", seq_id=1, op="optim_step")
+    request_id = fut.request_id
+    first = asyncio.create_task(futures.wait("t", fut.request_id, timeout=60))
+    await asyncio.sleep(0.1)
+    await futures.complete(fut, b'{"metrics": {}}', "application/json")
+    record = await asyncio.wait_for(late[0], 30)  # woken by the write, not after its 60 s poll
+    assert record.state == FutureState.COMPLETE
+    assert record.result == b'{"metrics": {}}' and (await first).state == FutureState.COMPLETE
