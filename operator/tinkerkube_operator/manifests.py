@@ -175,7 +175,7 @@ def _container(ref: SessionRef, spec: PodSetSpec, cfg: PodConfig, rank: int,
         "image": spec.image or cfg.image,
         "imagePullPolicy": cfg.image_pull_policy,
         "command": argv,
-        "env": _env(spec, cfg, restore_from),
+        "env": _env(ref, spec, cfg, restore_from),
         "ports": [{"name": "trainer", "containerPort": TRAINER_PORT},
                   {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}],
         "resources": _resources(spec),
@@ -189,21 +189,26 @@ def _container(ref: SessionRef, spec: PodSetSpec, cfg: PodConfig, rank: int,
     }
 
 
-def launch_env(spec: PodSetSpec, cfg: PodConfig, restore_from: str | None = None) -> dict[str, str]:
-    """A pool's env (no run: runs attach over the pod API), or a session's own pod set (its run at boot)."""
-    common: dict[str, Any] = {"checkpoint_dir": spec.checkpoint_store.mount_path, "port": TRAINER_PORT,
-                              "model_cache_dir": cfg.model_cache_dir,
+def launch_env(ref: SessionRef, spec: PodSetSpec, cfg: PodConfig, restore_from: str | None = None) -> dict[str, str]:
+    """A pool's env (no run: runs attach over the pod API), or a session's own pod set (its run at boot).
+
+    A pool's pass journal (poison ops, trainer pass_journal.py) is named by the pool, not its pods: a pod
+    that replaces a dead one must read what its predecessor left. A session's own pods name theirs by run."""
+    mount = spec.checkpoint_store.mount_path
+    common: dict[str, Any] = {"checkpoint_dir": mount, "port": TRAINER_PORT, "model_cache_dir": cfg.model_cache_dir,
                               "device": "cuda" if spec.resources.gpus > 0 else "auto"}
     if isinstance(spec, TrainerPoolSpec):
         return launch.pool_env(spec.base_model, max_runs=spec.max_runs, max_lora_rank=spec.max_lora_rank,
-                               sharding=spec.sharding.value, sampler=spec.sampler.value, **common)
+                               sharding=spec.sharding.value, sampler=spec.sampler.value,
+                               pass_journal=f"{mount.rstrip('/')}/.pass-journal/pool-{ref.namespace}-{ref.name}.json",
+                               **common)
     assert isinstance(spec, TrainingSessionSpec)
     effective = spec.model_copy(update={"restore_from": restore_from}) if restore_from else spec
     return launch.trainer_env(effective, **common)
 
 
-def _env(spec: PodSetSpec, cfg: PodConfig, restore_from: str | None) -> list[dict[str, Any]]:
-    values = launch_env(spec, cfg, restore_from)
+def _env(ref: SessionRef, spec: PodSetSpec, cfg: PodConfig, restore_from: str | None) -> list[dict[str, Any]]:
+    values = launch_env(ref, spec, cfg, restore_from)
     out: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in sorted(values.items())]
     if cfg.token_secret:
         out.append({"name": env.AUTH_TOKEN, "valueFrom": {"secretKeyRef": {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tinkerkube_contract import env
 from tinkerkube_contract.resource import (
     Condition,
     Endpoint,
@@ -14,7 +15,7 @@ from tinkerkube_contract.resource import (
     TrainingSessionStatus,
 )
 from tinkerkube_operator import pools
-from tinkerkube_operator.manifests import PodConfig, launch_env
+from tinkerkube_operator.manifests import PodConfig, launch_env, pool_ref
 from tinkerkube_operator.pools import Choice, PoolView
 from tinkerkube_operator.settings import OperatorSettings
 
@@ -94,9 +95,24 @@ def test_a_new_pool_takes_the_session_s_placement_and_the_operator_s_pool_settin
                           base_model=M, owner="a")
     assert (new.replicas, new.node_selector, new.max_runs, new.owner) == (2, {"gpu": "a100"}, 3, "a")
     assert new.sharding is Sharding.FSDP and new.sampler is Sampler.VLLM
-    env = launch_env(new, PodConfig(image="x"))
+    env = launch_env(pool_ref("pool-a", "team"), new, PodConfig(image="x"))
     assert env["TINKERKUBE_TRAINER_SHARDING"] == "fsdp" and env["TINKERKUBE_TRAINER_SAMPLER"] == "vllm"
     assert env["TINKERKUBE_TRAINER_MAX_RUNS"] == "3" and "TINKERKUBE_TRAINER_MODEL_ID" not in env
+
+
+def test_a_pool_keeps_its_pass_journal_on_its_checkpoint_store_across_pod_generations() -> None:
+    """Poison ops on a shared pool: the pod that replaces a dead one reads the journal its predecessor left
+    (named by the pool, on the durable store); pools never share one; a session's own pods leave it to the run."""
+    new = pools.pool_spec(_spec(), _settings(), base_model=M, owner="a")
+
+    def journal(name: str, namespace: str, generation: int = 0) -> str:
+        return launch_env(pool_ref(name, namespace, generation), new, PodConfig(image="x"))[env.PASS_JOURNAL]
+
+    assert journal("pool-a", "team", 0) == journal("pool-a", "team", 3)
+    assert journal("pool-a", "team").startswith(new.checkpoint_store.mount_path.rstrip("/") + "/.pass-journal/")
+    assert len({journal("pool-a", "team"), journal("pool-b", "team"), journal("pool-a", "other")}) == 3
+    own = launch_env(pool_ref("sess-1", "team"), _spec(), PodConfig(image="x"))
+    assert env.PASS_JOURNAL not in own and own[env.MODEL_ID]
 
 
 def test_a_session_sees_its_pool_ready_waiting_and_lost() -> None:
