@@ -19,6 +19,9 @@ All in ONE run on this machine, the paths interleaved round by round (load from 
 (d) The SDK's floor: `forward` p50 through the same SDK against a server that answers from memory
     (bench/sdk_floor.py: no store, no trainer, no framework), and with the model's compute added (the in-trainer
     run time of (b)): the least any server could answer in on this machine, against the 8 ms goal.
+(e) The pool engine in this process (no HTTP, no threads, no other process): the same 8 x 128 step through
+    `PoolEngine.run_pass` (prepare + forward_backward, prepare + optim_step) over the bare loop, interleaved with
+    it: the part of the gap that is the trainer's own math (collation, routed LoRA, per-token outputs, checks).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from gateway_overhead import (  # noqa: E402  (the same paths the gateway benchm
     DirectTrainer,
     RawGateway,
     SdkPath,
+    fb_body,
     make_batch,
     pct,
 )
@@ -198,6 +202,38 @@ class Floor:
         self.proc.wait(10)
 
 
+class EnginePath:
+    """(e) The pool engine a trainer runs, built in this process, with one run attached, fed the same bytes."""
+
+    MODEL_ID = "bench-engine:train:0"
+
+    def __init__(self, model: str, lora: LoraSpec, cache_dir: Path, state_dir: Path) -> None:
+        from tinkerkube_contract.pod_api import RunSpec
+        from tinkerkube_contract.resource import SessionMode
+        from tinkerkube_trainer.engine import build_engine
+        from tinkerkube_trainer.engine_api import LocalCollective, PoolConfig
+
+        self.pool = build_engine(PoolConfig(base_model=model, checkpoint_dir=state_dir, model_cache_dir=cache_dir,
+                                            device="cpu"), LocalCollective())
+        self._run(self.pool.prepare_attach(RunSpec(model_id=self.MODEL_ID, base_model=model,
+                                                   mode=SessionMode.TRAIN, lora=lora)))
+        self.optim = pod_api.OptimStepOp(adam_params=pod_api.AdamParams(**ADAM.model_dump())).model_dump_json().encode()
+        self.seq = 0
+
+    def _run(self, op: object) -> None:
+        from tinkerkube_trainer.engine_api import OpError
+
+        outcome = self.pool.run_pass([op])[0]
+        if isinstance(outcome, OpError):
+            raise RuntimeError(f"the in-process engine refused a bench op: {outcome.message}")
+
+    def step(self, data: list[types.Datum]) -> None:
+        self.seq += 2
+        self._run(self.pool.prepare(self.MODEL_ID, pod_api.OpKind.FORWARD_BACKWARD,
+                                    fb_body(self.MODEL_ID, self.seq - 1, data), pod_api.CONTENT_PROTOBUF))
+        self._run(self.pool.prepare(self.MODEL_ID, pod_api.OpKind.OPTIM_STEP, self.optim, pod_api.CONTENT_JSON))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # trainers started below inherit it
@@ -220,17 +256,19 @@ def main(argv: list[str] | None = None) -> int:
 
             bare = BarePeft(Path(model_location(args.model, aliases=None, cache_dir=args.model_cache)), lora)
             batch = bare.tensors(data)
+            engine = EnginePath(args.model, lora, args.model_cache, state / "engine")
             fwd = Forward(sdk, raw, direct)
             floor = Floor(gw.url, args.model, lora)
             floor.warm()
             cpu = CpuMeter(gateway_processes(gw.proc.pid))
-            for warm in (lambda: sdk.step(data), lambda: direct.step(data), lambda: bare.step(batch), fwd.via_sdk,
-                         fwd.via_raw, fwd.via_direct):
+            for warm in (lambda: sdk.step(data), lambda: direct.step(data), lambda: bare.step(batch),
+                         lambda: engine.step(data), fwd.via_sdk, fwd.via_raw, fwd.via_direct):
                 warm()
-            times: dict[str, list[float]] = {"bare": [], "sequential": [], "submitted": []}
+            times: dict[str, list[float]] = {"bare": [], "sequential": [], "submitted": [], "engine": []}
             lat: dict[str, list[float]] = {"sdk": [], "raw": [], "direct": [], "floor": []}
             for r in range(args.rounds):
                 times["bare"].append(timed(lambda: [bare.step(batch) for _ in range(args.steps)]))
+                times["engine"].append(timed(lambda: [engine.step(data) for _ in range(args.steps)]))
                 times["sequential"].append(timed(lambda: [sdk.step(data) for _ in range(args.steps)]))
                 times["submitted"].append(timed(lambda: all_at_once(sdk, data, args.steps)))
                 for _ in range(args.latency_ops):
@@ -274,6 +312,8 @@ def report(args: argparse.Namespace, tokens: int, times: dict[str, list[float]],
           f"compute {run:.2f} ms = {ms['floor'] + run:.2f} ms, the least any server could answer in here "
           f"(goal {GOALS['forward_p50_ms']}); this server's share above that floor: "
           f"{ms['sdk'] - ms['floor'] - run:.2f} ms")
+    print(f"(e) the pool engine in this process: {rate['engine']:.0f} tokens/s ({rate['engine'] / rate['bare']:.3f}x "
+          f"the bare loop): the trainer's own math, before any hop")
 
 
 if __name__ == "__main__":
