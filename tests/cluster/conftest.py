@@ -8,8 +8,10 @@ Pod's container command as a local process group on its own loopback address.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tinker
@@ -60,15 +62,28 @@ def operator(cluster: EmulatedCluster, kubelet: Kubelet, state_dir: Path, tiny_m
              model_cache_dir: Path) -> Iterator[OperatorProcess]:
     # The per-session path (each TrainingSession owns its pods), which test_full_chain.py is about; pool
     # binding, the default, runs in test_cluster_pools.py and test_operator_kill.py.
-    settings = OperatorSettings(
-        api_url=cluster.url, standalone=True, metrics_port=0, auth_token_secret=None, pools=False,
-        reconcile_interval_seconds=0.5, backoff_seconds=0.5, max_restarts=3,
-        checkpoint_host_path=str((state_dir / "checkpoints").resolve()), model_cache_dir=str(model_cache_dir),
-    )
+    with running_operator(cluster, operator_settings(cluster, state_dir, model_cache_dir, pools=False)) as proc:
+        yield proc
+
+
+def operator_settings(cluster: EmulatedCluster, state_dir: Path, model_cache_dir: Path,
+                      **overrides: Any) -> OperatorSettings:
+    """The tier's operator: embedded, fast reconciles, checkpoints on a host path; `overrides`: a module's own."""
+    base: dict[str, Any] = dict(
+        api_url=cluster.url, standalone=True, metrics_port=0, auth_token_secret=None, reconcile_interval_seconds=0.5,
+        backoff_seconds=0.5, max_restarts=3, checkpoint_host_path=str((state_dir / "checkpoints").resolve()),
+        model_cache_dir=str(model_cache_dir))
+    return OperatorSettings(**{**base, **overrides})
+
+
+@contextlib.contextmanager
+def running_operator(cluster: EmulatedCluster, settings: OperatorSettings) -> Iterator[OperatorProcess]:
     proc = OperatorProcess(cluster, settings)
     proc.start()
-    yield proc
-    proc.stop()
+    try:
+        yield proc
+    finally:
+        proc.stop()
 
 
 @pytest.fixture(scope="module")

@@ -7,22 +7,20 @@ that never had that op, the run sharing the pool is unaffected, and the pool (re
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import tinker
 from tinker.types import RequestErrorCategory
 
-from tests.cluster.conftest import NAMESPACE, start_kube_gateway
+from tests.cluster.conftest import NAMESPACE, operator_settings, running_operator, start_kube_gateway
 from tests.cluster.test_cluster_pools import new_run, pool_of, pool_runs, submit
-from tests.faults.test_poison_op import poison
+from tests.faults.test_poison_op import poison, wait_for
 from tests.support.kmock_cluster import Api, EmulatedCluster, OperatorProcess
 from tests.support.kubelet import Kubelet
 from tests.support.sdk import GatewayProc
 from tinkerkube_contract.resource import LABEL_POOL, POOL_PLURAL
-from tinkerkube_operator.settings import OperatorSettings
 
 pytestmark = pytest.mark.slow
 KEYS = '{"tml-alice": "alice", "tml-twin": "twin"}'
@@ -32,16 +30,10 @@ SEED = 11
 @pytest.fixture(scope="module")
 def operator(cluster: EmulatedCluster, kubelet: Kubelet, state_dir: Path, tiny_model_dir: Path,
              model_cache_dir: Path) -> Iterator[OperatorProcess]:
-    settings = OperatorSettings(
-        api_url=cluster.url, standalone=True, metrics_port=0, auth_token_secret=None,
-        reconcile_interval_seconds=0.5, backoff_seconds=0.5, max_restarts=3, pools=True, pool_max_runs=2,
-        pool_idle_timeout_seconds=0, checkpoint_host_path=str((state_dir / "checkpoints").resolve()),
-        model_cache_dir=str(model_cache_dir),
-    )
-    proc = OperatorProcess(cluster, settings)
-    proc.start()
-    yield proc
-    proc.stop()
+    settings = operator_settings(cluster, state_dir, model_cache_dir, pools=True, pool_max_runs=2,
+                                 pool_idle_timeout_seconds=0)
+    with running_operator(cluster, settings) as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")
@@ -70,14 +62,6 @@ def running(state_dir: Path, pool: str) -> list[list[object]]:
         return list(json.loads(path.read_text())["running"])
     except (OSError, ValueError):
         return []
-
-
-def wait_for(check: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + 300
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never saw {what}")
-        time.sleep(0.01)
 
 
 def kill_when(api: Api, kubelet: Kubelet, state_dir: Path, pool: str, model_id: str,

@@ -17,7 +17,7 @@ import pytest
 import tinker
 from tinker import types
 
-from tests.cluster.conftest import NAMESPACE, TINY, start_kube_gateway
+from tests.cluster.conftest import NAMESPACE, TINY, operator_settings, running_operator, start_kube_gateway
 from tests.support import gateway_raw as raw
 from tests.support.eventually import eventually_sync
 from tests.support.kmock_cluster import Api, EmulatedCluster, OperatorProcess
@@ -25,7 +25,6 @@ from tests.support.kubelet import Kubelet
 from tests.support.sdk import GatewayProc
 from tinkerkube_contract import pod_api
 from tinkerkube_contract.resource import ANNOTATION_MODEL_ID, LABEL_POOL, LABEL_SESSION, PLURAL, POOL_PLURAL
-from tinkerkube_operator.settings import OperatorSettings
 
 pytestmark = pytest.mark.slow
 KEYS = '{"tml-victim": "victim", "tml-twin": "twin"}'
@@ -37,17 +36,11 @@ KILL_AT = 2
 @pytest.fixture(scope="module")
 def operator(cluster: EmulatedCluster, kubelet: Kubelet, state_dir: Path, tiny_model_dir: Path,
              model_cache_dir: Path) -> Iterator[OperatorProcess]:
-    settings = OperatorSettings(
-        api_url=cluster.url, standalone=True, metrics_port=0, auth_token_secret=None,
-        reconcile_interval_seconds=0.5, backoff_seconds=0.5, max_restarts=3, pools=True, pool_max_runs=2,
-        pool_idle_timeout_seconds=0, max_runs_per_tenant=2, warm_pools={TINY: 1}, warm_pools_namespace=NAMESPACE,
-        checkpoint_host_path=str((state_dir / "checkpoints").resolve()),
-        model_cache_dir=str(model_cache_dir),
-    )
-    proc = OperatorProcess(cluster, settings)
-    proc.start()
-    yield proc
-    proc.stop()
+    settings = operator_settings(cluster, state_dir, model_cache_dir, pools=True, pool_max_runs=2,
+                                 pool_idle_timeout_seconds=0, max_runs_per_tenant=2, warm_pools={TINY: 1},
+                                 warm_pools_namespace=NAMESPACE)
+    with running_operator(cluster, settings) as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")
