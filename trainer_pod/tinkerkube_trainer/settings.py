@@ -98,7 +98,9 @@ class TrainerSettings(BaseSettings):
                                 description="module:callable(pool_config, collective) -> Engine (tests swap in fakes)")
     pass_journal: Path | None = Field(None, description="rank 0's journal of the running training pass, so that an "
                                       "op that crashes the process fails alone (pass_journal.py); unset: "
-                                      "CHECKPOINT_DIR/.pass-journal/<hash of MODEL_ID>.json when MODEL_ID is set")
+                                      "CHECKPOINT_DIR/.pass-journal/<hash of MODEL_ID>.json when MODEL_ID is set "
+                                      "(the operator sets it for a TrainerPool's pods: "
+                                      "CHECKPOINT_DIR/.pass-journal/pool-<namespace>-<name>.json)")
     port_file: Path | None = Field(None, description="if set, rank 0 writes its bound port here (tests, port 0)")
 
     @field_validator("log_level")
