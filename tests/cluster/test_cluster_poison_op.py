@@ -16,7 +16,7 @@ from tinker.types import RequestErrorCategory
 
 from tests.cluster.conftest import NAMESPACE, operator_settings, running_operator, start_kube_gateway
 from tests.cluster.test_cluster_pools import new_run, pool_of, pool_runs, submit
-from tests.faults.test_poison_op import poison, wait_for
+from tests.faults.test_poison_op import kill_when, poison
 from tests.support.kmock_cluster import Api, EmulatedCluster, OperatorProcess
 from tests.support.kubelet import Kubelet
 from tests.support.sdk import GatewayProc
@@ -64,24 +64,11 @@ def running(state_dir: Path, pool: str) -> list[list[object]]:
         return []
 
 
-def kill_when(api: Api, kubelet: Kubelet, state_dir: Path, pool: str, model_id: str,
-              seen: list[list[object]] | None = None) -> list[object]:
-    """SIGKILL the pool's worker once an op of `model_id` is in a running pass (`seen`: exactly that pass,
-    run by the pod that replaced the dead one: the journal shows the old pass until the new pod read it)."""
-    if seen is not None:
-        wait_for(lambda: running(state_dir, pool) != seen, "the new pod read the journal")
-    caught: list[list[object]] = []
-
-    def in_pass() -> bool:
-        now = running(state_dir, pool)
-        caught[:] = [op for op in now if op[0] == model_id]
-        return bool(caught) and (seen is None or now == seen)
-
-    wait_for(in_pass, f"a pass of {model_id} running")
-    pods = [p for p in api.list("pods", NAMESPACE, **{LABEL_POOL: pool}) if not p["metadata"].get("deletionTimestamp")]
-    for pod in pods:
-        kubelet.kill_worker(NAMESPACE, pod["metadata"]["name"])
-    return caught[0]
+def kill_pods(api: Api, kubelet: Kubelet, pool: str) -> None:
+    """SIGKILL the worker of each of the pool's live pods."""
+    for pod in api.list("pods", NAMESPACE, **{LABEL_POOL: pool}):
+        if not pod["metadata"].get("deletionTimestamp"):
+            kubelet.kill_worker(NAMESPACE, pod["metadata"]["name"])
 
 
 def test_an_op_that_kills_its_pool_pod_twice_fails_alone(gateway: GatewayProc, api: Api, kubelet: Kubelet,
@@ -93,8 +80,9 @@ def test_an_op_that_kills_its_pool_pod_twice_fails_alone(gateway: GatewayProc, a
     assert train(victim, range(2)) == pytest.approx(twin[:2], rel=1e-5)
     assert train(bystander, range(1)) == pytest.approx(twin[:1], rel=1e-5)
     bad = victim.forward_backward(poison(), "cross_entropy")
-    op = kill_when(api, kubelet, state_dir, pool, victim.model_id)
-    kill_when(api, kubelet, state_dir, pool, victim.model_id, seen=[op])  # replayed alone on the new pod: again
+    journal, kill = (lambda: running(state_dir, pool)), (lambda: kill_pods(api, kubelet, pool))
+    op = kill_when(journal, kill, victim.model_id)
+    kill_when(journal, kill, victim.model_id, seen=[op])  # replayed alone on the pod that replaced it: again
     with pytest.raises(tinker.RequestFailedError, match="op_crashed_trainer") as failed:
         bad.result(timeout=600)
     assert failed.value.category is RequestErrorCategory.User

@@ -63,22 +63,33 @@ def wait_for(check: Callable[[], bool], what: str) -> None:
         time.sleep(0.01)
 
 
-def kill_when(gw: GatewayProc, model_id: str, seen: list[list[object]] | None = None) -> list[object]:
-    """SIGKILL the pool of `model_id` once one of its ops is in a running pass (`seen`: exactly that pass,
-    run by a successor: the dead pool's journal shows it until the successor has read it); returns the op."""
+def kill_when(running: Callable[[], list[list[object]]], kill: Callable[[], None], model_id: str,
+              seen: list[list[object]] | None = None) -> list[object]:
+    """`kill` the pool once one of `model_id`'s ops is in the pass `running` reads from its journal (`seen`:
+    exactly that pass, run by a successor: the dead pool's journal shows it until the successor has read it);
+    returns the op. Shared with the emulated-cluster poison test (tests/cluster/test_cluster_poison_op.py)."""
     if seen is not None:
-        wait_for(lambda: running(gw) != seen, "the successor read the journal")
+        wait_for(lambda: running() != seen, "the successor read the journal")
     caught: list[list[object]] = []
 
     def in_pass() -> bool:
-        now = running(gw)
+        now = running()
         caught[:] = [op for op in now if op[0] == model_id]
         return bool(caught) and (seen is None or now == seen)
 
     wait_for(in_pass, f"a pass of {model_id} running")
-    for rank in pool_of(gw, model_id)[1]:
-        os.kill(rank, signal.SIGKILL)
+    kill()
     return caught[0]
+
+
+def sigkill_pool(gw: GatewayProc, model_id: str) -> Callable[[], None]:
+    """SIGKILL the ranks of the pool serving `model_id` now (a restarted pool has new ones)."""
+
+    def kill() -> None:
+        for rank in pool_of(gw, model_id)[1]:
+            os.kill(rank, signal.SIGKILL)
+
+    return kill
 
 
 def test_an_op_that_kills_its_pool_twice_fails_alone(gateway: GatewayProc) -> None:
@@ -88,8 +99,9 @@ def test_an_op_that_kills_its_pool_twice_fails_alone(gateway: GatewayProc) -> No
     assert train(victim, range(2)) == pytest.approx(twin[:2], rel=1e-5)
     assert train(bystander, range(1)) == pytest.approx(twin[:1], rel=1e-5)
     bad = victim.forward_backward(poison(), "cross_entropy")
-    op = kill_when(gateway, victim.model_id)
-    kill_when(gateway, victim.model_id, seen=[op])  # replayed alone after the restart: killed again
+    journal, kill = (lambda: running(gateway)), sigkill_pool(gateway, victim.model_id)
+    op = kill_when(journal, kill, victim.model_id)
+    kill_when(journal, kill, victim.model_id, seen=[op])  # replayed alone after the restart: killed again
     with pytest.raises(tinker.RequestFailedError, match="op_crashed_trainer") as failed:
         bad.result()
     assert failed.value.category is RequestErrorCategory.User
