@@ -176,6 +176,7 @@ class BarePeft:
         from tinkerkube_trainer.lora import target_modules
 
         self.torch = torch
+        self.model_dir = model_dir
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=0.0,
                             target_modules=target_modules(base, lora), task_type="CAUSAL_LM")
@@ -192,16 +193,30 @@ class BarePeft:
         weights = torch.tensor(np.stack([d.loss_fn_inputs["weights"].to_numpy() for d in data]))
         return inputs, targets, weights
 
-    def step(self, batch: tuple[object, object, object]) -> float:
-        torch = self.torch
-        inputs, targets, weights = batch
+    def logprobs(self, batch: tuple[object, object, object]) -> object:
+        inputs, targets, _ = batch
         logits = self.model(input_ids=inputs).logits.float()
-        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        loss = -(logprobs * weights).sum()
+        return self.torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+    def fb(self, batch: tuple[object, object, object]) -> float:
+        """forward_backward alone: the gradients accumulate until `optim`."""
+        loss = -(self.logprobs(batch) * batch[2]).sum()
         loss.backward()
+        return float(loss.detach())
+
+    def optim(self) -> None:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
+
+    def forward(self, batch: tuple[object, object, object]) -> None:
+        """forward alone (no graph), as a forward-only op's per-token logprobs."""
+        with self.torch.inference_mode():
+            self.logprobs(batch)
+
+    def step(self, batch: tuple[object, object, object]) -> float:
+        loss = self.fb(batch)
+        self.optim()
+        return loss
 
 
 class SdkPath:

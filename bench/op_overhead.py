@@ -17,11 +17,16 @@ All in ONE run on this machine, the paths interleaved round by round (load from 
     wall-clock latency this barely moves with the machine's load, so it shows where an op's work goes even on a
     shared machine.
 (d) The SDK's floor: `forward` p50 through the same SDK against a server that answers from memory
-    (bench/sdk_floor.py: no store, no trainer, no framework), and with the model's compute added (the in-trainer
+    (bench/_sdk_floor.py: no store, no trainer, no framework), and with the model's compute added (the in-trainer
     run time of (b)): the least any server could answer in on this machine, against the 8 ms goal.
 (e) The pool engine in this process (no HTTP, no threads, no other process): the same 8 x 128 step through
     `PoolEngine.run_pass` (prepare + forward_backward, prepare + optim_step) over the bare loop, interleaved with
     it: the part of the gap that is the trainer's own math (collation, routed LoRA, per-token outputs, checks).
+(f) The ideal server: (a) and (b) through the same SDK against bench/_sdk_floor.py --compute, a raw ASGI server
+    that runs each op's bare math (the bare loop of (a), split into its ops) on one thread and answers with a
+    recorded result: nothing but the math and one hand-off. Its ratios are the ceiling any server reaches with
+    this SDK on this machine (the SDK's CPU shares the cores with the math); a goal above them is out of reach
+    here, whatever the server does.
 """
 
 from __future__ import annotations
@@ -166,13 +171,19 @@ class Forward:
 
 
 class Floor:
-    """bench/sdk_floor.py in a process of its own in front of the gateway, and an SDK client made through it."""
+    """bench/_sdk_floor.py in a process of its own in front of the gateway, and an SDK client made through it;
+    `compute` (the model's directory): the ideal server, which runs each op's bare math before answering."""
 
-    def __init__(self, gateway_url: str, model: str, lora: LoraSpec) -> None:
+    def __init__(self, gateway_url: str, model: str, lora: LoraSpec, compute: Path | None = None,
+                 shape: tuple[int, int] = (8, 128), threads: int = 1) -> None:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "sdk_floor.py"), "--serve", str(port),
-                                      "--upstream", gateway_url])
+        command = [sys.executable, str(REPO / "bench" / "_sdk_floor.py"), "--serve", str(port), "--upstream",
+                   gateway_url]
+        if compute is not None:
+            command += ["--compute", str(compute), "--rank", str(lora.rank), "--fb-shape", f"{shape[0]}x{shape[1]}",
+                        "--threads", str(threads)]
+        self.proc = subprocess.Popen(command)
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -188,13 +199,17 @@ class Floor:
     def forward(self) -> None:
         self.sdk.client.forward(self.datum, "cross_entropy").result()
 
-    def warm(self) -> None:
-        """Forward until both hot routes answer from memory (the first ones pass through to the gateway)."""
+    def warm(self, data: list[types.Datum] | None = None) -> None:
+        """Until this server takes forwards (and with `data`, SFT steps) itself: the first ones pass through to
+        the gateway, which answers them for real."""
+        wanted = {"forward"} | ({"forward_backward", "optim_step"} if data is not None else set())
         for _ in range(20):
             self.forward()
-            if len(httpx.get(self.url + "/__floor").json()["recorded"]) >= 2:
+            if data is not None:
+                self.sdk.step(data)
+            if wanted <= set(httpx.get(self.url + "/__floor").json()["recorded"]):
                 return
-        raise RuntimeError("the floor server never recorded a finished forward")
+        raise RuntimeError(f"the floor server never recorded finished results of {sorted(wanted)}")
 
     def stop(self) -> None:
         self.sdk.close()
@@ -260,26 +275,34 @@ def main(argv: list[str] | None = None) -> int:
             fwd = Forward(sdk, raw, direct)
             floor = Floor(gw.url, args.model, lora)
             floor.warm()
+            ideal = Floor(gw.url, args.model, lora, compute=bare.model_dir, shape=(args.batch, args.seq_len),
+                          threads=args.threads)
+            ideal.warm(data)
             cpu = CpuMeter(gateway_processes(gw.proc.pid))
             for warm in (lambda: sdk.step(data), lambda: direct.step(data), lambda: bare.step(batch),
                          lambda: engine.step(data), fwd.via_sdk, fwd.via_raw, fwd.via_direct):
                 warm()
-            times: dict[str, list[float]] = {"bare": [], "sequential": [], "submitted": [], "engine": []}
-            lat: dict[str, list[float]] = {"sdk": [], "raw": [], "direct": [], "floor": []}
+            times: dict[str, list[float]] = {"bare": [], "sequential": [], "submitted": [], "engine": [],
+                                             "ideal sequential": [], "ideal submitted": []}
+            lat: dict[str, list[float]] = {"sdk": [], "raw": [], "direct": [], "floor": [], "ideal": []}
             for r in range(args.rounds):
                 times["bare"].append(timed(lambda: [bare.step(batch) for _ in range(args.steps)]))
                 times["engine"].append(timed(lambda: [engine.step(data) for _ in range(args.steps)]))
                 times["sequential"].append(timed(lambda: [sdk.step(data) for _ in range(args.steps)]))
                 times["submitted"].append(timed(lambda: all_at_once(sdk, data, args.steps)))
+                times["ideal sequential"].append(timed(lambda: [ideal.sdk.step(data) for _ in range(args.steps)]))
+                times["ideal submitted"].append(timed(lambda: all_at_once(ideal.sdk, data, args.steps)))
                 for _ in range(args.latency_ops):
                     lat["sdk"].append(timed(fwd.via_sdk))
                     lat["raw"].append(timed(fwd.via_raw))
                     lat["direct"].append(timed(fwd.via_direct))
                     lat["floor"].append(timed(floor.forward))
+                    lat["ideal"].append(timed(ideal.forward))
                     cpu.measure(fwd.via_sdk)
                 print(f"round {r + 1}/{args.rounds} done", flush=True)
             report(args, tokens, times, lat, fwd.compute, cpu.per_call_ms())
             floor.stop()
+            ideal.stop()
             sdk.close()
         finally:
             direct.stop()
@@ -314,6 +337,15 @@ def report(args: argparse.Namespace, tokens: int, times: dict[str, list[float]],
           f"{ms['sdk'] - ms['floor'] - run:.2f} ms")
     print(f"(e) the pool engine in this process: {rate['engine']:.0f} tokens/s ({rate['engine'] / rate['bare']:.3f}x "
           f"the bare loop): the trainer's own math, before any hop")
+    ideal = {"sequential": rate["ideal sequential"] / rate["bare"], "submitted": rate["ideal submitted"] / rate["bare"]}
+    reach = {k: "within reach" if v >= GOALS[k] else "OUT OF REACH here" for k, v in ideal.items()}
+    forward_reach = "within reach" if ms["ideal"] <= GOALS["forward_p50_ms"] else "OUT OF REACH here"
+    print(f"(f) the ideal server (the bare math on one thread behind a raw ASGI app, same SDK): one step at a time "
+          f"{ideal['sequential']:.3f}x (goal {GOALS['sequential']}: {reach['sequential']}), all submitted at once "
+          f"{ideal['submitted']:.3f}x (goal {GOALS['submitted']}: {reach['submitted']}), forward p50 "
+          f"{ms['ideal']:.2f} ms (goal {GOALS['forward_p50_ms']}: {forward_reach}); this server reaches "
+          f"{rate['sequential'] / rate['ideal sequential']:.3f}x / {rate['submitted'] / rate['ideal submitted']:.3f}x "
+          f"of its rates and adds {ms['sdk'] - ms['ideal']:.2f} ms to its forward")
 
 
 if __name__ == "__main__":
