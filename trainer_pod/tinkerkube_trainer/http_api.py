@@ -105,10 +105,10 @@ def create_app(runtime: TrainerRuntime) -> FastAPI:
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.runtime = runtime
     _install_error_handlers(app, runtime)
+    app.add_middleware(_OpRoutes, runtime=runtime)  # added before the token check, so it runs inside it
     _install_auth(app, runtime)
     _add_probe_routes(app, runtime)
     _add_run_routes(app, runtime)
-    _add_op_routes(app, runtime)
     _add_sample_routes(app, runtime)
     add_text_routes(app, lambda: text_model_of(runtime.booted.engine) if runtime.booted else None)
     return app
@@ -117,9 +117,7 @@ def create_app(runtime: TrainerRuntime) -> FastAPI:
 def _install_error_handlers(app: FastAPI, runtime: TrainerRuntime) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        runtime.metrics.rejected_total.labels(code=exc.code).inc()
-        headers = {"x-should-retry": "true"} if exc.status in (429, 503) else None
-        return _error_response(exc.status, exc.code, exc.detail, exc.category, headers)
+        return _refused(runtime, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -129,6 +127,12 @@ def _install_error_handlers(app: FastAPI, runtime: TrainerRuntime) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return _error_response(exc.status_code, code, str(exc.detail))
+
+
+def _refused(runtime: TrainerRuntime, exc: ApiError) -> JSONResponse:
+    runtime.metrics.rejected_total.labels(code=exc.code).inc()
+    headers = {"x-should-retry": "true"} if exc.status in (429, 503) else None
+    return _error_response(exc.status, exc.code, exc.detail, exc.category, headers)
 
 
 _OPEN_PATHS = frozenset({api.HEALTH_PATH, api.READY_PATH, api.METRICS_PATH})
@@ -288,26 +292,66 @@ async def _poll(runtime: TrainerRuntime, entry: Entry | None, what: str, wait: f
     return _state_response(scheduler, entry, queue)
 
 
-def _add_op_routes(app: FastAPI, runtime: TrainerRuntime) -> None:
-    path = "/v1/models/{model_id:path}/ops/{seq_id}"
+_OPS_PREFIX, _OPS_INFIX = "/v1/models/", "/ops/"
 
-    @app.put(path)
-    async def put_op(model_id: str, seq_id: int, request: Request) -> Response:
-        if seq_id < 0:
-            raise ApiError(400, "invalid_request", "seq_id must be >= 0")
-        raw_kind = request.headers.get(api.HEADER_OP, "")
+
+class _OpRoutes:
+    """`PUT` and `GET /v1/models/{model_id}/ops/{seq_id}` (every training op's submit and its result) served
+    without the framework's routing, dependency and exception layers: a quarter of rank 0's CPU for a small op
+    went to them, on the thread that also runs the model (it holds the GIL the op thread needs). Every other
+    path and method goes on to FastAPI."""
+
+    def __init__(self, app: Any, runtime: TrainerRuntime) -> None:
+        self.app, self.runtime = app, runtime
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        path: str = scope["path"] if scope["type"] == "http" else ""
+        model_id, infix, seq = path[len(_OPS_PREFIX):].rpartition(_OPS_INFIX)
+        if not (path.startswith(_OPS_PREFIX) and infix and model_id and scope["method"] in ("PUT", "GET")):
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope, receive)
         try:
-            kind = OpKind(raw_kind)
-        except ValueError:
-            raise ApiError(400, "invalid_request", f"{api.HEADER_OP} must name an op kind, got {raw_kind!r}") from None
-        if kind is OpKind.SAMPLE:
-            raise ApiError(400, "invalid_request", "samples go to the sample path, not the op path")
-        return await _submit(runtime, request, kind, model_id, seq_id)
+            seq_id = _int(seq, "seq_id")
+            if scope["method"] == "PUT":
+                response = await _put_op(self.runtime, request, model_id, seq_id)
+            else:
+                queue = _queue(self.runtime, model_id)
+                wait = _wait(request.query_params.get("wait", "0"))
+                response = await _poll(self.runtime, queue.get(seq_id), "op", wait, queue)
+        except ApiError as exc:
+            response = _refused(self.runtime, exc)
+        await response(scope, receive, send)
 
-    @app.get(path)
-    async def get_op(model_id: str, seq_id: int, wait: float = Query(0.0, ge=0)) -> Response:
-        queue = _queue(runtime, model_id)
-        return await _poll(runtime, queue.get(seq_id), "op", wait, queue)
+
+def _int(text: str, name: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ApiError(400, "invalid_request", f"{name} must be an integer, got {text[:40]!r}") from None
+
+
+def _wait(text: str) -> float:
+    try:
+        wait = float(text)
+    except ValueError:
+        wait = float("nan")
+    if not wait >= 0:  # NaN too
+        raise ApiError(400, "invalid_request", f"wait must be a number of seconds >= 0, got {text[:40]!r}")
+    return wait
+
+
+async def _put_op(runtime: TrainerRuntime, request: Request, model_id: str, seq_id: int) -> Response:
+    if seq_id < 0:
+        raise ApiError(400, "invalid_request", "seq_id must be >= 0")
+    raw_kind = request.headers.get(api.HEADER_OP, "")
+    try:
+        kind = OpKind(raw_kind)
+    except ValueError:
+        raise ApiError(400, "invalid_request", f"{api.HEADER_OP} must name an op kind, got {raw_kind!r}") from None
+    if kind is OpKind.SAMPLE:
+        raise ApiError(400, "invalid_request", "samples go to the sample path, not the op path")
+    return await _submit(runtime, request, kind, model_id, seq_id)
 
 
 def _add_sample_routes(app: FastAPI, runtime: TrainerRuntime) -> None:

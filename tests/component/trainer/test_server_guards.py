@@ -21,7 +21,7 @@ async def test_a_missing_or_wrong_token_is_a_401_json_and_probes_stay_open() -> 
     async with fake_trainer(token="s3cret") as t:
         for headers in ({api.HEADER_TOKEN: "wrong"}, {api.HEADER_TOKEN: ""}):
             for method, path in (("GET", api.INFO_PATH), ("PUT", api.op_path(MODEL_ID, 1)),
-                                 ("GET", api.sample_path("r"))):
+                                 ("GET", api.op_path(MODEL_ID, 1)), ("GET", api.sample_path("r"))):
                 r = await t.client.request(method, path, headers=headers)
                 assert r.status_code == 401, (method, path)
                 assert r.json()["code"] == "unauthorized"
@@ -84,8 +84,8 @@ async def test_requests_that_do_not_fit_the_api_are_400_json() -> None:
         sample_on_op_path = await t.put_op(1, OpKind.SAMPLE, body)
         bad_seq = await t.client.get(f"/v1/models/{MODEL_ID}/ops/abc")
         negative = await t.put_op(-1, OpKind.OPTIM_STEP, body)
-        bad_wait = await t.client.get(api.op_path(MODEL_ID, 1), params={"wait": "soon"})
-        for r in (missing_kind, unknown_kind, sample_on_op_path, bad_seq, negative, bad_wait):
+        bad_waits = [await t.client.get(api.op_path(MODEL_ID, 1), params={"wait": w}) for w in ("soon", "nan", "-1")]
+        for r in (missing_kind, unknown_kind, sample_on_op_path, bad_seq, negative, *bad_waits):
             assert r.status_code == 400, r.text
             assert set(r.json()) == {"detail", "code", "category"}
         assert (await t.client.get("/v1/nowhere")).json()["code"] == "not_found"
