@@ -12,6 +12,12 @@ runs in a pass of its own, so innocent ops batched with it are not blamed; a sus
 reached `REFUSE_AT` (it was in the pass each time, the last time alone) is not run again: it fails
 with `CODE`, its seq is consumed, and the run goes on with its next ops.
 
+A run's attach (restoring its adapter and optimizer from a checkpoint, which can be what exhausts the
+process's memory) is journaled too, under the seq `ATTACH_SEQ`: every attach is a pass of its own, so
+an attach the process died in twice is refused with `CODE` and that run fails to attach, while the
+pool's other runs attach again and go on (before, it was attached again after every restart until the
+restart budget failed the whole pool).
+
 The journal lives beside the pool's durable state (under the checkpoint store, which survives a
 process restart in local mode and in a pod). It is written twice per training pass, so a write is one
 `pwrite` at offset 0 of a file held open, padded with spaces to the file's length (JSON ignores them):
@@ -30,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tinkerkube_contract.pod_api import ErrorCategory
-from tinkerkube_trainer.engine_api import OpError, OpOutput, PreparedOp
+from tinkerkube_trainer.engine_api import OpError, OpOutput, PoolOpKind, PreparedOp
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +49,15 @@ CODE = "op_crashed_trainer"
 MESSAGE = (f"{CODE}: this op was running when the trainer process died twice (the second time alone); "
            "it was not run again. Its input is the likely cause (e.g. too large for this pool's memory); "
            "the run goes on with its next ops")
+ATTACH_SEQ = -1  # a run's attach in the journal (the op path refuses seq_ids < 0: no op has it)
+ATTACH_MESSAGE = (f"{CODE}: attaching this run (restoring its checkpoint) was under way when the trainer process "
+                  "died twice, the second time alone; it was not tried again and the run cannot go on in this pool. "
+                  "Its checkpoint is the likely cause (e.g. too large for this pool's memory)")
 
 
 def _key(op: PreparedOp) -> Key | None:
+    if op.kind is PoolOpKind.ATTACH and op.model_id is not None:
+        return op.model_id, ATTACH_SEQ
     return (op.model_id, op.seq_id) if op.model_id is not None and op.seq_id is not None else None
 
 
@@ -135,7 +147,8 @@ def journaled(runner: PassRunner, journal: PassJournal, on_refused: Callable[[],
             keys = [k for k in (_key(ops[i]) for i in group) if k is not None]
             if len(group) == 1 and journal.count(ops[group[0]]) >= REFUSE_AT:
                 log.error("op refused: it crashed the trainer", extra={"model_id": keys[0][0], "seq_id": keys[0][1]})
-                outcomes[group[0]] = OpError(MESSAGE, code=CODE, category=ErrorCategory.USER)
+                message = ATTACH_MESSAGE if ops[group[0]].kind is PoolOpKind.ATTACH else MESSAGE
+                outcomes[group[0]] = OpError(message, code=CODE, category=ErrorCategory.USER)
                 journal.end(keys)
                 if on_refused is not None:
                     on_refused()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 
@@ -115,3 +116,31 @@ async def test_before_the_engine_is_ready_ops_get_a_retryable_503() -> None:
         await asyncio.wait_for(runtime.wait_ready(), 10)
         assert (await client.get(api.READY_PATH)).status_code == 200
     await runtime.stop()
+
+
+async def test_a_run_whose_attach_killed_the_pool_twice_fails_to_attach_and_the_pool_goes_on(tmp_path: Path) -> None:
+    """The journal a pool process left after dying twice while attaching "poisoned" (the second time alone):
+    the next process refuses that attach (the run FAILED, `op_crashed_trainer`), attaches another run, and
+    serves both the boot run's ops and the new run's."""
+    from tinkerkube_trainer.engine_api import PoolOpKind, PreparedOp
+    from tinkerkube_trainer.pass_journal import ATTACH_SEQ, CODE, PassJournal
+
+    journal = tmp_path / "pool.json"
+    for _ in range(2):
+        PassJournal(journal).begin([("poisoned", ATTACH_SEQ)])  # a process killed inside that attach's pass
+    async with fake_trainer(pass_journal=journal) as t:
+        assert PassJournal(journal).count(PreparedOp(PoolOpKind.ATTACH, None, "poisoned")) == 2
+        states = {}
+        for model_id in ("poisoned", "healthy"):
+            spec = api.RunSpec(model_id=model_id, base_model="fake/base")
+            put = await t.client.put(api.run_path(model_id), content=spec.model_dump_json())
+            assert put.status_code in (200, 202), put.text
+            got = await t.client.get(api.run_path(model_id), params={"wait": 10})
+            states[model_id] = api.RunInfo.model_validate(got.json())
+        assert states["poisoned"].state is api.RunState.FAILED
+        assert CODE in (states["poisoned"].error or "") and "attaching this run" in (states["poisoned"].error or "")
+        assert states["healthy"].state is api.RunState.READY
+        assert (await t.put_op(1, OpKind.OPTIM_STEP, json_body(api.OptimStepOp()))).status_code in (200, 202)
+        assert (await t.get_op(1, wait=5)).status_code == 200
+        assert "tinkerkube_trainer_crashed_ops_total 1.0" in (await t.client.get(api.METRICS_PATH)).text
+        assert PassJournal(journal).suspects == {}

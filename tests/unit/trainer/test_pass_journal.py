@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 from tinkerkube_contract.pod_api import ErrorCategory, OpKind
-from tinkerkube_trainer.engine_api import OpError, OpOutput, PreparedOp
-from tinkerkube_trainer.pass_journal import CODE, PassJournal, journaled
+from tinkerkube_trainer.engine_api import OpError, OpOutput, PoolOpKind, PreparedOp
+from tinkerkube_trainer.pass_journal import ATTACH_SEQ, CODE, PassJournal, journaled
 
 FB = OpKind.FORWARD_BACKWARD
 
@@ -20,7 +20,7 @@ def op(model_id: str, seq_id: int) -> PreparedOp:
 def die_in(path: Path, *ops: PreparedOp) -> None:
     """What a process killed mid-pass leaves: its journal naming the pass's ops."""
     journal = PassJournal(path)
-    journal.begin([(o.model_id, o.seq_id) for o in ops])  # type: ignore[misc]
+    journal.begin([(o.model_id, ATTACH_SEQ if o.kind is PoolOpKind.ATTACH else o.seq_id) for o in ops])  # type: ignore[misc]
 
 
 class Recorder:
@@ -111,8 +111,32 @@ def test_ops_without_a_seq_are_not_journaled(tmp_path: Path) -> None:
     path = tmp_path / "pool.json"
     run = journaled(Recorder(), PassJournal(path))
     before = path.stat().st_mtime_ns
-    run([PreparedOp(OpKind.FORWARD_BACKWARD, None, "a", None)])
+    run([PreparedOp(OpKind.FORWARD_BACKWARD, None, "a", None), PreparedOp(PoolOpKind.DETACH, None, "a")])
     assert path.stat().st_mtime_ns == before
+
+
+def attach(model_id: str) -> PreparedOp:
+    return PreparedOp(PoolOpKind.ATTACH, None, model_id)
+
+
+def test_an_attach_is_journaled_and_one_that_killed_the_process_twice_is_refused(tmp_path: Path) -> None:
+    """Restoring a run's checkpoint can be what kills the process; after every restart the run would be
+    attached again. Twice dead in its attach: that run fails to attach, the pool's other runs attach."""
+    path = tmp_path / "pool.json"
+    runner = Recorder()
+    ok = journaled(runner, PassJournal(path))([attach("a")])  # an attach that returns clears its entry
+    assert isinstance(ok[0], OpOutput) and PassJournal(path).suspects == {}
+    PassJournal(path).begin([("a", ATTACH_SEQ)])  # died while attaching "a"
+    journal = PassJournal(path)
+    assert journal.count(attach("a")) == 1 and journal.count(attach("b")) == 0
+    die_in(path, attach("a"))  # the second death
+    refused: list[int] = []
+    run = journaled(runner, PassJournal(path), lambda: refused.append(1))
+    out = run([attach("a")]) + run([attach("b")])
+    assert isinstance(out[0], OpError) and out[0].code == CODE and out[0].category is ErrorCategory.USER
+    assert "attaching this run" in out[0].message and isinstance(out[1], OpOutput)
+    assert runner.passes[-1] == [("b", None)] and refused == [1]
+    assert PassJournal(path).suspects == {}
 
 
 def test_where_the_journal_lives(tmp_path: Path) -> None:
