@@ -12,7 +12,8 @@ round by round so that load from other processes hits every path alike:
       direct:  raw PUT/GET of the same protobuf/JSON bodies to a second trainer's internal API
                (tinkerkube_contract.pod_api), started by the gateway's own LocalBackend
       bare:    an in-process transformers + peft loop (no HTTP, no queue) with the trainer's LoRA config
-    goals: gateway/direct >= 0.95, gateway/bare >= 0.90.
+    goals: gateway/direct >= 0.95, gateway/bare >= 0.90. Every path does its math with the same torch threads
+    (`--threads`, default what a local pool's rank gets here: all cores but one, left to the gateway).
 (b) added latency per op: p50/p99 of one small forward_backward and one optim_step, three ways: the SDK
     through the gateway, the wire protocol by hand through the gateway (raw-gw), and the trainer's API by
     hand (direct). What the gateway adds is raw-gw minus direct (same client library, same bodies), taken
@@ -33,6 +34,7 @@ import contextlib
 import json
 import logging
 import multiprocessing as mp
+import os
 import shlex
 import signal
 import statistics
@@ -460,9 +462,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--latency-iters", type=int, default=60, help="ops per path for (b)")
     p.add_argument("--waiters", type=int, default=1000, help="concurrent retrieve_future waiters for (c)")
     p.add_argument("--hold", type=float, default=12.0, help="seconds the waiters are held for (c)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of every path (default: what a local pool's rank gets on this machine, "
+                        "one core left to the gateway); the gateway's trainer, the direct one and the bare loop "
+                        "must do the math alike for their ratios to measure what lies between them")
     p.add_argument("--quick", action="store_true", help="smoke run: fewer rounds and ops")
     p.add_argument("--cache-dir", type=Path, default=REPO / ".cache" / "models")
     args = p.parse_args(argv)
+    if args.threads is None:
+        from tinkerkube_gateway.backends.local import local_torch_threads
+
+        args.threads = local_torch_threads(os.cpu_count() or 1, 1)
     if args.quick:
         args.rounds, args.steps_per_round, args.warmup, args.latency_iters, args.hold = 2, 2, 2, 15, 5.0
     return args
@@ -524,11 +534,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("tinker.lib.api_future_impl").setLevel(logging.ERROR)  # try_again on >30 s ops is expected
     report = Report()
     command = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the gateway's pool and the direct trainer inherit it
     import torch
+
+    torch.set_num_threads(args.threads)  # the bare loop
 
     report.add(f"# gateway_overhead: {command}")
     report.add(f"# model {args.model}, batch {args.batch}x{args.seq_len}, LoRA rank {args.lora_rank}, "
-               f"torch {torch.__version__} threads {torch.get_num_threads()}, {time.strftime('%Y-%m-%d %H:%M:%S')}")
+               f"torch {torch.__version__}, {args.threads} torch thread(s) on every path, "
+               f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
     run(args, report)
     if report.misses:
         report.add("# goals missed: " + "; ".join(report.misses))
