@@ -55,7 +55,8 @@ ATTACH_MESSAGE = (f"{CODE}: attaching this run (restoring its checkpoint) was un
                   "Its checkpoint is the likely cause (e.g. too large for this pool's memory)")
 
 
-def _key(op: PreparedOp) -> Key | None:
+def journal_key(op: PreparedOp) -> Key | None:
+    """What names `op` in the journal; None: it is not journaled."""
     if op.kind is PoolOpKind.ATTACH and op.model_id is not None:
         return op.model_id, ATTACH_SEQ
     return (op.model_id, op.seq_id) if op.model_id is not None and op.seq_id is not None else None
@@ -98,7 +99,7 @@ class PassJournal:
         self._write([])
 
     def count(self, op: PreparedOp) -> int:
-        key = _key(op)
+        key = journal_key(op)
         return self.suspects.get(key, 0) if key is not None else 0
 
     def begin(self, keys: list[Key]) -> None:
@@ -144,7 +145,7 @@ def journaled(runner: PassRunner, journal: PassJournal, on_refused: Callable[[],
         for group in groups:
             if not group:
                 continue
-            keys = [k for k in (_key(ops[i]) for i in group) if k is not None]
+            keys = [k for k in (journal_key(ops[i]) for i in group) if k is not None]
             if len(group) == 1 and journal.count(ops[group[0]]) >= REFUSE_AT:
                 log.error("op refused: it crashed the trainer", extra={"model_id": keys[0][0], "seq_id": keys[0][1]})
                 message = ATTACH_MESSAGE if ops[group[0]].kind is PoolOpKind.ATTACH else MESSAGE

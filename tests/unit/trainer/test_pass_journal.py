@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tinkerkube_contract.pod_api import ErrorCategory, OpKind
 from tinkerkube_trainer.engine_api import OpError, OpOutput, PoolOpKind, PreparedOp
-from tinkerkube_trainer.pass_journal import ATTACH_SEQ, CODE, PassJournal, journaled
+from tinkerkube_trainer.pass_journal import CODE, PassJournal, journal_key, journaled
 
 FB = OpKind.FORWARD_BACKWARD
 
@@ -20,7 +20,7 @@ def op(model_id: str, seq_id: int) -> PreparedOp:
 def die_in(path: Path, *ops: PreparedOp) -> None:
     """What a process killed mid-pass leaves: its journal naming the pass's ops."""
     journal = PassJournal(path)
-    journal.begin([(o.model_id, ATTACH_SEQ if o.kind is PoolOpKind.ATTACH else o.seq_id) for o in ops])  # type: ignore[misc]
+    journal.begin([journal_key(o) for o in ops])  # type: ignore[misc]
 
 
 class Recorder:
@@ -126,7 +126,7 @@ def test_an_attach_is_journaled_and_one_that_killed_the_process_twice_is_refused
     runner = Recorder()
     ok = journaled(runner, PassJournal(path))([attach("a")])  # an attach that returns clears its entry
     assert isinstance(ok[0], OpOutput) and PassJournal(path).suspects == {}
-    PassJournal(path).begin([("a", ATTACH_SEQ)])  # died while attaching "a"
+    die_in(path, attach("a"))  # died while attaching "a"
     journal = PassJournal(path)
     assert journal.count(attach("a")) == 1 and journal.count(attach("b")) == 0
     die_in(path, attach("a"))  # the second death
